@@ -1,0 +1,91 @@
+"""The counted costs of zapping and faulting (semantics.md §6), per VM and per event."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from mtrremu.core.ept import PopulateOutcome, ZapOutcome
+from mtrremu.core.units import Level
+
+
+@dataclass
+class Counters:
+    """Event counts. Every field is a plain int so records and reports stay easy to diff.
+
+    * ``zap_events`` — the cover letter's "zap cnt": MTRR writes and CD flips that reached a
+      zap path (even when nothing ended up queued); DMA transitions are ``dma_zap_events``.
+    * ``ranges_requested`` / ``ranges_queued`` / ``duplicates_dropped`` — ranges strategies
+      asked for, ranges added to the zap list (after memslot splitting), identical ones dropped.
+    * ``zaps_executed`` — zaps of one range run on the EPT (direct or drained);
+      ``drains`` / ``waits`` — times a vCPU drained the zap list / waited for another's drain.
+    * ``leaves_removed_*`` / ``entries_visited_*`` — per level; visited counts every entry of a
+      present table whose span overlaps the zapped range.
+    * ``faults`` — leaves installed; ``refaults`` — faults on a gfn whose leaf a zap removed.
+    """
+
+    zap_events: int = 0
+    dma_zap_events: int = 0
+    ranges_requested: int = 0
+    ranges_queued: int = 0
+    duplicates_dropped: int = 0
+    zaps_executed: int = 0
+    drains: int = 0
+    waits: int = 0
+    alloc_failures: int = 0
+    leaves_removed_4k: int = 0
+    leaves_removed_2m: int = 0
+    leaves_removed_1g: int = 0
+    entries_visited_root: int = 0
+    entries_visited_1g: int = 0
+    entries_visited_2m: int = 0
+    entries_visited_4k: int = 0
+    tlb_flushes: int = 0
+    faults: int = 0
+    refaults: int = 0
+    hits: int = 0
+    mmio_exits: int = 0
+    guest_gp: int = 0
+
+    @property
+    def leaves_removed(self) -> int:
+        return self.leaves_removed_4k + self.leaves_removed_2m + self.leaves_removed_1g
+
+    @property
+    def entries_visited(self) -> int:
+        return (
+            self.entries_visited_root
+            + self.entries_visited_1g
+            + self.entries_visited_2m
+            + self.entries_visited_4k
+        )
+
+    def add(self, other: Counters) -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    def add_zap(self, outcome: ZapOutcome) -> None:
+        """Account one executed zap."""
+        self.zaps_executed += 1
+        self.leaves_removed_4k += outcome.removed[Level.K4]
+        self.leaves_removed_2m += outcome.removed[Level.M2]
+        self.leaves_removed_1g += outcome.removed[Level.G1]
+        self.entries_visited_root += outcome.visited[Level.ROOT]
+        self.entries_visited_1g += outcome.visited[Level.G1]
+        self.entries_visited_2m += outcome.visited[Level.M2]
+        self.entries_visited_4k += outcome.visited[Level.K4]
+        if outcome.leaves_removed:
+            self.tlb_flushes += 1
+
+    def add_populate(self, outcome: PopulateOutcome) -> None:
+        self.faults += outcome.faults
+        self.refaults += outcome.refaults
+
+    def as_dict(self) -> dict[str, int]:
+        """Every counter plus the two totals, in a stable order."""
+        data = asdict(self)
+        data["leaves_removed"] = self.leaves_removed
+        data["entries_visited"] = self.entries_visited
+        return data
+
+    def copy(self) -> Counters:
+        return Counters(**asdict(self))

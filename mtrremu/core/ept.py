@@ -1,0 +1,517 @@
+"""The EPT store: a 4-level table tree of one-byte entries, held in numpy arrays.
+
+Each level keeps a pool of 512-entry tables (entry bytes, child table ids, base gfn per table).
+The root is table 0 of the level-4 pool. Leaves live at level 3 (1 GiB), 2 (2 MiB) and 1
+(4 KiB). Like KVM's TDP MMU, zaps remove leaves only: page tables stay, so later zap walks still
+visit their (now non-present) entries.
+
+Entry byte::
+
+    bit 7  LEAF    present leaf
+    bit 6  ZAPPED  not present; a zap removed the leaf that mapped this span (refault tracking)
+    bit 5  MMIO    not present; KVM's MMIO marker (4 KiB level, outside every memslot)
+    bit 3  IPAT    leaf: ignore guest PAT
+    bits 2:0       leaf: memory type
+
+Bulk operations walk the tree level by level over whole batches of tables, so their cost is a
+few numpy passes over the touched entries rather than Python work per page.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from mtrremu.core.memtype import EptMemtype
+from mtrremu.core.memtypes import MemType
+from mtrremu.core.units import (
+    ENTRIES_PER_TABLE,
+    EPT_GFN_LIMIT,
+    LEAF_LEVELS_DESCENDING,
+    GfnRange,
+    Level,
+)
+
+LEAF = 0x80
+ZAPPED = 0x40
+MMIO = 0x20
+IPAT = 0x08
+TYPE_BITS = 0x07
+
+#: Codes a :class:`PopulatePlan` gives an entry.
+SKIP, MAP_HERE, DESCEND = 0, 1, 2
+
+Int64Array = npt.NDArray[np.int64]
+UInt8Array = npt.NDArray[np.uint8]
+_COLUMNS = np.arange(ENTRIES_PER_TABLE, dtype=np.int64)
+
+
+def encode_leaf(memtype: EptMemtype) -> int:
+    return LEAF | (IPAT if memtype.ipat else 0) | int(memtype.type)
+
+
+def decode_leaf(byte: int) -> EptMemtype:
+    return EptMemtype(MemType(byte & TYPE_BITS), ipat=bool(byte & IPAT))
+
+
+@dataclass(frozen=True)
+class Entry:
+    """Where a walk for one gfn ends: a leaf, or the deepest non-present entry on its path."""
+
+    level: Level
+    base_gfn: int
+    byte: int
+
+    @property
+    def present(self) -> bool:
+        return bool(self.byte & LEAF)
+
+    @property
+    def zapped(self) -> bool:
+        return bool(self.byte & ZAPPED)
+
+    @property
+    def mmio(self) -> bool:
+        return bool(self.byte & MMIO)
+
+    @property
+    def memtype(self) -> EptMemtype:
+        return decode_leaf(self.byte)
+
+
+@dataclass
+class ZapOutcome:
+    """What one zap of a range did: leaves removed and entries visited, per level."""
+
+    removed: dict[Level, int] = field(
+        default_factory=lambda: dict.fromkeys(LEAF_LEVELS_DESCENDING, 0)
+    )
+    visited: dict[Level, int] = field(default_factory=lambda: dict.fromkeys(Level, 0))
+
+    @property
+    def leaves_removed(self) -> int:
+        return sum(self.removed.values())
+
+    @property
+    def entries_visited(self) -> int:
+        return sum(self.visited.values())
+
+
+@dataclass
+class PopulateOutcome:
+    """What a bulk fault installed: one fault per leaf, and how many of those were refaults."""
+
+    installed: dict[Level, int] = field(
+        default_factory=lambda: dict.fromkeys(LEAF_LEVELS_DESCENDING, 0)
+    )
+    refaults: int = 0
+
+    @property
+    def faults(self) -> int:
+        return sum(self.installed.values())
+
+
+class PopulatePlan(Protocol):
+    """How a fault by one vCPU maps each region (implemented by :mod:`mtrremu.core.fault`)."""
+
+    #: Sorted gfns; an entry or table whose span holds none of them strictly inside is uniform.
+    partition: Int64Array
+
+    def classify(self, level: Level, starts: Int64Array) -> tuple[UInt8Array, UInt8Array]:
+        """For entries at ``level`` spanning ``[s, s + level.pages)``: code and leaf byte.
+
+        The code is :data:`SKIP` (no memory there), :data:`MAP_HERE` (a leaf of this level is
+        allowed) or :data:`DESCEND` (split further).
+        """
+        ...
+
+
+class _Pool:
+    """The tables of one level."""
+
+    def __init__(self, level: Level, capacity: int) -> None:
+        self.level = level
+        self.ent: UInt8Array = np.zeros((capacity, ENTRIES_PER_TABLE), dtype=np.uint8)
+        self.child: npt.NDArray[np.int32] | None = (
+            np.full((capacity, ENTRIES_PER_TABLE), -1, dtype=np.int32) if level > Level.K4 else None
+        )
+        self.base: Int64Array = np.full(capacity, -1, dtype=np.int64)
+        self.top = 0
+        self.free: list[int] = []
+
+    @property
+    def live(self) -> int:
+        return self.top - len(self.free)
+
+    @property
+    def nbytes(self) -> int:
+        child = 0 if self.child is None else self.child.nbytes
+        return self.ent.nbytes + child + self.base.nbytes
+
+    def _grow(self, needed: int) -> None:
+        capacity = len(self.base)
+        if needed <= capacity:
+            return
+        new = max(needed, 2 * capacity)
+        ent = np.zeros((new, ENTRIES_PER_TABLE), dtype=np.uint8)
+        ent[:capacity] = self.ent
+        self.ent = ent
+        if self.child is not None:
+            child = np.full((new, ENTRIES_PER_TABLE), -1, dtype=np.int32)
+            child[:capacity] = self.child
+            self.child = child
+        base = np.full(new, -1, dtype=np.int64)
+        base[:capacity] = self.base
+        self.base = base
+
+    def allocate(self, bases: Int64Array, fill: UInt8Array) -> npt.NDArray[np.int32]:
+        """New tables covering regions starting at ``bases``; every entry starts as ``fill``."""
+        count = len(bases)
+        reuse = min(count, len(self.free))
+        reused = [self.free.pop() for _ in range(reuse)]
+        fresh = np.arange(self.top, self.top + count - reuse, dtype=np.int32)
+        self._grow(self.top + len(fresh))
+        self.top += len(fresh)
+        ids = np.concatenate([np.array(reused, dtype=np.int32), fresh])
+        self.base[ids] = bases
+        self.ent[ids] = fill[:, None]
+        return ids
+
+    def release(self, ids: npt.NDArray[np.int32]) -> None:
+        self.base[ids] = -1
+        self.ent[ids] = 0
+        if self.child is not None:
+            self.child[ids] = -1
+        self.free.extend(int(i) for i in ids)
+
+    def live_ids(self) -> npt.NDArray[np.int32]:
+        return np.flatnonzero(self.base[: self.top] >= 0).astype(np.int32)
+
+
+@dataclass(frozen=True)
+class _Block:
+    """Entries of one level: table rows (one id, a run as a slice, or ids) and columns.
+
+    ``first_gfns`` holds, per row, the gfn of the row's first entry in ``cols``.
+    """
+
+    level: Level
+    rows: int | slice | npt.NDArray[np.int32]
+    cols: slice
+    first_gfns: Int64Array
+
+
+def _as_block(ids: npt.NDArray[np.int32]) -> slice | npt.NDArray[np.int32]:
+    """A slice when the ids are one ascending run (views, no copies), else the ids themselves."""
+    if len(ids) and int(ids[-1]) - int(ids[0]) + 1 == len(ids) and bool(np.all(np.diff(ids) == 1)):
+        return slice(int(ids[0]), int(ids[-1]) + 1)
+    return ids
+
+
+class EptStore:
+    """The VM's one EPT. Not thread-safe: the VM serialises access under its MMU lock."""
+
+    def __init__(self) -> None:
+        self._pools = {
+            Level.ROOT: _Pool(Level.ROOT, 1),
+            Level.G1: _Pool(Level.G1, 4),
+            Level.M2: _Pool(Level.M2, 16),
+            Level.K4: _Pool(Level.K4, 64),
+        }
+        self._pools[Level.ROOT].allocate(np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.uint8))
+        self._leaves = dict.fromkeys(LEAF_LEVELS_DESCENDING, 0)
+
+    # -- introspection -------------------------------------------------------------------
+
+    def leaf_counts(self) -> dict[Level, int]:
+        return dict(self._leaves)
+
+    @property
+    def leaf_total(self) -> int:
+        return sum(self._leaves.values())
+
+    def table_counts(self) -> dict[Level, int]:
+        return {level: pool.live for level, pool in self._pools.items()}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the store's arrays hold (capacity included)."""
+        return sum(pool.nbytes for pool in self._pools.values())
+
+    # -- one gfn -------------------------------------------------------------------------
+
+    def lookup(self, gfn: int) -> Entry:
+        """The entry a hardware walk for ``gfn`` ends at."""
+        level, table, index = Level.ROOT, 0, (gfn >> Level.ROOT.shift) & 511
+        while True:
+            pool = self._pools[level]
+            index = (gfn >> level.shift) & 511
+            if pool.child is not None:
+                child = int(pool.child[table, index])
+                if child >= 0:
+                    level, table = Level(level - 1), child
+                    continue
+            return Entry(level, (gfn >> level.shift) << level.shift, int(pool.ent[table, index]))
+
+    def _table_for(self, gfn: int, level: Level) -> int:
+        """The table at ``level`` on the path to ``gfn``, creating missing tables on the way.
+
+        A table created under a ZAPPED entry starts with every entry ZAPPED, so refault
+        tracking survives a later, smaller mapping.
+        """
+        table, current = 0, Level.ROOT
+        while current > level:
+            pool = self._pools[current]
+            assert pool.child is not None
+            index = (gfn >> current.shift) & 511
+            child = int(pool.child[table, index])
+            if child < 0:
+                byte = int(pool.ent[table, index])
+                assert not byte & LEAF, "the walk ran into a huge leaf that covers the gfn"
+                below = Level(current - 1)
+                child = int(
+                    self._pools[below].allocate(
+                        np.array([(gfn >> current.shift) << current.shift], dtype=np.int64),
+                        np.array([byte & ZAPPED], dtype=np.uint8),
+                    )[0]
+                )
+                pool.child[table, index] = child
+                pool.ent[table, index] = 0
+            table, current = child, Level(current - 1)
+        return table
+
+    def install(self, gfn: int, level: Level, byte: int) -> bool:
+        """Install a leaf of ``level`` covering ``gfn`` after a fault on ``gfn``.
+
+        A table present where the leaf goes is replaced, its subtree dropped, as KVM's TDP MMU
+        does when a fault maps a huge page over a split range. Returns whether the fault was a
+        refault (the faulting gfn's previous leaf was removed by a zap).
+        """
+        table = self._table_for(gfn, level)
+        pool = self._pools[level]
+        index = (gfn >> level.shift) & 511
+        refault = self.lookup(gfn).zapped
+        if pool.child is not None and int(pool.child[table, index]) >= 0:
+            self._release_subtree(
+                Level(level - 1), np.array([pool.child[table, index]], dtype=np.int32)
+            )
+            pool.child[table, index] = -1
+        pool.ent[table, index] = byte
+        self._leaves[level] += 1
+        return refault
+
+    def mark_mmio(self, gfn: int) -> None:
+        """Leave KVM's non-present MMIO marker for an access outside every memslot."""
+        table = self._table_for(gfn, Level.K4)
+        self._pools[Level.K4].ent[table, gfn & 511] |= MMIO
+
+    def _release_subtree(self, level: Level, ids: npt.NDArray[np.int32]) -> None:
+        while len(ids):
+            pool = self._pools[level]
+            self._leaves[level] -= int(np.count_nonzero(pool.ent[ids] >= LEAF))
+            below = pool.child[ids] if pool.child is not None else None
+            pool.release(ids)
+            if below is None:
+                return
+            ids = below[below >= 0]
+            level = Level(level - 1)
+
+    # -- ranges ----------------------------------------------------------------------------
+
+    def _rows(
+        self, level: Level, tables: npt.NDArray[np.int32], start: int, end: int
+    ) -> tuple[Int64Array, Int64Array, Int64Array]:
+        """For each table: its base gfn and the ``[lo, hi)`` entry indices overlapping the range."""
+        base = self._pools[level].base[tables]
+        lo = np.clip((start - base) >> level.shift, 0, ENTRIES_PER_TABLE)
+        hi = np.clip(((end - 1 - base) >> level.shift) + 1, 0, ENTRIES_PER_TABLE)
+        return base, lo, hi
+
+    def zap(self, rng: GfnRange) -> ZapOutcome:
+        """Remove every present leaf overlapping ``rng`` (huge leaves partly inside included).
+
+        Visits, at each level, the entries of present tables whose span overlaps the range;
+        non-present entries are visited but not descended. The walk stops at the 48-bit space.
+        """
+        outcome = ZapOutcome()
+        start, end = rng.start, min(rng.end, EPT_GFN_LIMIT)
+        if end <= start:
+            return outcome
+        tables = np.zeros(1, dtype=np.int32)
+        for level in (Level.ROOT, *LEAF_LEVELS_DESCENDING):
+            if not len(tables):
+                break
+            pool = self._pools[level]
+            _, lo, hi = self._rows(level, tables, start, end)
+            outcome.visited[level] = int((hi - lo).sum())
+            full = (lo == 0) & (hi == ENTRIES_PER_TABLE)
+            below: list[npt.NDArray[np.int32]] = []
+            if full.any():
+                block = _as_block(tables[full])
+                removed, children = self._zap_entries(pool, block, slice(None))
+                outcome.removed[level] = outcome.removed.get(level, 0) + removed
+                below.append(children)
+            for table, first, last in zip(tables[~full], lo[~full], hi[~full], strict=True):
+                removed, children = self._zap_entries(
+                    pool, int(table), slice(int(first), int(last))
+                )
+                outcome.removed[level] = outcome.removed.get(level, 0) + removed
+                below.append(children)
+            tables = np.concatenate(below) if below else np.zeros(0, dtype=np.int32)
+        for level in LEAF_LEVELS_DESCENDING:
+            self._leaves[level] -= outcome.removed[level]
+        outcome.removed.pop(Level.ROOT, None)
+        return outcome
+
+    @staticmethod
+    def _zap_entries(
+        pool: _Pool, rows: int | slice | npt.NDArray[np.int32], cols: slice
+    ) -> tuple[int, npt.NDArray[np.int32]]:
+        fancy = isinstance(rows, np.ndarray)
+        entries = pool.ent[rows, cols]
+        leaves = entries >= LEAF
+        removed = int(np.count_nonzero(leaves))
+        if removed:
+            np.copyto(entries, np.uint8(ZAPPED), where=leaves)
+            if fancy:
+                pool.ent[rows, cols] = entries
+        if pool.child is None:
+            return removed, np.zeros(0, dtype=np.int32)
+        children = pool.child[rows, cols]
+        return removed, children[children >= 0]
+
+    def populate(self, start: int, end: int, plan: PopulatePlan) -> PopulateOutcome:
+        """Fault every gfn of ``[start, end)`` in ascending order, as a guest touching each.
+
+        An entry already under a present leaf is a hit; otherwise a leaf of the level the plan
+        allows is installed (one fault) and later gfns under it hit. Entries the plan marks
+        :data:`SKIP` are left alone.
+        """
+        outcome = PopulateOutcome()
+        end = min(end, EPT_GFN_LIMIT)
+        if end <= start:
+            return outcome
+        tables = np.zeros(1, dtype=np.int32)
+        for level in (Level.ROOT, *LEAF_LEVELS_DESCENDING):
+            if not len(tables):
+                break
+            base, lo, hi = self._rows(level, tables, start, end)
+            full = (lo == 0) & (hi == ENTRIES_PER_TABLE)
+            table_pages = level.pages * ENTRIES_PER_TABLE
+            first = np.searchsorted(plan.partition, base, side="right")
+            last = np.searchsorted(plan.partition, base + (table_pages - 1), side="right")
+            uniform = full & (first == last)
+            below: list[npt.NDArray[np.int32]] = []
+            if uniform.any():
+                rows = tables[uniform]
+                codes, values = plan.classify(level, base[uniform])
+                block = _Block(level, _as_block(rows), slice(None), base[uniform][:, None])
+                below.append(
+                    self._populate_entries(
+                        block, codes[:, None], values[:, None], (start, end), outcome
+                    )
+                )
+            for table, table_base, a, b in zip(
+                tables[~uniform], base[~uniform], lo[~uniform], hi[~uniform], strict=True
+            ):
+                first_gfn = int(table_base) + int(a) * level.pages
+                starts = first_gfn + _COLUMNS[: int(b - a)] * level.pages
+                codes, values = plan.classify(level, starts)
+                block = _Block(level, int(table), slice(int(a), int(b)), np.array([[first_gfn]]))
+                below.append(
+                    self._populate_entries(
+                        block, codes[None, :], values[None, :], (start, end), outcome
+                    )
+                )
+            tables = np.concatenate(below) if below else np.zeros(0, dtype=np.int32)
+        return outcome
+
+    def _populate_entries(
+        self,
+        block: _Block,
+        codes: UInt8Array,
+        values: UInt8Array,
+        bounds: tuple[int, int],
+        outcome: PopulateOutcome,
+    ) -> npt.NDArray[np.int32]:
+        """Install, replace or descend for one block of entries; returns the tables below.
+
+        ``codes`` and ``values`` broadcast against the block (per row or per entry).
+        """
+        level, rows, cols = block.level, block.rows, block.cols
+        pool = self._pools[level]
+        fancy = isinstance(rows, np.ndarray)
+        entries = np.atleast_2d(pool.ent[rows, cols])
+        children = None if pool.child is None else np.atleast_2d(pool.child[rows, cols])
+        missing = entries < LEAF
+        here = missing & (codes == MAP_HERE)
+        install = here if children is None else here & (children < 0)
+        count = int(np.count_nonzero(install))
+        if count:
+            outcome.refaults += int(np.count_nonzero(install & ((entries & ZAPPED) != 0)))
+            np.copyto(entries, np.broadcast_to(values, entries.shape), where=install)
+            outcome.installed[level] += count
+            self._leaves[level] += count
+        if fancy:
+            pool.ent[rows, cols] = entries
+        if children is None:
+            return np.zeros(0, dtype=np.int32)
+        assert pool.child is not None
+        descend = missing & (codes == DESCEND)
+        new = descend & (children < 0)
+        starts = block.first_gfns + _COLUMNS[: entries.shape[1]] * level.pages
+        if new.any():
+            ids = self._pools[Level(level - 1)].allocate(
+                np.broadcast_to(starts, entries.shape)[new], entries[new] & ZAPPED
+            )
+            children[new] = ids
+            entries[new] = 0
+            if fancy:
+                pool.child[rows, cols] = children
+                pool.ent[rows, cols] = entries
+        below: npt.NDArray[np.int32] = children[descend].astype(np.int32)
+        replace = here & (children >= 0)
+        if replace.any():
+            regions = np.broadcast_to(starts, entries.shape)[replace]
+            bytes_ = np.broadcast_to(values, entries.shape)[replace]
+            start, end = bounds
+            for region, byte in zip(regions.tolist(), bytes_.tolist(), strict=True):
+                lo, hi = max(start, region), min(end, region + level.pages)
+                self._map_over_table(level, byte, lo, hi, outcome)
+        return below
+
+    def _map_over_table(
+        self, level: Level, byte: int, lo: int, hi: int, outcome: PopulateOutcome
+    ) -> None:
+        """A huge mapping is now allowed where a table is present: the first access in
+        ``[lo, hi)`` that its leaves do not cover faults and maps the huge leaf over the table."""
+        gfn = lo
+        while gfn < hi:
+            entry = self.lookup(gfn)
+            if not entry.present:
+                if self.install(gfn, level, byte):
+                    outcome.refaults += 1
+                outcome.installed[level] += 1
+                return
+            gfn = entry.base_gfn + entry.level.pages
+
+    # -- whole store ---------------------------------------------------------------------
+
+    def leaves(self) -> Iterator[tuple[Level, Int64Array, UInt8Array]]:
+        """Per leaf level: base gfns and bytes of every present leaf (unordered)."""
+        for level in LEAF_LEVELS_DESCENDING:
+            pool = self._pools[level]
+            ids = pool.live_ids()
+            if not len(ids):
+                continue
+            entries = pool.ent[ids]
+            rows, cols = np.nonzero(entries >= LEAF)
+            yield (
+                level,
+                pool.base[ids][rows] + cols.astype(np.int64) * level.pages,
+                entries[rows, cols],
+            )

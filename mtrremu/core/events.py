@@ -1,0 +1,132 @@
+"""Operations a guest or VMM performs on a VM, and what each one did.
+
+Operations are plain frozen records so workloads, traces, batches and bursts can carry them;
+:meth:`mtrremu.core.vm.Vm.apply` runs any of them.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from mtrremu.core.counters import Counters
+from mtrremu.core.ept import PopulateOutcome
+from mtrremu.core.memtype import EptMemtype
+from mtrremu.core.units import Level
+from mtrremu.core.zap_engine import ZapReport
+
+
+@dataclass(frozen=True)
+class WriteMsr:
+    """WRMSR by the guest, or a host-initiated write (KVM_SET_MSRS) with ``host=True``."""
+
+    vcpu: int
+    msr: int
+    value: int
+    host: bool = False
+
+
+@dataclass(frozen=True)
+class ReadMsr:
+    vcpu: int
+    msr: int
+    host: bool = False
+
+
+@dataclass(frozen=True)
+class WriteCr0:
+    """MOV to CR0 by the guest, or a host write (KVM_SET_SREGS) with ``host=True``."""
+
+    vcpu: int
+    value: int
+    host: bool = False
+
+
+@dataclass(frozen=True)
+class Reset:
+    vcpu: int
+
+
+@dataclass(frozen=True)
+class Init:
+    vcpu: int
+
+
+@dataclass(frozen=True)
+class Access:
+    """A guest touch of one page."""
+
+    vcpu: int
+    gfn: int
+
+
+@dataclass(frozen=True)
+class FaultRange:
+    """A guest touching every page of ``[start, end)`` (gfns) in ascending order."""
+
+    vcpu: int
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class AttachDma:
+    """A non-coherent DMA device attached at run time (an event, unlike one at creation)."""
+
+
+@dataclass(frozen=True)
+class DetachDma:
+    pass
+
+
+Op = WriteMsr | ReadMsr | WriteCr0 | Reset | Init | Access | FaultRange | AttachDma | DetachDma
+VCPU_OPS = (WriteMsr, ReadMsr, WriteCr0, Reset, Init, Access, FaultRange)
+
+
+class AccessKind(enum.Enum):
+    HIT = "hit"
+    FAULT = "fault"
+    MMIO = "mmio"
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """The leaf that serves an access."""
+
+    level: Level
+    base_gfn: int
+    memtype: EptMemtype
+
+
+@dataclass(frozen=True)
+class AccessInfo:
+    kind: AccessKind
+    mapping: Mapping | None = None
+    refault: bool = False
+
+
+@dataclass(frozen=True)
+class PopulateInfo:
+    """A bulk fault: leaves installed (faults), pages that hit, pages outside every memslot."""
+
+    outcome: PopulateOutcome
+    hits: int
+    outside_memslots: int
+
+
+@dataclass
+class EventResult:
+    """What one operation did. Only the fields its kind produces are set.
+
+    ``gp`` is the reason of a guest #GP (the VMM injects it; nothing changed). ``counters`` holds
+    this event's own counts, including zaps it drained on behalf of other vCPUs.
+    """
+
+    op: Op
+    counters: Counters = field(default_factory=Counters)
+    gp: str | None = None
+    zap: ZapReport | None = None
+    value: int | None = None
+    access: AccessInfo | None = None
+    populate: PopulateInfo | None = None
+    cd_toggled: bool = False

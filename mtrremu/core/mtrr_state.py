@@ -1,0 +1,199 @@
+"""One vCPU's MTRR registers, stored the way KVM stores them, and KVM's walk over them.
+
+KVM keeps the valid variable pairs in a list ordered by descending raw PhysBase value (type byte
+included); a pair that becomes valid is inserted before the first entry whose raw base is less
+than or equal to its own. Memory types depend on that order (semantics.md §3-§4), so we keep it.
+
+Masks are stored as KVM 6.5 stores them: a written mask gets every bit at or above MAXPHYADDR
+set, and reads strip them again. A mask never written since the vCPU was created is 0, as in
+KVM; a base written under such a mask yields a wrapped (empty) range, exactly like
+``var_mtrr_range`` does in 64-bit arithmetic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mtrremu.core import msrs
+from mtrremu.core.units import PAGE_SHIFT, U64_MASK, GfnRange
+
+_PAGE_MASK = U64_MASK ^ ((1 << PAGE_SHIFT) - 1)
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """What KVM's MTRR lookup saw over one gpa range, in the order it saw it.
+
+    ``types`` lists the type of every matching range (fixed ranges first, then variable ranges
+    in list order); ``partial`` says the variable ranges did not cover the whole range as the
+    walk's forward-moving bookkeeping saw it; ``disabled`` says MTRRs are off (E=0), in which
+    case nothing was walked.
+    """
+
+    types: tuple[int, ...]
+    partial: bool
+    disabled: bool
+
+
+@dataclass
+class MtrrState:
+    """The MTRR MSRs of one vCPU. Writes must have been validated (:mod:`mtrremu.core.msrs`)."""
+
+    maxphyaddr: int
+    deftype: int = 0
+    fixed: bytearray = field(default_factory=lambda: bytearray(msrs.FIXED_RANGES))
+    bases: list[int] = field(default_factory=lambda: [0] * msrs.VAR_PAIRS)
+    masks: list[int] = field(default_factory=lambda: [0] * msrs.VAR_PAIRS)
+    #: Valid pair indices in KVM's list order.
+    order: list[int] = field(default_factory=list)
+    #: Bumped on every accepted write; caches of derived maps key on it.
+    version: int = 0
+
+    # -- registers ------------------------------------------------------------------------
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.deftype & msrs.DEFTYPE_E)
+
+    @property
+    def fixed_enabled(self) -> bool:
+        return bool(self.deftype & msrs.DEFTYPE_FE)
+
+    @property
+    def default_type(self) -> int:
+        return self.deftype & msrs.DEFTYPE_TYPE_MASK
+
+    def pair_valid(self, pair: int) -> bool:
+        return bool(self.masks[pair] & msrs.PHYSMASK_VALID)
+
+    def pair_type(self, pair: int) -> int:
+        return self.bases[pair] & 0xFF
+
+    def write(self, msr: int, value: int) -> None:
+        """Store an already validated MTRR MSR value (defType, fixed or variable)."""
+        if msr == msrs.DEFTYPE:
+            self.deftype = value
+        elif msrs.is_fixed_msr(msr):
+            slot = msrs.fixed_msr_slot(msr)
+            self.fixed[8 * slot : 8 * slot + 8] = value.to_bytes(8, "little")
+        elif msrs.is_var_msr(msr):
+            self._write_var(msr, value)
+        else:
+            raise ValueError(f"{msrs.msr_name(msr)} is not an MTRR MSR")
+        self.version += 1
+
+    def _write_var(self, msr: int, value: int) -> None:
+        pair, is_mask = msrs.var_pair(msr)
+        if self.pair_valid(pair):
+            self.order.remove(pair)
+        if is_mask:
+            self.masks[pair] = value | msrs.reserved_gpa_bits(self.maxphyaddr)
+        else:
+            self.bases[pair] = value
+        if self.pair_valid(pair):
+            base = self.bases[pair]
+            at = next(
+                (i for i, other in enumerate(self.order) if base >= self.bases[other]),
+                len(self.order),
+            )
+            self.order.insert(at, pair)
+
+    def read(self, msr: int) -> int:
+        """Read an MTRR MSR back as a guest would (masks without the internal high bits)."""
+        if msr == msrs.DEFTYPE:
+            return self.deftype
+        if msrs.is_fixed_msr(msr):
+            slot = msrs.fixed_msr_slot(msr)
+            return int.from_bytes(self.fixed[8 * slot : 8 * slot + 8], "little")
+        if msrs.is_var_msr(msr):
+            pair, is_mask = msrs.var_pair(msr)
+            if is_mask:
+                return self.masks[pair] & ~msrs.reserved_gpa_bits(self.maxphyaddr)
+            return self.bases[pair]
+        raise ValueError(f"{msrs.msr_name(msr)} is not an MTRR MSR")
+
+    def snapshot(self) -> tuple[int, ...]:
+        """Every MTRR MSR value as read back, in :data:`msrs.MTRR_MSRS` order."""
+        return tuple(self.read(msr) for msr in msrs.MTRR_MSRS)
+
+    def copy(self) -> MtrrState:
+        return MtrrState(
+            maxphyaddr=self.maxphyaddr,
+            deftype=self.deftype,
+            fixed=bytearray(self.fixed),
+            bases=list(self.bases),
+            masks=list(self.masks),
+            order=list(self.order),
+            version=self.version,
+        )
+
+    # -- variable range arithmetic ---------------------------------------------------------
+
+    def var_range_gpa(self, pair: int) -> tuple[int, int]:
+        """KVM's ``var_mtrr_range``: ``[start, end)`` from the stored base and mask, in u64.
+
+        A zero written mask gives ``end = 2**MAXPHYADDR``; a base misaligned for its mask gives
+        ``[start, aligned end)``; a never-written mask wraps ``end`` to 0.
+        """
+        start = self.bases[pair] & _PAGE_MASK
+        mask = self.masks[pair] & _PAGE_MASK
+        end = ((start | (~mask & U64_MASK)) + 1) & U64_MASK
+        return start, end
+
+    def var_range_gfns(self, pair: int) -> GfnRange:
+        start, end = self.var_range_gpa(pair)
+        return GfnRange(start >> PAGE_SHIFT, end >> PAGE_SHIFT)
+
+    def valid_ranges(self) -> list[tuple[GfnRange, int]]:
+        """``(gfn range, type)`` of each valid pair, in KVM's list order."""
+        return [(self.var_range_gfns(p), self.pair_type(p)) for p in self.order]
+
+    # -- KVM's lookup walk ----------------------------------------------------------------
+
+    def lookup(self, start_gfn: int, end_gfn: int) -> Lookup:
+        """Walk the ranges matching gfns ``[start_gfn, end_gfn)`` as KVM's ``mtrr_lookup`` does.
+
+        Fixed ranges are walked (FE=1 and the range starts below 1 MiB) from the one holding the
+        start until one ends at or past the range's end; if all 88 were walked, the variable
+        list follows. Only variable matches feed the coverage bookkeeping.
+        """
+        if not self.enabled:
+            return Lookup((), partial=False, disabled=True)
+        types: list[int] = []
+        start, end = start_gfn << PAGE_SHIFT, end_gfn << PAGE_SHIFT
+        if self.fixed_enabled and start < msrs.FIXED_AREA_END_GPA:
+            index = next(i for i, (_, hi) in enumerate(msrs.FIXED_RANGE_GFNS) if hi > start_gfn)
+            while True:
+                types.append(self.fixed[index])
+                if msrs.FIXED_RANGE_GFNS[index][1] >= end_gfn:
+                    return Lookup(tuple(types), partial=False, disabled=False)
+                index += 1
+                if index >= msrs.FIXED_RANGES:
+                    break
+        partial = False
+        covered_to = start
+        for pair in self.order:
+            lo, hi = self.var_range_gpa(pair)
+            if lo >= end or hi <= start:
+                continue
+            types.append(self.pair_type(pair))
+            partial |= covered_to < lo
+            covered_to = max(covered_to, hi)
+        partial |= covered_to < end
+        return Lookup(tuple(types), partial=partial, disabled=False)
+
+    def breakpoints(self) -> list[int]:
+        """Gfns where the set of matching ranges may change: fixed edges and valid pair edges.
+
+        Between two consecutive breakpoints every page sees the same matches, so memory types
+        and KVM's consistency verdicts are constant there.
+        """
+        points = {0}
+        if self.enabled:
+            if self.fixed_enabled:
+                points.update(lo for lo, _ in msrs.FIXED_RANGE_GFNS)
+                points.add(msrs.FIXED_RANGE_GFNS[-1][1])
+            for rng, _ in self.valid_ranges():
+                points.add(rng.start)
+                points.add(rng.end)
+        return sorted(points)

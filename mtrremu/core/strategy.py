@@ -1,0 +1,175 @@
+"""The zap-strategy interface: what a strategy sees, what it decides, and KVM's shared rules.
+
+A strategy answers one question per memtype event: *what to zap, and how*. It returns a
+:class:`ZapDecision`; the VM's zap engine carries it out (directly, or through patch 9's zap
+list, split by memslot or not), counts it and reports it. The VM calls the strategy directly
+(no hook dispatch) and only for events that can matter:
+
+* ``on_mtrr_write`` — after an accepted range or default-type MTRR write (guest or host), while
+  the VM honours guest MTRRs;
+* ``on_cd_toggle`` — after a guest CR0 write that flipped CD, while the VM honours guest MTRRs
+  (host writes, RESET and INIT never reach a strategy);
+* ``on_dma_transition`` — when the non-coherent DMA count goes 0→1 or 1→0 with EPT on.
+
+Views are read-only and valid only during the call.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from mtrremu.core import cr0 as cr0_bits
+from mtrremu.core import msrs
+from mtrremu.core.config import Memslot, VmConfig
+from mtrremu.core.memtype import EptMemtype, Profile, disabled_type
+from mtrremu.core.mtrr_state import MtrrState
+from mtrremu.core.units import ZAP_ALL, GfnRange, gpa_to_gfn
+
+
+class Route(enum.Enum):
+    """How the zap engine runs a decision's ranges."""
+
+    #: Zap each range at once, on the requesting vCPU (``kvm_zap_gfn_range``).
+    DIRECT = "direct"
+    #: Queue on the VM-wide zap list, then drain it or wait for the vCPU draining it (patch 9).
+    #: The drain-or-wait happens even when nothing was queued.
+    LIST = "list"
+
+
+class AllocFailure(enum.Enum):
+    """What a LIST decision does if queueing a range fails to allocate (patch 9 vs patch 10)."""
+
+    #: Zap the requested ranges directly; no drain or wait (patch 9's fallback).
+    ZAP_REQUEST = "zap-request"
+    #: Empty the whole list, other vCPUs' ranges too, and zap all directly (patch 10's).
+    CLEAR_LIST_AND_ZAP_ALL = "clear-list-and-zap-all"
+
+
+@dataclass(frozen=True)
+class ZapDecision:
+    """A strategy's answer to one event.
+
+    ``zap_event`` says the event reached a zap path (counted as a "zap cnt" event even when
+    ``ranges`` is empty). ``split_by_memslot`` cuts each range into its intersections with the
+    memslots before queueing, dropping the parts outside every slot (patch 11).
+    """
+
+    zap_event: bool = False
+    ranges: tuple[GfnRange, ...] = ()
+    route: Route = Route.DIRECT
+    split_by_memslot: bool = False
+    on_alloc_failure: AllocFailure = AllocFailure.ZAP_REQUEST
+
+
+#: Not a zap path: nothing counted, nothing zapped.
+NO_ZAP = ZapDecision()
+
+
+class MtrrView:
+    """Read-only access to one vCPU's MTRRs."""
+
+    __slots__ = ("_state",)
+
+    def __init__(self, state: MtrrState) -> None:
+        self._state = state
+
+    @property
+    def enabled(self) -> bool:
+        """MTRRdefType.E."""
+        return self._state.enabled
+
+    @property
+    def fixed_enabled(self) -> bool:
+        """MTRRdefType.FE."""
+        return self._state.fixed_enabled
+
+    @property
+    def default_type(self) -> int:
+        return self._state.default_type
+
+    def fixed_types(self) -> bytes:
+        """The 88 fixed-range type bytes, lowest address first."""
+        return bytes(self._state.fixed)
+
+    def valid_ranges(self) -> list[tuple[GfnRange, int]]:
+        """``(gfns, type)`` of every valid variable pair, in KVM's list order."""
+        return self._state.valid_ranges()
+
+    def pair_range(self, pair: int) -> GfnRange:
+        """A pair's span from its stored base and mask (V ignored), as KVM computes it."""
+        return self._state.var_range_gfns(pair)
+
+    def read(self, msr: int) -> int:
+        return self._state.read(msr)
+
+
+@dataclass(frozen=True)
+class VcpuView:
+    """The vCPU an event happened on."""
+
+    index: int
+    cr0: int
+    mtrr: MtrrView
+
+    @property
+    def cd(self) -> bool:
+        return bool(self.cr0 & cr0_bits.CD)
+
+
+@dataclass(frozen=True)
+class VmView:
+    """The VM-wide facts a strategy may use."""
+
+    config: VmConfig
+    profile: Profile
+    noncoherent_dma: int
+
+    @property
+    def memslots(self) -> tuple[Memslot, ...]:
+        return self.config.sorted_memslots()
+
+    def cd_memtype(self) -> EptMemtype:
+        """What a fault by a vCPU with CR0.CD=1 installs (patch 8's ``cd_type``/``cd_ipat``)."""
+        return self.profile.cd_memtype(self.config.quirk_cd_nw_cleared)
+
+    def effective_default_type(self, vcpu: VcpuView) -> int:
+        """The default type if MTRRs are enabled, else the disabled type."""
+        if vcpu.mtrr.enabled:
+            return vcpu.mtrr.default_type
+        return int(disabled_type(self.config.feature_mtrr))
+
+
+@runtime_checkable
+class ZapStrategy(Protocol):
+    """What a zap strategy implements. See the module docstring for when each is called."""
+
+    def on_mtrr_write(self, vm: VmView, vcpu: VcpuView, msr: int) -> ZapDecision: ...
+
+    def on_cd_toggle(self, vm: VmView, vcpu: VcpuView) -> ZapDecision: ...
+
+    def on_dma_transition(self, vm: VmView, attached: bool) -> ZapDecision: ...
+
+
+def kvm_mtrr_write_range(vcpu: VcpuView, msr: int) -> GfnRange | None:
+    """The range KVM's ``update_mtrr`` zaps after a write to ``msr``, or ``None`` if it returns
+    early (MTRRs disabled and not defType; a fixed MSR with FE=0).
+
+    defType zaps everything; a fixed MSR its own span; a variable MSR its pair's span from the
+    stored base and mask after the write (a base write uses the old mask), V ignored.
+    """
+    mtrr = vcpu.mtrr
+    if msr == msrs.DEFTYPE:
+        return ZAP_ALL
+    if not mtrr.enabled:
+        return None
+    if msrs.is_fixed_msr(msr):
+        if not mtrr.fixed_enabled:
+            return None
+        start, end = msrs.fixed_msr_gpa_span(msr)
+        return GfnRange(gpa_to_gfn(start), gpa_to_gfn(end))
+    if msrs.is_var_msr(msr):
+        pair, _ = msrs.var_pair(msr)
+        return mtrr.pair_range(pair)
+    raise ValueError(f"{msrs.msr_name(msr)} does not affect memory types")

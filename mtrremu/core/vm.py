@@ -1,0 +1,393 @@
+"""A VM: vCPUs, memslots, one EPT, a zap strategy, and the events that drive them.
+
+Every event runs on the calling thread; one thread per vCPU may drive a VM concurrently. Lock
+order: a vCPU's lock, then the MMU lock (EPT), then the VM lock (counters, DMA count); the zap
+list has its own lock and never calls out while holding it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import replace
+
+from mtrremu.core import cr0 as cr0_bits
+from mtrremu.core import msrs
+from mtrremu.core.config import VmConfig
+from mtrremu.core.counters import Counters
+from mtrremu.core.ept import Entry, EptStore, encode_leaf
+from mtrremu.core.errors import FailedPrecondition, InvalidArgument, NotFound, RejectedHostWrite
+from mtrremu.core.events import (
+    Access,
+    AccessInfo,
+    AccessKind,
+    AttachDma,
+    DetachDma,
+    EventResult,
+    FaultRange,
+    Init,
+    Mapping,
+    Op,
+    PopulateInfo,
+    ReadMsr,
+    Reset,
+    WriteCr0,
+    WriteMsr,
+)
+from mtrremu.core.fault import FaultPlan, FaultView, Memslots
+from mtrremu.core.memtype import Profile
+from mtrremu.core.observer import NULL_OBSERVER, Observer
+from mtrremu.core.oracle import StaleReport, find_stale
+from mtrremu.core.strategy import NO_ZAP, VmView, ZapDecision, ZapStrategy
+from mtrremu.core.units import PAGE_SHIFT, U64_MASK, GfnRange
+from mtrremu.core.vcpu import VCpu
+from mtrremu.core.zap_engine import ZapEngine
+from mtrremu.core.zap_list import Role, ZapList
+
+
+def _check_u64(what: str, value: int) -> None:
+    if not 0 <= value <= U64_MASK:
+        raise InvalidArgument(f"{what} {value:#x} does not fit in 64 bits")
+
+
+class Vm:
+    """One emulated VM. Create it through the plugin manager, which picks the strategy."""
+
+    def __init__(
+        self,
+        config: VmConfig,
+        strategy: ZapStrategy,
+        profile: Profile,
+        *,
+        vm_id: str = "vm",
+        strategy_name: str = "",
+        observer: Observer = NULL_OBSERVER,
+    ) -> None:
+        self.config = config
+        self.strategy = strategy
+        self.profile = profile
+        self.vm_id = vm_id
+        self.strategy_name = strategy_name
+        self._observer = observer
+        self.memslots = Memslots(config)
+        self.vcpus = tuple(VCpu.create(i, config.guest_maxphyaddr) for i in range(config.vcpus))
+        self.store = EptStore()
+        self.counters = Counters()
+        self._dma = config.noncoherent_dma
+        self._mmu_lock = threading.Lock()
+        self._vm_lock = threading.Lock()
+        self.zap_list = ZapList(self._zap, posted_window=config.zap_list_posted_window)
+        self._engine = ZapEngine(self._zap, self.zap_list, config.sorted_memslots())
+        self._plans: dict[int, tuple[tuple[int, bool, bool], FaultPlan]] = {}
+        self._gfn_limit = 1 << (config.guest_maxphyaddr - PAGE_SHIFT)
+
+    # -- state -----------------------------------------------------------------------------
+
+    @property
+    def noncoherent_dma(self) -> int:
+        return self._dma
+
+    @property
+    def honours_guest_mtrrs(self) -> bool:
+        """Whether guest MTRRs and CR0.CD decide EPT memory types now (semantics.md §2)."""
+        return self.profile.honours_guest_mtrrs and self.config.tdp and self._dma > 0
+
+    def vcpu(self, index: int) -> VCpu:
+        if not 0 <= index < len(self.vcpus):
+            raise NotFound(f"vCPU {index} does not exist (the VM has {len(self.vcpus)})")
+        return self.vcpus[index]
+
+    def view(self) -> VmView:
+        return VmView(self.config, self.profile, self._dma)
+
+    def counters_snapshot(self) -> Counters:
+        with self._vm_lock:
+            return self.counters.copy()
+
+    def lookup(self, gfn: int) -> Entry:
+        self._check_gfn(gfn)
+        with self._mmu_lock:
+            return self.store.lookup(gfn)
+
+    def _check_gfn(self, gfn: int) -> None:
+        if not 0 <= gfn < self._gfn_limit:
+            raise InvalidArgument(
+                f"gfn {gfn:#x} is outside the guest-physical space "
+                f"(MAXPHYADDR {self.config.guest_maxphyaddr})"
+            )
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _zap(self, rng: GfnRange, counters: Counters) -> None:
+        with self._mmu_lock:
+            outcome = self.store.zap(rng)
+        counters.add_zap(outcome)
+        if self._observer.active:
+            self._observer.zap_executed(self.vm_id, rng, outcome)
+
+    def _finish(self, result: EventResult) -> EventResult:
+        with self._vm_lock:
+            self.counters.add(result.counters)
+        if self._observer.active:
+            self._observer.event_handled(self.vm_id, result)
+        return result
+
+    def _decide(
+        self, result: EventResult, decide: Callable[[], ZapDecision], defer_drain: bool
+    ) -> None:
+        result.zap = self._engine.execute(decide(), result.counters, defer_drain=defer_drain)
+
+    def fault_view(self, vcpu: VCpu) -> FaultView:
+        return FaultView(
+            self.profile, self.config, self.memslots, self._dma > 0, vcpu.cd, vcpu.mtrr
+        )
+
+    def plan(self, vcpu: VCpu) -> FaultPlan:
+        """The vectorised fault plan of ``vcpu`` as it is now (cached until its inputs change)."""
+        key = (vcpu.mtrr.version, vcpu.cd, self._dma > 0)
+        cached = self._plans.get(vcpu.index)
+        if cached is None or cached[0] != key:
+            cached = (key, FaultPlan(self.fault_view(vcpu)))
+            self._plans[vcpu.index] = cached
+        return cached[1]
+
+    # -- MSRs ------------------------------------------------------------------------------
+
+    def write_msr(
+        self, vcpu: int, msr: int, value: int, *, host: bool = False, defer_drain: bool = False
+    ) -> EventResult:
+        """WRMSR (``host=False``) or KVM_SET_MSRS (``host=True``) of one MSR.
+
+        A rejected guest write is a #GP in the result; a rejected host write raises
+        :class:`RejectedHostWrite`. Either way nothing changes.
+        """
+        vc = self.vcpu(vcpu)
+        _check_u64("MSR index", msr)
+        _check_u64("MSR value", value)
+        result = EventResult(WriteMsr(vcpu, msr, value, host))
+        with vc.lock:
+            why = msrs.write_rejection(msr, value, self.config.guest_maxphyaddr)
+            if why is not None:
+                if host:
+                    raise RejectedHostWrite(msrs.msr_name(msr), value, why)
+                result.gp = f"WRMSR {msrs.msr_name(msr)}: {why}"
+                result.counters.guest_gp += 1
+                return self._finish(result)
+            if msr == msrs.PAT:
+                vc.pat = value
+                return self._finish(result)
+            vc.mtrr.write(msr, value)
+            if self.honours_guest_mtrrs:
+                view = vc.view()
+                self._decide(
+                    result, lambda: self.strategy.on_mtrr_write(self.view(), view, msr), defer_drain
+                )
+        return self._finish(result)
+
+    def read_msr(self, vcpu: int, msr: int, *, host: bool = False) -> EventResult:
+        """RDMSR (an unknown index is a #GP) or KVM_GET_MSRS (an error)."""
+        vc = self.vcpu(vcpu)
+        _check_u64("MSR index", msr)
+        result = EventResult(ReadMsr(vcpu, msr, host))
+        why = msrs.read_rejection(msr)
+        if why is not None:
+            if host:
+                raise InvalidArgument(f"host read of {msrs.msr_name(msr)} rejected: {why}")
+            result.gp = f"RDMSR {msrs.msr_name(msr)}: {why}"
+            result.counters.guest_gp += 1
+            return self._finish(result)
+        with vc.lock:
+            result.value = vc.read_msr(msr)
+        return self._finish(result)
+
+    # -- CR0 -------------------------------------------------------------------------------
+
+    def write_cr0(
+        self, vcpu: int, value: int, *, host: bool = False, defer_drain: bool = False
+    ) -> EventResult:
+        """MOV to CR0 (``host=False``) or KVM_SET_SREGS (``host=True``).
+
+        Only a guest write that flips CD is a memtype event; host writes never zap.
+        """
+        vc = self.vcpu(vcpu)
+        _check_u64("CR0 value", value)
+        result = EventResult(WriteCr0(vcpu, value, host))
+        with vc.lock:
+            why = cr0_bits.rejection(value)
+            if why is not None:
+                if host:
+                    raise RejectedHostWrite("CR0", value, why)
+                result.gp = f"MOV CR0: {why}"
+                result.counters.guest_gp += 1
+                return self._finish(result)
+            old = vc.cr0
+            vc.cr0 = value if host else cr0_bits.guest_value(value)
+            result.value = vc.cr0
+            result.cd_toggled = bool((old ^ vc.cr0) & cr0_bits.CD)
+            if result.cd_toggled and not host and self.honours_guest_mtrrs:
+                view = vc.view()
+                self._decide(
+                    result, lambda: self.strategy.on_cd_toggle(self.view(), view), defer_drain
+                )
+        return self._finish(result)
+
+    def reset(self, vcpu: int) -> EventResult:
+        """RESET: CR0 back to 0x60000010 (CD=NW=1) without any zap; MTRRs and PAT are left to
+        the VMM's reset push, as KVM does."""
+        vc = self.vcpu(vcpu)
+        result = EventResult(Reset(vcpu))
+        with vc.lock:
+            result.cd_toggled = not vc.cd
+            vc.cr0 = result.value = cr0_bits.RESET_VALUE
+        return self._finish(result)
+
+    def init(self, vcpu: int) -> EventResult:
+        """INIT: CR0 to its reset value but CD and NW kept; no zap."""
+        vc = self.vcpu(vcpu)
+        result = EventResult(Init(vcpu))
+        with vc.lock:
+            vc.cr0 = result.value = cr0_bits.init_value(vc.cr0)
+        return self._finish(result)
+
+    # -- guest accesses --------------------------------------------------------------------
+
+    def access(self, vcpu: int, gfn: int) -> EventResult:
+        """A guest touch: a hit, a fault that installs a leaf, or an MMIO exit."""
+        vc = self.vcpu(vcpu)
+        self._check_gfn(gfn)
+        result = EventResult(Access(vcpu, gfn))
+        counters = result.counters
+        with vc.lock, self._mmu_lock:
+            entry = self.store.lookup(gfn)
+            if entry.present:
+                counters.hits += 1
+                mapping = Mapping(entry.level, entry.base_gfn, entry.memtype)
+                result.access = AccessInfo(AccessKind.HIT, mapping)
+                return self._finish(result)
+            slot = self.memslots.index_of(gfn)
+            if slot < 0:
+                self.store.mark_mmio(gfn)
+                counters.mmio_exits += 1
+                result.access = AccessInfo(AccessKind.MMIO)
+                return self._finish(result)
+            view = self.fault_view(vc)
+            level = view.level(gfn)
+            base = (gfn >> level.shift) << level.shift
+            memtype = view.memtype(base, bool(self.memslots.device[slot]))
+            refault = self.store.install(gfn, level, encode_leaf(memtype))
+        counters.faults += 1
+        counters.refaults += int(refault)
+        result.access = AccessInfo(AccessKind.FAULT, Mapping(level, base, memtype), refault)
+        if self._observer.active:
+            self._observer.fault(self.vm_id, vcpu, result)
+        return self._finish(result)
+
+    def fault_range(self, vcpu: int, start: int, end: int) -> EventResult:
+        """The guest touching every page of gfns ``[start, end)`` in order (vectorised).
+
+        Pages outside every memslot are counted, not touched: no MMIO markers are left.
+        """
+        vc = self.vcpu(vcpu)
+        if not 0 <= start < end <= self._gfn_limit:
+            raise InvalidArgument(
+                f"gfn range [{start:#x}, {end:#x}) is empty, inverted or beyond MAXPHYADDR "
+                f"{self.config.guest_maxphyaddr}"
+            )
+        result = EventResult(FaultRange(vcpu, start, end))
+        with vc.lock:
+            plan = self.plan(vc)
+            with self._mmu_lock:
+                outcome = self.store.populate(start, end, plan)
+        inside = self.memslots.pages_in(start, end)
+        result.counters.add_populate(outcome)
+        result.counters.hits += inside - outcome.faults
+        result.populate = PopulateInfo(outcome, inside - outcome.faults, (end - start) - inside)
+        if self._observer.active:
+            self._observer.fault(self.vm_id, vcpu, result)
+        return self._finish(result)
+
+    # -- non-coherent DMA ------------------------------------------------------------------
+
+    def attach_dma(self) -> EventResult:
+        """Attach a non-coherent DMA device; 0→1 is a memtype event (zap all, EPT on)."""
+        return self._dma_event(AttachDma(), +1)
+
+    def detach_dma(self) -> EventResult:
+        """Detach one; FAILED_PRECONDITION when none is attached."""
+        return self._dma_event(DetachDma(), -1)
+
+    def _dma_event(self, op: AttachDma | DetachDma, delta: int) -> EventResult:
+        result = EventResult(op)
+        with self._vm_lock:
+            if self._dma + delta < 0:
+                raise FailedPrecondition("no non-coherent DMA device is attached")
+            self._dma += delta
+            transition = self._dma == (1 if delta > 0 else 0)
+            result.value = self._dma
+        decision = NO_ZAP
+        if transition and self.config.tdp:
+            decision = self.strategy.on_dma_transition(self.view(), delta > 0)
+            result.counters.dma_zap_events += 1
+        # DMA transitions are counted apart from the cover letter's "zap cnt" events.
+        result.zap = self._engine.execute(replace(decision, zap_event=False), result.counters)
+        return self._finish(result)
+
+    # -- dispatch and bursts ---------------------------------------------------------------
+
+    def apply(self, op: Op, *, defer_drain: bool = False) -> EventResult:
+        """Run any operation. ``defer_drain`` leaves zap-list draining to :meth:`drain_round`."""
+        if isinstance(op, WriteMsr):
+            return self.write_msr(op.vcpu, op.msr, op.value, host=op.host, defer_drain=defer_drain)
+        if isinstance(op, WriteCr0):
+            return self.write_cr0(op.vcpu, op.value, host=op.host, defer_drain=defer_drain)
+        if isinstance(op, ReadMsr):
+            return self.read_msr(op.vcpu, op.msr, host=op.host)
+        if isinstance(op, Access):
+            return self.access(op.vcpu, op.gfn)
+        if isinstance(op, FaultRange):
+            return self.fault_range(op.vcpu, op.start, op.end)
+        if isinstance(op, Reset):
+            return self.reset(op.vcpu)
+        if isinstance(op, Init):
+            return self.init(op.vcpu)
+        if isinstance(op, AttachDma):
+            return self.attach_dma()
+        return self.detach_dma()
+
+    def drain_round(self, requesters: list[EventResult]) -> None:
+        """Finish a burst round: the first requester drains everything queued, the others wait.
+
+        Counts go to each requester's result and to the VM.
+        """
+        for position, result in enumerate(requesters):
+            assert result.zap is not None and result.zap.pending_drain
+            delta = Counters()
+            if position == 0:
+                result.zap.role = self.zap_list.drain_or_wait(delta)
+            else:
+                delta.waits += 1
+                result.zap.role = Role.WAITED
+            result.zap.pending_drain = False
+            result.counters.add(delta)
+            with self._vm_lock:
+                self.counters.add(delta)
+
+    # -- the oracle ------------------------------------------------------------------------
+
+    def stale(self, vcpu: int) -> StaleReport:
+        """Stale leaves with respect to ``vcpu`` (semantics.md §9)."""
+        vc = self.vcpu(vcpu)
+        with vc.lock:
+            expected = self.plan(vc).values
+            with self._mmu_lock:
+                return find_stale(self.store, expected, vcpu)
+
+    def quiescent(self) -> bool:
+        """Every vCPU holds the same MTRRs and CR0.CD."""
+        first = self.vcpus[0]
+        state = (first.mtrr.snapshot(), first.cd)
+        return all((vc.mtrr.snapshot(), vc.cd) == state for vc in self.vcpus[1:])
+
+    def stale_at_quiescence(self) -> StaleReport | None:
+        """Stale leaves if the VM is quiescent (then every vCPU agrees), else ``None``."""
+        return self.stale(0) if self.quiescent() else None

@@ -1,0 +1,59 @@
+"""The plugin API: the only door from a plugin into the core.
+
+A plugin is a module or object with ``@hookimpl`` functions named after the hooks in
+:mod:`mtrremu.plugin.hookspecs`, installed under the ``mtrremu`` entry-point group::
+
+    [project.entry-points.mtrremu]
+    my_strategies = "my_package.strategies"
+
+A strategy implements :class:`ZapStrategy` (three methods, each returning a
+:class:`ZapDecision`) and is registered as a :class:`StrategySpec`. Everything a strategy may
+read or return is re-exported here.
+"""
+
+import pluggy
+
+from mtrremu.core.config import Memslot, MemslotKind, VmConfig
+from mtrremu.core.memtype import EptMemtype, Profile
+from mtrremu.core.memtypes import MemType
+from mtrremu.core.msrs import msr_name
+from mtrremu.core.strategy import (
+    NO_ZAP,
+    AllocFailure,
+    MtrrView,
+    Route,
+    VcpuView,
+    VmView,
+    ZapDecision,
+    ZapStrategy,
+    kvm_mtrr_write_range,
+)
+from mtrremu.core.units import ZAP_ALL, GfnRange
+from mtrremu.plugin.records import StrategyFactory, StrategySpec
+
+#: Marks a plugin's hook implementations.
+hookimpl = pluggy.HookimplMarker("mtrremu")
+
+__all__ = [
+    "NO_ZAP",
+    "ZAP_ALL",
+    "AllocFailure",
+    "EptMemtype",
+    "GfnRange",
+    "MemType",
+    "Memslot",
+    "MemslotKind",
+    "MtrrView",
+    "Profile",
+    "Route",
+    "StrategyFactory",
+    "StrategySpec",
+    "VcpuView",
+    "VmConfig",
+    "VmView",
+    "ZapDecision",
+    "ZapStrategy",
+    "hookimpl",
+    "kvm_mtrr_write_range",
+    "msr_name",
+]

@@ -1,0 +1,175 @@
+"""Finds plugins, collects their strategies and builds VMs with the strategy they ask for.
+
+Registration order is fixed: the built-in strategies first (registered through the same hook a
+third party implements), then every plugin installed under the ``mtrremu`` entry-point group,
+then ``check_pending`` so a misspelt hook fails loudly.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import itertools
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from types import ModuleType
+
+import pluggy
+
+from mtrremu.core.config import VmConfig
+from mtrremu.core.ept import ZapOutcome
+from mtrremu.core.errors import InvalidArgument, PluginConflict, UnknownStrategy
+from mtrremu.core.events import EventResult
+from mtrremu.core.observer import NULL_OBSERVER, Observer
+from mtrremu.core.units import GfnRange
+from mtrremu.core.vm import Vm
+from mtrremu.plugin import hookspecs
+from mtrremu.plugin.records import StrategySpec
+
+ENTRY_POINT_GROUP = "mtrremu"
+BUILTIN_PLUGINS = ("mtrremu_strategies.kvm_releases", "mtrremu_strategies.series")
+_OBSERVER_HOOKS = ("mtrremu_zap_executed", "mtrremu_fault", "mtrremu_event_handled")
+
+
+def _own_version() -> str:
+    try:
+        return importlib.metadata.version("mtrremu")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+@dataclass(frozen=True)
+class RegisteredStrategy:
+    """A strategy and where it came from."""
+
+    spec: StrategySpec
+    plugin: str
+    distribution: str
+    version: str
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+class _PluggyObserver:
+    """Forwards the core's observer calls to the observer hooks."""
+
+    active = True
+
+    def __init__(self, hook: pluggy.HookRelay) -> None:
+        self._hook = hook
+
+    def zap_executed(self, vm_id: str, rng: GfnRange, outcome: ZapOutcome) -> None:
+        self._hook.mtrremu_zap_executed(vm_id=vm_id, rng=rng, outcome=outcome)
+
+    def fault(self, vm_id: str, vcpu: int, result: EventResult) -> None:
+        self._hook.mtrremu_fault(vm_id=vm_id, vcpu=vcpu, result=result)
+
+    def event_handled(self, vm_id: str, result: EventResult) -> None:
+        self._hook.mtrremu_event_handled(vm_id=vm_id, result=result)
+
+
+class PluginManager:
+    """The registry of strategies and observers for one process (or one test)."""
+
+    def __init__(
+        self, *, entry_points: bool = True, plugins: Sequence[object | ModuleType] = ()
+    ) -> None:
+        self._pm = pluggy.PluginManager("mtrremu")
+        self._pm.add_hookspecs(hookspecs)
+        for module in BUILTIN_PLUGINS:
+            self._pm.register(importlib.import_module(module), name=module)
+        for plugin in plugins:
+            self._pm.register(plugin)
+        if entry_points:
+            self._pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        self._pm.check_pending()
+        self._strategies = self._collect()
+        self._ids = itertools.count(1)
+
+    def _distribution(self, plugin: object) -> tuple[str, str]:
+        for candidate, dist in self._pm.list_plugin_distinfo():
+            if candidate is plugin:
+                return str(dist.project_name), str(dist.version)
+        return "mtrremu", _own_version()
+
+    def _collect(self) -> dict[str, RegisteredStrategy]:
+        found: dict[str, RegisteredStrategy] = {}
+        for impl in self._pm.hook.mtrremu_strategies.get_hookimpls():
+            distribution, version = self._distribution(impl.plugin)
+            specs = impl.function()
+            if not isinstance(specs, Iterable):
+                raise TypeError(
+                    f"plugin {impl.plugin_name}: mtrremu_strategies must return records"
+                )
+            for spec in specs:
+                if not isinstance(spec, StrategySpec):
+                    raise TypeError(
+                        f"plugin {impl.plugin_name} returned {spec!r}, not a StrategySpec"
+                    )
+                entry = RegisteredStrategy(spec, impl.plugin_name, distribution, version)
+                if spec.name in found:
+                    other = found[spec.name]
+                    raise PluginConflict(
+                        f"strategy {spec.name!r} is provided by both {other.plugin} "
+                        f"({other.distribution} {other.version}) and {entry.plugin} "
+                        f"({distribution} {version})"
+                    )
+                found[spec.name] = entry
+        return found
+
+    @property
+    def hook(self) -> pluggy.HookRelay:
+        return self._pm.hook
+
+    def strategies(self) -> list[RegisteredStrategy]:
+        """Every registered strategy, sorted by name."""
+        return sorted(self._strategies.values(), key=lambda s: s.name)
+
+    def strategy(self, name: str) -> RegisteredStrategy:
+        try:
+            return self._strategies[name]
+        except KeyError:
+            valid = ", ".join(sorted(self._strategies))
+            raise UnknownStrategy(f"unknown strategy {name!r}; valid strategies: {valid}") from None
+
+    def observer(self) -> Observer:
+        """An observer forwarding to the observer hooks, or the null one if none is implemented."""
+        if any(getattr(self._pm.hook, name).get_hookimpls() for name in _OBSERVER_HOOKS):
+            return _PluggyObserver(self._pm.hook)
+        return NULL_OBSERVER
+
+    def create_vm(
+        self,
+        config: VmConfig | None = None,
+        strategy: str = "fine-grained",
+        options: Mapping[str, str] | None = None,
+        *,
+        vm_id: str | None = None,
+    ) -> Vm:
+        """A VM using the named strategy, built once and called directly by the VM."""
+        registered = self.strategy(strategy)
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(registered.spec.options))
+        if unknown:
+            accepted = ", ".join(sorted(registered.spec.options)) or "none"
+            raise InvalidArgument(
+                f"strategy {strategy!r} does not take option(s) {', '.join(unknown)} "
+                f"(accepted: {accepted})"
+            )
+        return Vm(
+            config or VmConfig(),
+            registered.spec.factory(options),
+            registered.spec.profile,
+            vm_id=vm_id or f"vm-{next(self._ids)}",
+            strategy_name=strategy,
+            observer=self.observer(),
+        )
+
+
+@lru_cache(maxsize=1)
+def default_manager() -> PluginManager:
+    """The process-wide manager: built-ins plus installed entry-point plugins."""
+    return PluginManager()
