@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import numpy.typing as npt
 
 from mtrremu.core.ept import EptStore, decode_leaf
 from mtrremu.core.interval_map import IntervalMap
@@ -38,31 +39,46 @@ class StaleLeaf:
         )
 
 
+def _no_keys() -> npt.NDArray[np.int64]:
+    return np.zeros(0, dtype=np.int64)
+
+
 @dataclass(frozen=True)
 class StaleReport:
-    """Stale leaves with respect to one vCPU."""
+    """Stale leaves with respect to one vCPU.
+
+    ``keys`` identifies every stale leaf, sorted: ``gfn << 16 | level << 8 | leaf byte``.
+    """
 
     vcpu: int
     count: int
     by_level: dict[Level, int] = field(default_factory=dict)
     examples: tuple[StaleLeaf, ...] = ()
+    keys: npt.NDArray[np.int64] = field(default_factory=_no_keys)
 
     @property
     def clean(self) -> bool:
         return self.count == 0
 
 
-def find_stale(store: EptStore, expected: IntervalMap, vcpu: int) -> StaleReport:
-    """Compare every present leaf against ``expected`` (leaf bytes a fresh fault would write)."""
+def find_stale(
+    store: EptStore, expected: IntervalMap, vcpu: int, examples: int = EXAMPLES
+) -> StaleReport:
+    """Compare every present leaf against ``expected`` (leaf bytes a fresh fault would write).
+
+    The report lists up to ``examples`` stale leaves, lowest gfn first.
+    """
     by_level = dict.fromkeys(LEAF_LEVELS_DESCENDING, 0)
-    examples: list[StaleLeaf] = []
+    listed: list[StaleLeaf] = []
+    keys = [_no_keys()]
     for level, gfns, have in store.leaves():
         uniform, want = expected.uniform(gfns, level.pages)
         stale = ~uniform | (want != have)
         by_level[level] = int(np.count_nonzero(stale))
-        for i in np.flatnonzero(stale)[:EXAMPLES].tolist():
+        keys.append((gfns[stale] << 16) | (int(level) << 8) | have[stale].astype(np.int64))
+        for i in np.flatnonzero(stale)[:examples].tolist():
             wanted = int(want[i])
-            examples.append(
+            listed.append(
                 StaleLeaf(
                     level,
                     int(gfns[i]),
@@ -71,5 +87,11 @@ def find_stale(store: EptStore, expected: IntervalMap, vcpu: int) -> StaleReport
                     mixed=not bool(uniform[i]),
                 )
             )
-    examples.sort(key=lambda leaf: leaf.base_gfn)
-    return StaleReport(vcpu, sum(by_level.values()), by_level, tuple(examples[:EXAMPLES]))
+    listed.sort(key=lambda leaf: leaf.base_gfn)
+    return StaleReport(
+        vcpu,
+        sum(by_level.values()),
+        by_level,
+        tuple(listed[:examples]),
+        np.sort(np.concatenate(keys)),
+    )

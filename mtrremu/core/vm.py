@@ -37,7 +37,7 @@ from mtrremu.core.events import (
 from mtrremu.core.fault import FaultPlan, FaultView, Memslots
 from mtrremu.core.memtype import Profile
 from mtrremu.core.observer import NULL_OBSERVER, Observer
-from mtrremu.core.oracle import StaleReport, find_stale
+from mtrremu.core.oracle import EXAMPLES, StaleReport, find_stale
 from mtrremu.core.strategy import NO_ZAP, VmView, ZapDecision, ZapStrategy
 from mtrremu.core.units import PAGE_SHIFT, U64_MASK, GfnRange
 from mtrremu.core.vcpu import VCpu
@@ -125,17 +125,23 @@ class Vm:
         if self._observer.active:
             self._observer.zap_executed(self.vm_id, rng, outcome)
 
-    def _finish(self, result: EventResult) -> EventResult:
+    def _finish(self, result: EventResult, *, faulted_vcpu: int | None = None) -> EventResult:
+        """Account the event, then tell observers (state is consistent by then)."""
         with self._vm_lock:
             self.counters.add(result.counters)
         if self._observer.active:
+            if faulted_vcpu is not None:
+                self._observer.fault(self.vm_id, faulted_vcpu, result)
             self._observer.event_handled(self.vm_id, result)
         return result
 
     def _decide(
         self, result: EventResult, decide: Callable[[], ZapDecision], defer_drain: bool
     ) -> None:
-        result.zap = self._engine.execute(decide(), result.counters, defer_drain=defer_drain)
+        """Ask the strategy; anything but :data:`NO_ZAP` goes to the engine and the result."""
+        decision = decide()
+        if decision != NO_ZAP:
+            result.zap = self._engine.execute(decision, result.counters, defer_drain=defer_drain)
 
     def fault_view(self, vcpu: VCpu) -> FaultView:
         return FaultView(
@@ -278,9 +284,7 @@ class Vm:
         counters.faults += 1
         counters.refaults += int(refault)
         result.access = AccessInfo(AccessKind.FAULT, Mapping(level, base, memtype), refault)
-        if self._observer.active:
-            self._observer.fault(self.vm_id, vcpu, result)
-        return self._finish(result)
+        return self._finish(result, faulted_vcpu=vcpu)
 
     def fault_range(self, vcpu: int, start: int, end: int) -> EventResult:
         """The guest touching every page of gfns ``[start, end)`` in order (vectorised).
@@ -302,9 +306,7 @@ class Vm:
         result.counters.add_populate(outcome)
         result.counters.hits += inside - outcome.faults
         result.populate = PopulateInfo(outcome, inside - outcome.faults, (end - start) - inside)
-        if self._observer.active:
-            self._observer.fault(self.vm_id, vcpu, result)
-        return self._finish(result)
+        return self._finish(result, faulted_vcpu=vcpu if outcome.faults else None)
 
     # -- non-coherent DMA ------------------------------------------------------------------
 
@@ -324,12 +326,16 @@ class Vm:
             self._dma += delta
             transition = self._dma == (1 if delta > 0 else 0)
             result.value = self._dma
-        decision = NO_ZAP
         if transition and self.config.tdp:
-            decision = self.strategy.on_dma_transition(self.view(), delta > 0)
             result.counters.dma_zap_events += 1
-        # DMA transitions are counted apart from the cover letter's "zap cnt" events.
-        result.zap = self._engine.execute(replace(decision, zap_event=False), result.counters)
+            # DMA transitions are counted apart from the cover letter's "zap cnt" events.
+            self._decide(
+                result,
+                lambda: replace(
+                    self.strategy.on_dma_transition(self.view(), delta > 0), zap_event=False
+                ),
+                defer_drain=False,
+            )
         return self._finish(result)
 
     # -- dispatch and bursts ---------------------------------------------------------------
@@ -374,13 +380,13 @@ class Vm:
 
     # -- the oracle ------------------------------------------------------------------------
 
-    def stale(self, vcpu: int) -> StaleReport:
-        """Stale leaves with respect to ``vcpu`` (semantics.md §9)."""
+    def stale(self, vcpu: int, examples: int = EXAMPLES) -> StaleReport:
+        """Stale leaves with respect to ``vcpu`` (semantics.md §9), listing up to ``examples``."""
         vc = self.vcpu(vcpu)
         with vc.lock:
             expected = self.plan(vc).values
             with self._mmu_lock:
-                return find_stale(self.store, expected, vcpu)
+                return find_stale(self.store, expected, vcpu, examples)
 
     def quiescent(self) -> bool:
         """Every vCPU holds the same MTRRs and CR0.CD."""

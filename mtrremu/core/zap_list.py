@@ -68,6 +68,7 @@ class ZapList:
         self._flag_cleared = threading.Condition(self._lock)
         self._queue: list[Ticket] = []
         self._zapping = False
+        self._waiting = 0
         self._fail_after: int | None = None
         self._fail_count = 0
 
@@ -156,12 +157,20 @@ class ZapList:
             self._zapping = False
             self._flag_cleared.notify_all()
 
+    @property
+    def waiting(self) -> int:
+        """How many vCPUs are waiting for a drain right now."""
+        with self._lock:
+            return self._waiting
+
     def wait(self, counters: Counters) -> None:
         """Wait until the vCPU holding the flag clears it."""
         counters.waits += 1
         with self._lock:
+            self._waiting += 1
             while self._zapping:
                 self._flag_cleared.wait()
+            self._waiting -= 1
 
     def drain_or_wait(self, counters: Counters) -> Role:
         """Patch 9's ``kvm_zap_or_wait_mtrr_zap_list``."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import itertools
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -30,6 +31,7 @@ from mtrremu.plugin.records import StrategySpec
 ENTRY_POINT_GROUP = "mtrremu"
 BUILTIN_PLUGINS = ("mtrremu_strategies.kvm_releases", "mtrremu_strategies.series")
 _OBSERVER_HOOKS = ("mtrremu_zap_executed", "mtrremu_fault", "mtrremu_event_handled")
+_log = logging.getLogger(__name__)
 
 
 def _own_version() -> str:
@@ -54,51 +56,80 @@ class RegisteredStrategy:
 
 
 class _PluggyObserver:
-    """Forwards the core's observer calls to the observer hooks."""
+    """Forwards the core's observer calls to the observer hooks that have implementations.
+
+    An observer that raises is a plugin bug: it is logged and the emulator carries on, so a
+    tracing plugin can never leave a VM half-updated (or a zap list claimed forever).
+    """
 
     active = True
 
     def __init__(self, hook: pluggy.HookRelay) -> None:
         self._hook = hook
+        self._has = {name: bool(getattr(hook, name).get_hookimpls()) for name in _OBSERVER_HOOKS}
+
+    def _call(self, name: str, **kwargs: object) -> None:
+        if not self._has[name]:
+            return
+        try:
+            getattr(self._hook, name)(**kwargs)
+        except Exception:
+            _log.exception("observer hook %s raised; the event itself completed", name)
 
     def zap_executed(self, vm_id: str, rng: GfnRange, outcome: ZapOutcome) -> None:
-        self._hook.mtrremu_zap_executed(vm_id=vm_id, rng=rng, outcome=outcome)
+        self._call("mtrremu_zap_executed", vm_id=vm_id, rng=rng, outcome=outcome)
 
     def fault(self, vm_id: str, vcpu: int, result: EventResult) -> None:
-        self._hook.mtrremu_fault(vm_id=vm_id, vcpu=vcpu, result=result)
+        self._call("mtrremu_fault", vm_id=vm_id, vcpu=vcpu, result=result)
 
     def event_handled(self, vm_id: str, result: EventResult) -> None:
-        self._hook.mtrremu_event_handled(vm_id=vm_id, result=result)
+        self._call("mtrremu_event_handled", vm_id=vm_id, result=result)
 
 
 class PluginManager:
-    """The registry of strategies and observers for one process (or one test)."""
+    """The registry of strategies and observers for one process (or one test).
+
+    ``plugins`` are registered after the built-ins and before entry points; they are credited
+    to no distribution (``(unpackaged)``).
+    """
 
     def __init__(
         self, *, entry_points: bool = True, plugins: Sequence[object | ModuleType] = ()
     ) -> None:
         self._pm = pluggy.PluginManager("mtrremu")
         self._pm.add_hookspecs(hookspecs)
+        self._origin: dict[str, tuple[str, str]] = {}
         for module in BUILTIN_PLUGINS:
             self._pm.register(importlib.import_module(module), name=module)
+            self._origin[module] = ("mtrremu", _own_version())
         for plugin in plugins:
-            self._pm.register(plugin)
+            name = self._pm.register(plugin)
+            if name is not None:
+                self._origin[name] = ("(unpackaged)", "")
         if entry_points:
-            self._pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+            self._load_entry_points()
         self._pm.check_pending()
         self._strategies = self._collect()
         self._ids = itertools.count(1)
 
-    def _distribution(self, plugin: object) -> tuple[str, str]:
-        for candidate, dist in self._pm.list_plugin_distinfo():
-            if candidate is plugin:
-                return str(dist.project_name), str(dist.version)
-        return "mtrremu", _own_version()
+    def _load_entry_points(self) -> None:
+        """Register every plugin of the entry-point group; a name clash is an error (pluggy's
+        own loader would silently skip the second one)."""
+        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            dist = (ep.dist.name, ep.dist.version) if ep.dist else ("(unknown)", "")
+            if ep.name in self._origin:
+                other = self._origin[ep.name]
+                raise PluginConflict(
+                    f"plugin name {ep.name!r} of {dist[0]} {dist[1]} is already taken by "
+                    f"{other[0]} {other[1]}"
+                )
+            self._pm.register(ep.load(), name=ep.name)
+            self._origin[ep.name] = dist
 
     def _collect(self) -> dict[str, RegisteredStrategy]:
         found: dict[str, RegisteredStrategy] = {}
         for impl in self._pm.hook.mtrremu_strategies.get_hookimpls():
-            distribution, version = self._distribution(impl.plugin)
+            distribution, version = self._origin.get(impl.plugin_name, ("(unpackaged)", ""))
             specs = impl.function()
             if not isinstance(specs, Iterable):
                 raise TypeError(
@@ -152,6 +183,9 @@ class PluginManager:
         """A VM using the named strategy, built once and called directly by the VM."""
         registered = self.strategy(strategy)
         options = dict(options or {})
+        bad = sorted(k for k, v in options.items() if not isinstance(v, str))
+        if bad:
+            raise InvalidArgument(f"strategy option values must be strings: {', '.join(bad)}")
         unknown = sorted(set(options) - set(registered.spec.options))
         if unknown:
             accepted = ", ".join(sorted(registered.spec.options)) or "none"
@@ -163,7 +197,7 @@ class PluginManager:
             config or VmConfig(),
             registered.spec.factory(options),
             registered.spec.profile,
-            vm_id=vm_id or f"vm-{next(self._ids)}",
+            vm_id=f"vm-{next(self._ids)}" if vm_id is None else vm_id,
             strategy_name=strategy,
             observer=self.observer(),
         )

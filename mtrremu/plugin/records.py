@@ -12,7 +12,7 @@ from mtrremu.core.strategy import ZapStrategy
 #: Builds one VM's strategy object from its (already validated) options.
 StrategyFactory = Callable[[Mapping[str, str]], ZapStrategy]
 
-_NAME = re.compile(r"^[a-z0-9][a-z0-9.\-]*$")
+_NAME = re.compile(r"[a-z0-9][a-z0-9.\-]*")
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class StrategySpec:
     options: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not _NAME.match(self.name):
+        if not _NAME.fullmatch(self.name):
             raise ValueError(
                 f"strategy name {self.name!r} must be lower-case letters, digits, '.' and '-'"
             )

@@ -1,0 +1,342 @@
+"""Random event sequences against the staleness oracle (semantics.md §9), through every strategy.
+
+**The protocol**: every range-MSR write (guest or host-initiated) is made while the writer has
+CD=1 or E=0; no host CR0 writes, RESET or INIT; static memslots; the default zap list. Under
+it, ``zap-all``, ``zap-all-serialized``, ``fine-grained`` and ``fine-grained-split`` must
+satisfy:
+
+1. with one vCPU, no leaf is stale after any event;
+2. with several vCPUs, once a final sequence of protocol events brings every vCPU to the same
+   MTRRs with CD=0, nothing is stale for any vCPU.
+
+**Outside the protocol** (one vCPU, every strategy), each event that makes new leaves stale is
+attributed to a cause; every cause must be one of the known, documented ones (each has a
+focused test in ``test_staleness_causes.py``). An unknown cause fails the test with a minimal
+event sequence.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+import numpy.typing as npt
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from mtrremu.core import msrs
+from mtrremu.core.config import Memslot, MemslotKind
+from mtrremu.core.errors import FailedPrecondition, RejectedHostWrite
+from mtrremu.core.events import EventResult
+from mtrremu.core.vm import Vm
+from tests.helpers import ALL_STRATEGIES, CD0, CD1, GIB, KIB, MIB, SERIES, gfn, make_vm, var_mask
+
+SLOTS = (
+    Memslot.from_bytes(0, 640 * KIB),
+    Memslot.from_bytes(MIB, 2 * GIB - MIB),
+    Memslot.from_bytes(0xE0000000, 16 * MIB, MemslotKind.DEVICE),
+    Memslot.from_bytes(4 * GIB, 4 * GIB),
+)
+TYPES = st.sampled_from([0, 1, 4, 5, 6])
+DEFTYPES = st.one_of(
+    st.sampled_from([0xC06, 0x806, 0xC00, 0x006, 0x000]),  # what firmware and Linux write
+    st.builds(lambda e, fe, t: (e << 11) | (fe << 10) | t, st.booleans(), st.booleans(), TYPES),
+    st.sampled_from([0x300, 0xC02, 1 << 12]),  # refused: reserved bits, illegal type
+)
+FIXED_MSRS = (0x250, 0x258, 0x259, 0x268, 0x26F)
+FIXED_VALUES = st.one_of(
+    TYPES.map(lambda t: int.from_bytes(bytes([t] * 8), "little")),
+    st.lists(TYPES, min_size=8, max_size=8).map(lambda b: int.from_bytes(bytes(b), "little")),
+    st.just(0x0202020202020202),
+)
+BASES = (0, MIB, 2 * MIB, GIB, 2 * GIB, 3 * GIB, 0xE0000000, 4 * GIB, 6 * GIB, 0x1234000)
+SIZES = (4 * KIB, MIB, 2 * MIB, 256 * MIB, GIB, 2 * GIB, 4 * GIB, 8 * GIB)
+BASE_VALUES = st.one_of(
+    st.builds(lambda b, t: b | t, st.sampled_from(BASES), TYPES),
+    st.sampled_from([0x100 | 6, 1 << 40]),  # refused
+)
+MASK_VALUES = st.one_of(
+    st.builds(
+        lambda s, v: var_mask(s) & ~(0 if v else msrs.PHYSMASK_VALID),
+        st.sampled_from(SIZES),
+        st.booleans(),
+    ),
+    st.just(0),
+    st.sampled_from([1, 1 << 41]),  # refused
+)
+RANGE_WRITES = st.one_of(
+    st.tuples(st.sampled_from(FIXED_MSRS), FIXED_VALUES),
+    st.tuples(st.integers(0, 3).map(lambda p: msrs.PHYSBASE0 + 2 * p), BASE_VALUES),
+    st.tuples(st.integers(0, 3).map(lambda p: msrs.PHYSBASE0 + 2 * p + 1), MASK_VALUES),
+)
+GPAS = (0, 0x9F000, 0xC0000, 0xFF000, MIB, 2 * MIB - 4 * KIB, 2 * MIB, GIB, 2 * GIB - 4 * KIB)
+GPAS2 = (0xE0000000, 0xE0200000, 4 * GIB, 5 * GIB, 6 * GIB + 2 * MIB, 8 * GIB - 4 * KIB, 3 * GIB)
+GFNS = st.one_of(
+    st.sampled_from(GPAS).map(gfn),
+    st.sampled_from(GPAS2).map(gfn),
+    st.integers(0, gfn(8 * GIB) - 1),
+)
+LENGTHS = st.sampled_from([1, 300, 512, 2048, gfn(64 * MIB), gfn(2 * GIB)])
+CR0_VALUES = st.one_of(st.sampled_from([CD0, CD1]), st.sampled_from([CD0 | (1 << 29), 1 << 32]))
+VCPU_INDEX = st.integers(0, 7)
+
+
+class MemtypeMachine(RuleBasedStateMachine):
+    """Drives one VM; subclasses fix the strategy, vCPU count and whether the protocol holds."""
+
+    strategy: ClassVar[str] = "fine-grained"
+    vcpus: ClassVar[int] = 1
+    protocol: ClassVar[bool] = True
+    #: Causes of new staleness seen outside the protocol, per strategy (for the report).
+    seen_causes: ClassVar[dict[str, set[str]]] = {}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.vm: Vm = make_vm(self.strategy, vcpus=self.vcpus, memslots=SLOTS)
+
+    # -- bookkeeping -------------------------------------------------------------------
+
+    @property
+    def checks_every_event(self) -> bool:
+        return self.protocol and self.vcpus == 1 and self.strategy in SERIES
+
+    @property
+    def attributes_causes(self) -> bool:
+        return not self.protocol and self.vcpus == 1
+
+    def _stale(self) -> npt.NDArray[np.int64]:
+        return self.vm.stale(0, examples=0).keys
+
+    def _event(self, cause: str, run: object) -> None:
+        """Run one event; outside the protocol, attribute any new staleness to ``cause``."""
+        before = self._stale() if self.attributes_causes else None
+        assert callable(run)
+        run()
+        if before is not None:
+            new = np.setdiff1d(self._stale(), before)
+            if len(new):
+                self.seen_causes.setdefault(self.strategy, set()).add(cause)
+                assert cause != "unknown", f"{self.strategy}: unexplained stale leaves {new}"
+
+    def _vcpu(self, index: int) -> int:
+        return index % self.vcpus
+
+    def _e_and_cd(self, vcpu: int) -> tuple[bool, bool]:
+        vc = self.vm.vcpus[vcpu]
+        return vc.mtrr.enabled, vc.cd
+
+    def _range_write_cause(self, vcpu: int, msr: int) -> str:
+        enabled, cd = self._e_and_cd(vcpu)
+        if msrs.is_var_msr(msr) and enabled and (not cd or self.strategy in ("kvm-6.5", "kvm-6.7")):
+            return "variable range changed while E=1 and CD=0: zapped only at its new span"
+        return "unknown"
+
+    def _enter_protocol(self, vcpu: int) -> None:
+        """Under the protocol a range write needs CD=1 or E=0: set CD first, as firmware does."""
+        enabled, cd = self._e_and_cd(vcpu)
+        if self.protocol and enabled and not cd:
+            self._guest_cr0(vcpu, CD1)
+
+    def _guest_cr0(self, vcpu: int, value: int) -> None:
+        cause = "unknown"
+        if self.strategy in ("kvm-6.5", "kvm-6.7") and self.vm.config.quirk_cd_nw_cleared:
+            cause = "released KVM does not zap on a CD toggle with the quirk on"
+        self._event(cause, lambda: self.vm.write_cr0(vcpu, value))
+
+    # -- a plausible starting point --------------------------------------------------------
+
+    @initialize(
+        fixed=st.lists(
+            FIXED_VALUES.filter(lambda v: v != 0x0202020202020202), min_size=5, max_size=5
+        ),
+        ranges=st.lists(
+            st.tuples(st.sampled_from(BASES), st.sampled_from(SIZES), TYPES), max_size=3
+        ),
+        deftype=st.sampled_from([0xC06, 0xC06, 0x806, 0xC00, 0x006]),
+        cd0=st.lists(st.booleans(), min_size=8, max_size=8),
+    )
+    def firmware(
+        self,
+        fixed: list[int],
+        ranges: list[tuple[int, int, int]],
+        deftype: int,
+        cd0: list[bool],
+    ) -> None:
+        """Firmware-like MTRRs pushed by the host at reset (CD=1), then CD cleared on some
+        vCPUs by the guest, and memory touched: all protocol events."""
+        for vcpu in range(self.vcpus):
+            for msr, value in zip(FIXED_MSRS, fixed, strict=True):
+                self.vm.write_msr(vcpu, msr, value, host=True)
+            for pair, (base, size, mtype) in enumerate(ranges):
+                self.vm.write_msr(vcpu, msrs.PHYSBASE0 + 2 * pair, (base & ~(size - 1)) | mtype)
+                self.vm.write_msr(vcpu, msrs.PHYSBASE0 + 2 * pair + 1, var_mask(size))
+            self.vm.write_msr(vcpu, msrs.DEFTYPE, deftype, host=True)
+            if cd0[vcpu]:
+                self.vm.write_cr0(vcpu, CD0)
+        for slot in SLOTS:
+            self.vm.fault_range(0, slot.base_gfn, min(slot.end_gfn, slot.base_gfn + 4096))
+
+    # -- rules -------------------------------------------------------------------------
+
+    @rule(index=VCPU_INDEX, write=RANGE_WRITES, host=st.booleans())
+    def write_range(self, index: int, write: tuple[int, int], host: bool) -> None:
+        msr, value = write
+        self._range_write(self._vcpu(index), msr, value, host)
+
+    def _range_write(self, vcpu: int, msr: int, value: int, host: bool) -> None:
+        self._enter_protocol(vcpu)
+        cause = self._range_write_cause(vcpu, msr)
+        self._write_msr(vcpu, msr, value, host, cause)
+
+    def _write_msr(self, vcpu: int, msr: int, value: int, host: bool, cause: str) -> None:
+        version = self.vm.vcpus[vcpu].mtrr.version
+
+        def run() -> None:
+            try:
+                result = self.vm.write_msr(vcpu, msr, value, host=host)
+            except RejectedHostWrite:
+                assert host
+                assert self.vm.vcpus[vcpu].mtrr.version == version
+                return
+            if result.gp is not None:
+                assert not host and self.vm.vcpus[vcpu].mtrr.version == version
+            assert self.vm.zap_list.queued() == []
+
+        self._event(cause, run)
+
+    @rule(index=VCPU_INDEX, value=DEFTYPES, host=st.booleans())
+    def write_deftype(self, index: int, value: int, host: bool) -> None:
+        self._write_msr(self._vcpu(index), msrs.DEFTYPE, value, host, "unknown")
+
+    @rule(index=VCPU_INDEX, value=st.sampled_from([msrs.PAT_DEFAULT, 0x0606060606060606]))
+    def write_pat(self, index: int, value: int) -> None:
+        self._write_msr(self._vcpu(index), msrs.PAT, value, False, "unknown")
+
+    @rule(index=VCPU_INDEX, value=CR0_VALUES)
+    def guest_cr0(self, index: int, value: int) -> None:
+        self._guest_cr0(self._vcpu(index), value)
+
+    @rule(index=VCPU_INDEX, page=GFNS)
+    def access(self, index: int, page: int) -> None:
+        vcpu = self._vcpu(index)
+        self._event("unknown", lambda: self._check_access(self.vm.access(vcpu, page)))
+
+    def _check_access(self, result: EventResult) -> None:
+        assert result.access is not None
+
+    @rule(index=VCPU_INDEX, start=GFNS, length=LENGTHS)
+    def fault_range(self, index: int, start: int, length: int) -> None:
+        end = min(start + length, gfn(1 << 40))
+        vcpu = self._vcpu(index)
+        self._event("unknown", lambda: self.vm.fault_range(vcpu, start, end))
+
+    @rule(attach=st.booleans())
+    def dma(self, attach: bool) -> None:
+        def run() -> None:
+            if attach:
+                self.vm.attach_dma()
+                return
+            try:
+                self.vm.detach_dma()
+            except FailedPrecondition:
+                assert self.vm.noncoherent_dma == 0
+
+        self._event("unknown", run)
+
+    # -- outside the protocol only -------------------------------------------------------
+
+    @precondition(lambda self: not self.protocol)
+    @rule(index=VCPU_INDEX, value=st.sampled_from([CD0, CD1]))
+    def host_cr0(self, index: int, value: int) -> None:
+        vcpu = self._vcpu(index)
+        cause = "host CR0 writes never zap"
+        self._event(cause, lambda: self.vm.write_cr0(vcpu, value, host=True))
+
+    @precondition(lambda self: not self.protocol)
+    @rule(index=VCPU_INDEX, reset=st.booleans())
+    def reset_or_init(self, index: int, reset: bool) -> None:
+        vcpu = self._vcpu(index)
+        if reset:
+            self._event("RESET never zaps", lambda: self.vm.reset(vcpu))
+        else:
+            self._event("unknown", lambda: self.vm.init(vcpu))
+
+    # -- convergence (several vCPUs under the protocol) -----------------------------------
+
+    @precondition(lambda self: self.protocol and self.vcpus > 1)
+    @rule(
+        deftype=st.sampled_from([0xC06, 0x806, 0xC00, 0x006]),
+        uc_base=st.sampled_from([3 * GIB, 2 * GIB, 0xE0000000]),
+        fixed=FIXED_VALUES.filter(lambda v: v != 0x0202020202020202),
+    )
+    def converge(self, deftype: int, uc_base: int, fixed: int) -> None:
+        """Bring every vCPU to the same MTRRs with CD=0 through protocol events only."""
+        final = {msr: 0 for msr in msrs.VAR_MSRS}
+        final.update({msr: fixed for msr in msrs.FIXED_MSRS})
+        final[msrs.PHYSBASE0] = uc_base
+        final[msrs.PHYSBASE0 + 1] = var_mask(256 * MIB)
+        final[msrs.PHYSBASE0 + 2] = 6
+        final[msrs.PHYSBASE0 + 3] = var_mask(8 * GIB)
+        for vcpu in range(self.vcpus):
+            self.vm.write_cr0(vcpu, CD1)
+            for msr, value in final.items():
+                assert self.vm.write_msr(vcpu, msr, value).gp is None
+            assert self.vm.write_msr(vcpu, msrs.DEFTYPE, deftype).gp is None
+            self.vm.write_cr0(vcpu, CD0)
+        assert self.vm.quiescent()
+        report = self.vm.stale_at_quiescence()
+        assert report is not None
+        if self.strategy in SERIES:
+            assert report.clean, f"stale at quiescence: {[str(e) for e in report.examples]}"
+
+    # -- invariants --------------------------------------------------------------------
+
+    @invariant()
+    def nothing_stale_after_any_event(self) -> None:
+        if self.checks_every_event:
+            report = self.vm.stale(0)
+            assert report.clean, f"stale: {[str(e) for e in report.examples]}"
+
+    @invariant()
+    def store_accounts_for_its_leaves(self) -> None:
+        listed = sum(len(gfns) for _, gfns, _ in self.vm.store.leaves())
+        assert listed == self.vm.store.leaf_total
+        assert self.vm.zap_list.queued() == []
+
+
+SETTINGS = settings(
+    max_examples=100,
+    stateful_step_count=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+
+
+def _machine(strategy: str, vcpus: int, protocol: bool) -> type[MemtypeMachine]:
+    mode = "Protocol" if protocol else "Free"
+    name = f"{mode}_{strategy.replace('-', '_').replace('.', '')}_{vcpus}"
+    return type(
+        name, (MemtypeMachine,), {"strategy": strategy, "vcpus": vcpus, "protocol": protocol}
+    )
+
+
+def _test_case(machine: type[MemtypeMachine]) -> type:
+    case = machine.TestCase
+    case.settings = SETTINGS
+    return case
+
+
+# Protocol, one vCPU: every event is checked (assertions for the four series strategies).
+# Protocol, three vCPUs: convergence is checked. Outside the protocol: causes are attributed.
+_globals = globals()
+for _strategy in ALL_STRATEGIES:
+    for _vcpus, _protocol in ((1, True), (3, True), (1, False)):
+        _m = _machine(_strategy, _vcpus, _protocol)
+        _globals[f"Test{_m.__name__}"] = _test_case(_m)
