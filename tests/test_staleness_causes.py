@@ -18,22 +18,36 @@ from __future__ import annotations
 import pytest
 
 from mtrremu.core import msrs
+from mtrremu.core.events import EventResult, Mapping
 from mtrremu.core.memtype import WB_IPAT, WB_NO_IPAT, EptMemtype
 from mtrremu.core.memtypes import MemType
 from mtrremu.core.units import Level
+from mtrremu.core.vm import Vm
 from tests.helpers import ALL_STRATEGIES, CD0, CD1, GIB, SERIES, gfn, make_vm, set_deftype, set_var
 
 UC = EptMemtype(MemType.UC, ipat=False)
 PAGE = gfn(3 * GIB + 0x5000)
 
 
-@pytest.mark.parametrize("strategy", [s for s in ALL_STRATEGIES if s != "kvm-6.11"])
-def test_a_range_moved_with_e1_and_cd0_is_zapped_only_at_its_new_span(strategy: str) -> None:
+def uc_hole(strategy: str, *, cd0: bool = True) -> Vm:
+    """MTRRs enabled, WB default, UC over [3 GiB, 4 GiB); CR0.CD cleared by the host."""
     vm = make_vm(strategy)
     set_var(vm, 0, 0, 3 * GIB, GIB, MemType.UC)
     set_deftype(vm, 0, 0xC06)
-    vm.write_cr0(0, CD0, host=True)
-    assert vm.access(0, PAGE).access.mapping.memtype == UC  # type: ignore[union-attr]
+    if cd0:
+        vm.write_cr0(0, CD0, host=True)
+    return vm
+
+
+def mapping(result: EventResult) -> Mapping:
+    assert result.access is not None and result.access.mapping is not None
+    return result.access.mapping
+
+
+@pytest.mark.parametrize("strategy", [s for s in ALL_STRATEGIES if s != "kvm-6.11"])
+def test_a_range_moved_with_e1_and_cd0_is_zapped_only_at_its_new_span(strategy: str) -> None:
+    vm = uc_hole(strategy)
+    assert mapping(vm.access(0, PAGE)).memtype == UC
     # Move the UC pair to 1 GiB: KVM zaps [1 GiB, 2 GiB) only.
     result = vm.write_msr(0, msrs.PHYSBASE0, GIB | MemType.UC)
     assert result.zap is not None and [r.start for r in result.zap.requested] == [gfn(GIB)]
@@ -50,10 +64,7 @@ def test_a_range_moved_with_e1_and_cd0_is_zapped_only_at_its_new_span(strategy: 
 
 @pytest.mark.parametrize("strategy", SERIES)
 def test_the_same_move_under_cd1_is_caught_by_the_cd_clear(strategy: str) -> None:
-    vm = make_vm(strategy)
-    set_var(vm, 0, 0, 3 * GIB, GIB, MemType.UC)
-    set_deftype(vm, 0, 0xC06)
-    vm.write_cr0(0, CD0, host=True)
+    vm = uc_hole(strategy)
     vm.access(0, PAGE)
     vm.write_cr0(0, CD1)  # the protocol: change ranges with CD=1
     vm.write_msr(0, msrs.PHYSBASE0, GIB | MemType.UC)
@@ -63,10 +74,7 @@ def test_the_same_move_under_cd1_is_caught_by_the_cd_clear(strategy: str) -> Non
 
 @pytest.mark.parametrize("strategy", ALL_STRATEGIES)
 def test_host_cr0_writes_change_cd_without_a_zap(strategy: str) -> None:
-    vm = make_vm(strategy)
-    set_var(vm, 0, 0, 3 * GIB, GIB, MemType.UC)
-    set_deftype(vm, 0, 0xC06)
-    vm.write_cr0(0, CD0, host=True)
+    vm = uc_hole(strategy)
     vm.access(0, PAGE)
     vm.write_cr0(0, CD1, host=True)  # KVM_SET_SREGS: no zap
     report = vm.stale(0)
@@ -80,10 +88,7 @@ def test_host_cr0_writes_change_cd_without_a_zap(strategy: str) -> None:
 
 @pytest.mark.parametrize("strategy", ALL_STRATEGIES)
 def test_reset_sets_cd_without_a_zap(strategy: str) -> None:
-    vm = make_vm(strategy)
-    set_var(vm, 0, 0, 3 * GIB, GIB, MemType.UC)
-    set_deftype(vm, 0, 0xC06)
-    vm.write_cr0(0, CD0, host=True)
+    vm = uc_hole(strategy)
     vm.access(0, PAGE)
     assert vm.reset(0).zap is None
     assert vm.stale(0).count == (0 if strategy == "kvm-6.11" else 1)
@@ -94,9 +99,7 @@ def test_kvm_6_5_keeps_ipat_leaves_made_under_cd1_after_cd_clears() -> None:
     zap, and a fresh fault would give WB without IPAT."""
     vm = make_vm("kvm-6.5")
     set_deftype(vm, 0, 0xC06)
-    first = vm.access(0, PAGE)
-    assert first.access is not None and first.access.mapping is not None
-    assert first.access.mapping.memtype == WB_IPAT
+    assert mapping(vm.access(0, PAGE)).memtype == WB_IPAT
     assert vm.write_cr0(0, CD0).zap is None
     report = vm.stale(0)
     assert report.count == 1
@@ -106,13 +109,9 @@ def test_kvm_6_5_keeps_ipat_leaves_made_under_cd1_after_cd_clears() -> None:
 def test_kvm_6_7_keeps_wb_leaves_over_a_uc_range_after_cd_clears() -> None:
     """The second flaw: 6.7 dropped IPAT for CD=1 but still does not zap on CD 1→0 with the
     quirk on, so WB faulted while CD=1 survives inside a UC MTRR range."""
-    vm = make_vm("kvm-6.7")
-    set_var(vm, 0, 0, 3 * GIB, GIB, MemType.UC)
-    set_deftype(vm, 0, 0xC06)
-    first = vm.access(0, PAGE)
-    assert first.access is not None and first.access.mapping is not None
-    assert first.access.mapping.memtype == WB_NO_IPAT
-    assert first.access.mapping.level is Level.G1
+    vm = uc_hole("kvm-6.7", cd0=False)
+    first = mapping(vm.access(0, PAGE))
+    assert (first.memtype, first.level) == (WB_NO_IPAT, Level.G1)
     vm.write_cr0(0, CD0)
     report = vm.stale(0)
     assert report.count == 1
@@ -121,9 +120,7 @@ def test_kvm_6_7_keeps_wb_leaves_over_a_uc_range_after_cd_clears() -> None:
 
 @pytest.mark.parametrize("strategy", SERIES)
 def test_the_series_zaps_those_leaves_on_cd_clear(strategy: str) -> None:
-    vm = make_vm(strategy)
-    set_var(vm, 0, 0, 3 * GIB, GIB, MemType.UC)
-    set_deftype(vm, 0, 0xC06)
+    vm = uc_hole(strategy, cd0=False)
     vm.access(0, PAGE)
     vm.write_cr0(0, CD0)
     assert vm.stale(0).clean
@@ -138,7 +135,7 @@ def test_fine_grained_reads_only_the_toggling_vcpus_mtrrs(strategy: str, survive
     for vcpu in (0, 1):
         set_deftype(vm, vcpu, 0xC06)
         vm.write_cr0(vcpu, CD0)
-    assert vm.access(0, PAGE).access.mapping.memtype == UC  # type: ignore[union-attr]
+    assert mapping(vm.access(0, PAGE)).memtype == UC
     result = vm.write_cr0(1, CD1)
     assert result.zap is not None
     assert vm.stale(0).clean

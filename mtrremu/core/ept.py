@@ -130,6 +130,17 @@ class PopulatePlan(Protocol):
         ...
 
 
+class _LevelStep(Protocol):
+    def __call__(
+        self,
+        level: Level,
+        tables: npt.NDArray[np.int32],
+        base: Int64Array,
+        lo: Int64Array,
+        hi: Int64Array,
+    ) -> list[npt.NDArray[np.int32]]: ...
+
+
 class _Pool:
     """The tables of one level."""
 
@@ -331,40 +342,57 @@ class EptStore:
         hi = np.clip(((end - 1 - base) >> level.shift) + 1, 0, ENTRIES_PER_TABLE)
         return base, lo, hi
 
+    def _walk(self, start: int, end: int, step: _LevelStep) -> None:
+        """Walk the tree level by level over the tables overlapping ``[start, end)``.
+
+        ``step`` gets one level's tables, their base gfns and the ``[lo, hi)`` entry indices
+        overlapping the range, and returns the child tables to walk next. The walk stops at
+        the 48-bit space.
+        """
+        end = min(end, EPT_GFN_LIMIT)
+        if end <= start:
+            return
+        tables = np.zeros(1, dtype=np.int32)
+        for level in (Level.ROOT, *LEAF_LEVELS_DESCENDING):
+            if not len(tables):
+                return
+            base, lo, hi = self._rows(level, tables, start, end)
+            below = step(level, tables, base, lo, hi)
+            tables = np.concatenate(below) if below else np.zeros(0, dtype=np.int32)
+
     def zap(self, rng: GfnRange) -> ZapOutcome:
         """Remove every present leaf overlapping ``rng`` (huge leaves partly inside included).
 
         Visits, at each level, the entries of present tables whose span overlaps the range;
-        non-present entries are visited but not descended. The walk stops at the 48-bit space.
+        non-present entries are visited but not descended.
         """
         outcome = ZapOutcome()
-        start, end = rng.start, min(rng.end, EPT_GFN_LIMIT)
-        if end <= start:
-            return outcome
-        tables = np.zeros(1, dtype=np.int32)
-        for level in (Level.ROOT, *LEAF_LEVELS_DESCENDING):
-            if not len(tables):
-                break
+
+        def step(
+            level: Level,
+            tables: npt.NDArray[np.int32],
+            base: Int64Array,
+            lo: Int64Array,
+            hi: Int64Array,
+        ) -> list[npt.NDArray[np.int32]]:
             pool = self._pools[level]
-            _, lo, hi = self._rows(level, tables, start, end)
             outcome.visited[level] = int((hi - lo).sum())
             full = (lo == 0) & (hi == ENTRIES_PER_TABLE)
-            below: list[npt.NDArray[np.int32]] = []
+            blocks: list[tuple[int | slice | npt.NDArray[np.int32], slice]] = []
             if full.any():
-                block = _as_block(tables[full])
-                removed, children = self._zap_entries(pool, block, slice(None))
-                outcome.removed[level] = outcome.removed.get(level, 0) + removed
-                below.append(children)
+                blocks.append((_as_block(tables[full]), slice(None)))
             for table, first, last in zip(tables[~full], lo[~full], hi[~full], strict=True):
-                removed, children = self._zap_entries(
-                    pool, int(table), slice(int(first), int(last))
-                )
-                outcome.removed[level] = outcome.removed.get(level, 0) + removed
+                blocks.append((int(table), slice(int(first), int(last))))
+            below = []
+            for rows, cols in blocks:
+                removed, children = self._zap_entries(pool, rows, cols)
+                if removed:
+                    outcome.removed[level] += removed
+                    self._leaves[level] -= removed
                 below.append(children)
-            tables = np.concatenate(below) if below else np.zeros(0, dtype=np.int32)
-        for level in LEAF_LEVELS_DESCENDING:
-            self._leaves[level] -= outcome.removed[level]
-        outcome.removed.pop(Level.ROOT, None)
+            return below
+
+        self._walk(rng.start, rng.end, step)
         return outcome
 
     @staticmethod
@@ -392,14 +420,15 @@ class EptStore:
         :data:`SKIP` are left alone.
         """
         outcome = PopulateOutcome()
-        end = min(end, EPT_GFN_LIMIT)
-        if end <= start:
-            return outcome
-        tables = np.zeros(1, dtype=np.int32)
-        for level in (Level.ROOT, *LEAF_LEVELS_DESCENDING):
-            if not len(tables):
-                break
-            base, lo, hi = self._rows(level, tables, start, end)
+        bounds = (start, end)
+
+        def step(
+            level: Level,
+            tables: npt.NDArray[np.int32],
+            base: Int64Array,
+            lo: Int64Array,
+            hi: Int64Array,
+        ) -> list[npt.NDArray[np.int32]]:
             full = (lo == 0) & (hi == ENTRIES_PER_TABLE)
             table_pages = level.pages * ENTRIES_PER_TABLE
             first = np.searchsorted(plan.partition, base, side="right")
@@ -407,13 +436,13 @@ class EptStore:
             uniform = full & (first == last)
             below: list[npt.NDArray[np.int32]] = []
             if uniform.any():
-                rows = tables[uniform]
+                # Tables inside one segment of the plan: one answer per table.
                 codes, values = plan.classify(level, base[uniform])
-                block = _Block(level, _as_block(rows), slice(None), base[uniform][:, None])
+                block = _Block(
+                    level, _as_block(tables[uniform]), slice(None), base[uniform][:, None]
+                )
                 below.append(
-                    self._populate_entries(
-                        block, codes[:, None], values[:, None], (start, end), outcome
-                    )
+                    self._populate_entries(block, codes[:, None], values[:, None], bounds, outcome)
                 )
             for table, table_base, a, b in zip(
                 tables[~uniform], base[~uniform], lo[~uniform], hi[~uniform], strict=True
@@ -423,11 +452,11 @@ class EptStore:
                 codes, values = plan.classify(level, starts)
                 block = _Block(level, int(table), slice(int(a), int(b)), np.array([[first_gfn]]))
                 below.append(
-                    self._populate_entries(
-                        block, codes[None, :], values[None, :], (start, end), outcome
-                    )
+                    self._populate_entries(block, codes[None, :], values[None, :], bounds, outcome)
                 )
-            tables = np.concatenate(below) if below else np.zeros(0, dtype=np.int32)
+            return below
+
+        self._walk(start, end, step)
         return outcome
 
     def _populate_entries(
