@@ -14,7 +14,7 @@ from mtrremu.core import msrs
 from mtrremu.core.burst import run_burst
 from mtrremu.core.config import GIB, Memslot, VmConfig
 from mtrremu.core.counters import Counters
-from mtrremu.core.events import Op, WriteCr0, WriteMsr
+from mtrremu.core.events import Burst, Op, WriteCr0, WriteMsr
 from mtrremu.core.vm import Vm
 from mtrremu.plugin.manager import default_manager
 
@@ -60,7 +60,7 @@ def boot(vm: Vm, seed: int) -> None:
     vm.write_cr0(0, _CD0)
     for op in _seabios_mtrr_writes(0):
         vm.apply(op)
-    run_burst(vm, {ap: [WriteCr0(ap, _CD0)] for ap in vcpus if ap}, seed)
+    run_burst(vm, Burst(tuple((ap, (WriteCr0(ap, _CD0),)) for ap in vcpus if ap), seed))
     for ap in vcpus:
         if ap:
             for op in _seabios_mtrr_writes(ap):

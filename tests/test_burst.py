@@ -5,9 +5,19 @@ from __future__ import annotations
 import pytest
 
 from mtrremu.core import msrs
-from mtrremu.core.burst import run_burst
-from mtrremu.core.errors import InvalidArgument, RejectedHostWrite
-from mtrremu.core.events import Access, AttachDma, EventResult, Op, WriteCr0, WriteMsr
+from mtrremu.core.burst import execute, run_burst
+from mtrremu.core.errors import InvalidArgument, NotFound
+from mtrremu.core.events import (
+    Access,
+    AttachDma,
+    Burst,
+    BurstResult,
+    EventResult,
+    Refused,
+    VcpuOp,
+    WriteCr0,
+    WriteMsr,
+)
 from mtrremu.core.memtypes import MemType
 from mtrremu.core.vm import Vm
 from mtrremu.core.zap_list import Role
@@ -27,9 +37,18 @@ def programmed(strategy: str) -> Vm:
     return vm
 
 
-def cd_clear_burst(vm: Vm, seed: int = 1) -> dict[int, list[EventResult]]:
-    lanes: dict[int, list[Op]] = {v: [WriteCr0(v, CD0)] for v in range(VCPUS)}
-    return run_burst(vm, lanes, seed)
+def burst(lanes: dict[int, list[VcpuOp]], seed: int = 1) -> Burst:
+    return Burst(tuple((vcpu, tuple(ops)) for vcpu, ops in lanes.items()), seed)
+
+
+def results(done: BurstResult, vcpu: int) -> list[EventResult]:
+    listed = done.lanes[vcpu]
+    assert all(isinstance(r, EventResult) for r in listed)
+    return [r for r in listed if isinstance(r, EventResult)]
+
+
+def cd_clear_burst(vm: Vm, seed: int = 1) -> BurstResult:
+    return run_burst(vm, burst({v: [WriteCr0(v, CD0)] for v in range(VCPUS)}, seed))
 
 
 @pytest.mark.parametrize(
@@ -60,22 +79,23 @@ def test_a_cd_clear_burst_deduplicates_through_the_list(
 def test_the_first_requester_in_seeded_order_drains_and_others_wait() -> None:
     drainers = set()
     for seed in range(6):
-        vm = programmed("zap-all-serialized")
-        results = cd_clear_burst(vm, seed)
-        roles = {v: r[0].zap.role for v, r in results.items() if r[0].zap and r[0].zap.role}
-        assert sorted(role.value for role in roles.values()) == ["drained"] + ["waited"] * 7
-        drainers.add(next(v for v, role in roles.items() if role is Role.DRAINED))
+        done = cd_clear_burst(programmed("zap-all-serialized"), seed)
+        roles = {v: results(done, v)[0].zap for v in range(VCPUS)}
+        assert sorted(z.role.value for z in roles.values() if z and z.role) == ["drained"] + [
+            "waited"
+        ] * (VCPUS - 1)
+        drainers.add(next(v for v, z in roles.items() if z and z.role is Role.DRAINED))
     assert len(drainers) > 1  # the seed decides who drains
 
 
 def test_the_same_seed_gives_the_same_counts_and_store() -> None:
     def run(seed: int) -> tuple[dict[str, int], list[tuple[int, int]]]:
         vm = programmed("fine-grained")
-        lanes: dict[int, list[Op]] = {
+        lanes: dict[int, list[VcpuOp]] = {
             v: [WriteCr0(v, CD0), Access(v, gfn(3 * GIB) + v), WriteMsr(v, msrs.DEFTYPE, 0xC00)]
             for v in range(VCPUS)
         }
-        run_burst(vm, lanes, seed)
+        run_burst(vm, burst(lanes, seed))
         counts = vm.counters.as_dict()
         return counts, [(int(level), len(g)) for level, g, _ in vm.store.leaves()]
 
@@ -84,36 +104,72 @@ def test_the_same_seed_gives_the_same_counts_and_store() -> None:
 
 def test_lanes_of_different_lengths_run_round_by_round() -> None:
     vm = make_vm("zap-all-serialized", vcpus=3)
-    lanes: dict[int, list[Op]] = {
-        0: [WriteCr0(0, CD0), Access(0, 1), Access(0, 2)],
-        1: [WriteCr0(1, CD0)],
-        2: [],
-    }
-    results = run_burst(vm, lanes, seed=3)
-    assert [len(results[v]) for v in range(3)] == [3, 1, 0]
+    done = run_burst(
+        vm,
+        burst({0: [WriteCr0(0, CD0), Access(0, 1), Access(0, 2)], 1: [WriteCr0(1, CD0)], 2: []}),
+    )
+    assert [len(done.lanes[v]) for v in range(3)] == [3, 1, 0]
     assert vm.counters.drains == 1 and vm.counters.waits == 1
 
 
-def test_a_lane_may_only_hold_its_own_vcpus_operations() -> None:
+@pytest.mark.parametrize(
+    "lanes",
+    [
+        ((0, (WriteCr0(1, CD0),)),),  # an operation of another vCPU
+        ((0, (AttachDma(),)),),  # not a per-vCPU operation
+        ((0, ()), (0, ())),  # two lanes for one vCPU
+        ((5, ()),),  # no such vCPU
+    ],
+)
+def test_a_malformed_burst_is_refused_whole(
+    lanes: tuple[tuple[int, tuple[VcpuOp, ...]], ...],
+) -> None:
     vm = make_vm("zap-all-serialized", vcpus=2)
-    with pytest.raises(InvalidArgument):
-        run_burst(vm, {0: [WriteCr0(1, CD0)]}, seed=0)
-    with pytest.raises(InvalidArgument):
-        run_burst(vm, {0: [AttachDma()]}, seed=0)
+    (refused,) = execute(vm, [Burst(lanes)])
+    assert isinstance(refused, Refused)
+    assert refused.status in ("INVALID_ARGUMENT", "NOT_FOUND")
+    assert vm.counters.as_dict() == make_vm("zap-all-serialized", vcpus=2).counters.as_dict()
+    with pytest.raises((InvalidArgument, NotFound)):
+        run_burst(vm, Burst(lanes))
 
 
-def test_a_refused_operation_mid_round_still_drains_what_was_queued() -> None:
-    lanes: dict[int, list[Op]] = {
-        0: [WriteCr0(0, CD0)],
-        1: [WriteMsr(1, msrs.DEFTYPE, 0x300, host=True)],  # reserved bits: refused
-    }
-    drained_before_refusal = 0
+def test_a_refused_operation_mid_round_is_reported_and_the_round_goes_on() -> None:
     for seed in range(8):
         vm = make_vm("zap-all-serialized", vcpus=2)
         vm.fault_range(0, 0, gfn(GIB))
-        with pytest.raises(RejectedHostWrite):
-            run_burst(vm, lanes, seed)
-        assert vm.zap_list.queued() == []
-        assert vm.zap_list.try_claim()  # nobody holds the flag
-        drained_before_refusal += vm.store.leaf_total == 0
-    assert 0 < drained_before_refusal < 8  # both orders happened
+        done = run_burst(
+            vm,
+            burst(
+                {
+                    0: [WriteCr0(0, CD0), Access(0, 5)],
+                    1: [WriteMsr(1, msrs.DEFTYPE, 0x300, host=True), Access(1, 6)],  # refused
+                },
+                seed,
+            ),
+        )
+        refused = done.lanes[1][0]
+        assert isinstance(refused, Refused) and refused.reason == "HOST_WRITE_REJECTED"
+        assert "MTRRdefType" in refused.message
+        assert all(isinstance(r, EventResult) for r in (*done.lanes[0], done.lanes[1][1]))
+        assert vm.zap_list.queued() == [] and vm.zap_list.try_claim()
+        assert vm.counters.zaps_executed == 1
+
+
+def test_execute_reports_refusals_in_order_and_goes_on() -> None:
+    vm = make_vm("zap-all", vcpus=1)
+    done = execute(
+        vm,
+        [
+            WriteMsr(0, msrs.DEFTYPE, 0xC06, host=True),
+            WriteMsr(0, msrs.DEFTYPE, 1 << 20, host=True),  # refused
+            WriteMsr(0, msrs.DEFTYPE, 0x300),  # a guest #GP: a result, not a refusal
+            Access(0, 7),
+            Access(3, 7),  # no such vCPU
+        ],
+    )
+    kinds = [type(r).__name__ for r in done]
+    assert kinds == ["EventResult", "Refused", "EventResult", "EventResult", "Refused"]
+    gp = done[2]
+    assert isinstance(gp, EventResult) and gp.gp is not None
+    missing = done[4]
+    assert isinstance(missing, Refused) and missing.status == "NOT_FOUND"

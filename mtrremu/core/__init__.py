@@ -11,7 +11,7 @@ Where things live:
 * staleness — :mod:`.oracle`; counters — :mod:`.counters`
 """
 
-from mtrremu.core.burst import run_burst
+from mtrremu.core.burst import execute, run_burst
 from mtrremu.core.config import Memslot, MemslotKind, VmConfig
 from mtrremu.core.counters import Counters
 from mtrremu.core.errors import (
@@ -28,12 +28,17 @@ from mtrremu.core.events import (
     Access,
     AccessKind,
     AttachDma,
+    Burst,
+    BurstResult,
     DetachDma,
     EventResult,
     FaultRange,
     Init,
+    Item,
+    ItemResult,
     Op,
     ReadMsr,
+    Refused,
     Reset,
     WriteCr0,
     WriteMsr,
@@ -61,6 +66,8 @@ __all__ = [
     "AccessKind",
     "AllocFailure",
     "AttachDma",
+    "Burst",
+    "BurstResult",
     "Counters",
     "DetachDma",
     "EptMemtype",
@@ -71,6 +78,8 @@ __all__ = [
     "Init",
     "InvalidArgument",
     "InvalidConfig",
+    "Item",
+    "ItemResult",
     "Level",
     "MemType",
     "Memslot",
@@ -82,6 +91,7 @@ __all__ = [
     "Precedence",
     "Profile",
     "ReadMsr",
+    "Refused",
     "RejectedHostWrite",
     "Reset",
     "Route",
@@ -95,6 +105,7 @@ __all__ = [
     "WriteMsr",
     "ZapDecision",
     "ZapStrategy",
+    "execute",
     "kvm_mtrr_write_range",
     "run_burst",
 ]

@@ -10,38 +10,75 @@ and the counts repeat exactly for the same seed.
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable
 
-from mtrremu.core.errors import InvalidArgument
-from mtrremu.core.events import VCPU_OPS, EventResult, Op
+from mtrremu.core.errors import InvalidArgument, MtrremuError
+from mtrremu.core.events import (
+    VCPU_OPS,
+    Burst,
+    BurstResult,
+    EventResult,
+    Item,
+    ItemResult,
+    Refused,
+)
 from mtrremu.core.vm import Vm
 
 
-def run_burst(vm: Vm, lanes: Mapping[int, Sequence[Op]], seed: int) -> dict[int, list[EventResult]]:
-    """Run one burst; returns each vCPU's results in its own operation order.
+def refusal(item: Item, error: MtrremuError) -> Refused:
+    return Refused(item, error.status, error.reason, str(error))
 
-    Every operation in vCPU *k*'s lane must be a per-vCPU operation on vCPU *k*.
-    """
-    for vcpu, ops in lanes.items():
+
+def check_burst(vm: Vm, burst: Burst) -> None:
+    """Refuse a malformed burst before anything runs."""
+    seen = set()
+    for vcpu, ops in burst.lanes:
         vm.vcpu(vcpu)
+        if vcpu in seen:
+            raise InvalidArgument(f"burst has two lanes for vCPU {vcpu}")
+        seen.add(vcpu)
         for op in ops:
             if not isinstance(op, VCPU_OPS) or op.vcpu != vcpu:
                 raise InvalidArgument(f"burst lane of vCPU {vcpu} holds {op!r}")
-    order = random.Random(seed)
-    results: dict[int, list[EventResult]] = {vcpu: [] for vcpu in lanes}
+
+
+def run_burst(vm: Vm, burst: Burst) -> BurstResult:
+    """Run one burst. An operation the emulator refuses becomes a :class:`Refused` in its lane
+    and the round goes on; the round's queued zaps are drained either way."""
+    check_burst(vm, burst)
+    order = random.Random(burst.seed)
+    lanes = dict(burst.lanes)
+    result = BurstResult(burst, {vcpu: [] for vcpu in lanes})
     rounds = max((len(ops) for ops in lanes.values()), default=0)
     for index in range(rounds):
         active = sorted(vcpu for vcpu, ops in lanes.items() if index < len(ops))
         order.shuffle(active)
         requesters: list[EventResult] = []
+        for vcpu in active:
+            op = lanes[vcpu][index]
+            try:
+                done = vm.apply(op, defer_drain=True)
+            except MtrremuError as error:
+                result.lanes[vcpu].append(refusal(op, error))
+                continue
+            result.lanes[vcpu].append(done)
+            if done.zap is not None and done.zap.pending_drain:
+                requesters.append(done)
+        if requesters:
+            vm.drain_round(requesters)
+    return result
+
+
+def execute(vm: Vm, items: Iterable[Item]) -> list[ItemResult]:
+    """Run operations and bursts in order; a refused one is reported and the rest go on.
+
+    This is the one replay path: in-process runs and the gRPC batch stream both use it, so
+    the same trace gives the same counts either way.
+    """
+    results: list[ItemResult] = []
+    for item in items:
         try:
-            for vcpu in active:
-                result = vm.apply(lanes[vcpu][index], defer_drain=True)
-                results[vcpu].append(result)
-                if result.zap is not None and result.zap.pending_drain:
-                    requesters.append(result)
-        finally:
-            # Even when an operation is refused mid-round, what was queued gets drained.
-            if requesters:
-                vm.drain_round(requesters)
+            results.append(run_burst(vm, item) if isinstance(item, Burst) else vm.apply(item))
+        except MtrremuError as error:
+            results.append(refusal(item, error))
     return results

@@ -81,6 +81,23 @@ class DetachDma:
 
 Op = WriteMsr | ReadMsr | WriteCr0 | Reset | Init | Access | FaultRange | AttachDma | DetachDma
 VCPU_OPS = (WriteMsr, ReadMsr, WriteCr0, Reset, Init, Access, FaultRange)
+VcpuOp = WriteMsr | ReadMsr | WriteCr0 | Reset | Init | Access | FaultRange
+
+
+@dataclass(frozen=True)
+class Burst:
+    """Per-vCPU operation lists acting at the same time (semantics.md §7).
+
+    ``lanes`` holds ``(vcpu, operations)`` pairs; every operation of a lane is on that vCPU.
+    ``seed`` fixes the order within each lock-step round.
+    """
+
+    lanes: tuple[tuple[int, tuple[VcpuOp, ...]], ...]
+    seed: int = 0
+
+
+#: Anything a replay carries: one operation, or a burst of them.
+Item = Op | Burst
 
 
 class AccessKind(enum.Enum):
@@ -114,6 +131,19 @@ class PopulateInfo:
     outside_memslots: int
 
 
+@dataclass(frozen=True)
+class Refused:
+    """An operation or burst the emulator refused (a request error, not a guest #GP).
+
+    Nothing changed. ``status`` and ``reason`` come from the error's class.
+    """
+
+    item: Item
+    status: str
+    reason: str
+    message: str
+
+
 @dataclass
 class EventResult:
     """What one operation did. Only the fields its kind produces are set.
@@ -130,3 +160,14 @@ class EventResult:
     access: AccessInfo | None = None
     populate: PopulateInfo | None = None
     cd_toggled: bool = False
+
+
+@dataclass
+class BurstResult:
+    """Each lane's results, in the lane's own operation order."""
+
+    burst: Burst
+    lanes: dict[int, list[EventResult | Refused]]
+
+
+ItemResult = EventResult | Refused | BurstResult
