@@ -22,6 +22,7 @@ from mtrremu.core.errors import (
     NotFound,
     PluginConflict,
     RejectedHostWrite,
+    ResourceExhausted,
     UnknownStrategy,
 )
 from mtrremu.core.events import (
@@ -93,6 +94,7 @@ __all__ = [
     "ReadMsr",
     "Refused",
     "RejectedHostWrite",
+    "ResourceExhausted",
     "Reset",
     "Route",
     "StaleReport",

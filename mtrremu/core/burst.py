@@ -69,16 +69,18 @@ def run_burst(vm: Vm, burst: Burst) -> BurstResult:
     return result
 
 
+def execute_one(vm: Vm, item: Item) -> ItemResult:
+    """Run one operation or burst; a refusal is reported, not raised."""
+    try:
+        return run_burst(vm, item) if isinstance(item, Burst) else vm.apply(item)
+    except MtrremuError as error:
+        return refusal(item, error)
+
+
 def execute(vm: Vm, items: Iterable[Item]) -> list[ItemResult]:
     """Run operations and bursts in order; a refused one is reported and the rest go on.
 
     This is the one replay path: in-process runs and the gRPC batch stream both use it, so
     the same trace gives the same counts either way.
     """
-    results: list[ItemResult] = []
-    for item in items:
-        try:
-            results.append(run_burst(vm, item) if isinstance(item, Burst) else vm.apply(item))
-        except MtrremuError as error:
-            results.append(refusal(item, error))
-    return results
+    return [execute_one(vm, item) for item in items]

@@ -60,8 +60,10 @@ class Counters:
         )
 
     def add(self, other: Counters) -> None:
-        for f in fields(self):
-            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+        for name in COUNTER_NAMES:
+            value = getattr(other, name)
+            if value:
+                setattr(self, name, getattr(self, name) + value)
 
     def add_zap(self, outcome: ZapOutcome) -> None:
         """Account one executed zap."""
@@ -89,3 +91,7 @@ class Counters:
 
     def copy(self) -> Counters:
         return Counters(**asdict(self))
+
+
+#: The counter fields, in declaration order.
+COUNTER_NAMES: tuple[str, ...] = tuple(f.name for f in fields(Counters))

@@ -26,6 +26,7 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
+from mtrremu.core.errors import ResourceExhausted
 from mtrremu.core.memtype import EptMemtype
 from mtrremu.core.memtypes import MemType
 from mtrremu.core.units import (
@@ -141,11 +142,28 @@ class _LevelStep(Protocol):
     ) -> list[npt.NDArray[np.int32]]: ...
 
 
+class _Budget:
+    """Bytes the store's tables may take; ``None`` means no limit."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def charge(self, nbytes: int) -> None:
+        if self.limit is not None and self.used + nbytes > self.limit:
+            raise ResourceExhausted(
+                f"the EPT would need more than its {self.limit} bytes "
+                "(too many small leaves for this server's limits)"
+            )
+        self.used += nbytes
+
+
 class _Pool:
     """The tables of one level."""
 
-    def __init__(self, level: Level, capacity: int) -> None:
+    def __init__(self, level: Level, capacity: int, budget: _Budget) -> None:
         self.level = level
+        self.budget = budget
         self.ent: UInt8Array = np.zeros((capacity, ENTRIES_PER_TABLE), dtype=np.uint8)
         self.child: npt.NDArray[np.int32] | None = (
             np.full((capacity, ENTRIES_PER_TABLE), -1, dtype=np.int32) if level > Level.K4 else None
@@ -153,6 +171,7 @@ class _Pool:
         self.base: Int64Array = np.full(capacity, -1, dtype=np.int64)
         self.top = 0
         self.free: list[int] = []
+        budget.charge(capacity * self.table_bytes)
 
     @property
     def live(self) -> int:
@@ -163,11 +182,20 @@ class _Pool:
         child = 0 if self.child is None else self.child.nbytes
         return self.ent.nbytes + child + self.base.nbytes
 
+    @property
+    def table_bytes(self) -> int:
+        return ENTRIES_PER_TABLE * (1 if self.child is None else 5) + 8
+
     def _grow(self, needed: int) -> None:
         capacity = len(self.base)
         if needed <= capacity:
             return
         new = max(needed, 2 * capacity)
+        if self.budget.limit is not None and new > needed:
+            # Near the limit, grow only as much as needed rather than double.
+            room = (self.budget.limit - self.budget.used) // self.table_bytes
+            new = max(needed, min(new, capacity + room))
+        self.budget.charge((new - capacity) * self.table_bytes)
         ent = np.zeros((new, ENTRIES_PER_TABLE), dtype=np.uint8)
         ent[:capacity] = self.ent
         self.ent = ent
@@ -224,14 +252,20 @@ def _as_block(ids: npt.NDArray[np.int32]) -> slice | npt.NDArray[np.int32]:
 
 
 class EptStore:
-    """The VM's one EPT. Not thread-safe: the VM serialises access under its MMU lock."""
+    """The VM's one EPT. Not thread-safe: the VM serialises access under its MMU lock.
 
-    def __init__(self) -> None:
+    ``max_bytes`` caps the memory its tables may take: an access or bulk fault that needs more
+    raises :class:`ResourceExhausted` (a bulk fault keeps what it installed before that; the
+    store stays consistent).
+    """
+
+    def __init__(self, max_bytes: int | None = None) -> None:
+        budget = _Budget(max_bytes)
         self._pools = {
-            Level.ROOT: _Pool(Level.ROOT, 1),
-            Level.G1: _Pool(Level.G1, 4),
-            Level.M2: _Pool(Level.M2, 16),
-            Level.K4: _Pool(Level.K4, 64),
+            Level.ROOT: _Pool(Level.ROOT, 1, budget),
+            Level.G1: _Pool(Level.G1, 4, budget),
+            Level.M2: _Pool(Level.M2, 16, budget),
+            Level.K4: _Pool(Level.K4, 64, budget),
         }
         self._pools[Level.ROOT].allocate(np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.uint8))
         self._leaves = dict.fromkeys(LEAF_LEVELS_DESCENDING, 0)
@@ -529,6 +563,32 @@ class EptStore:
             gfn = entry.base_gfn + entry.level.pages
 
     # -- whole store ---------------------------------------------------------------------
+
+    def leaf_runs(self) -> Iterator[tuple[Level, int, int, int]]:
+        """Present leaves in ascending gfn order, grouped into runs: ``(level, first base gfn,
+        leaves, byte)`` for consecutive, contiguous leaves of one level and byte."""
+        parts = [
+            (np.full(len(gfns), int(level), dtype=np.int64), gfns, bytes_.astype(np.int64))
+            for level, gfns, bytes_ in self.leaves()
+        ]
+        if not parts:
+            return
+        levels = np.concatenate([p[0] for p in parts])
+        gfns = np.concatenate([p[1] for p in parts])
+        values = np.concatenate([p[2] for p in parts])
+        order = np.argsort(gfns, kind="stable")
+        levels, gfns, values = levels[order], gfns[order], values[order]
+        pages = np.left_shift(1, (levels - 1) * 9)
+        breaks = np.ones(len(gfns), dtype=bool)
+        breaks[1:] = (
+            (levels[1:] != levels[:-1])
+            | (values[1:] != values[:-1])
+            | (gfns[1:] != gfns[:-1] + pages[:-1])
+        )
+        starts = np.flatnonzero(breaks)
+        ends = np.append(starts[1:], len(gfns))
+        for first, stop in zip(starts.tolist(), ends.tolist(), strict=True):
+            yield Level(int(levels[first])), int(gfns[first]), stop - first, int(values[first])
 
     def leaves(self) -> Iterator[tuple[Level, Int64Array, UInt8Array]]:
         """Per leaf level: base gfns and bytes of every present leaf (unordered)."""

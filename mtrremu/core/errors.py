@@ -61,6 +61,13 @@ class FailedPrecondition(MtrremuError):
     reason = "FAILED_PRECONDITION"
 
 
+class ResourceExhausted(MtrremuError):
+    """A configured limit would be exceeded (VMs, guest memory, EPT memory, batch size)."""
+
+    status = "RESOURCE_EXHAUSTED"
+    reason = "LIMIT_EXCEEDED"
+
+
 class PluginConflict(MtrremuError):
     """Two plugins register the same strategy name; the message names both."""
 

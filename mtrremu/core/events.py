@@ -1,6 +1,7 @@
 """Operations a guest or VMM performs on a VM, and what each one did.
 
-Operations are plain frozen records so workloads, traces, batches and bursts can carry them;
+Operations are plain records (slotted dataclasses: cheap to build on the high-rate path; treat
+them as immutable) so workloads, traces, batches and bursts can carry them;
 :meth:`mtrremu.core.vm.Vm.apply` runs any of them.
 """
 
@@ -16,7 +17,7 @@ from mtrremu.core.units import Level
 from mtrremu.core.zap_engine import ZapReport
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class WriteMsr:
     """WRMSR by the guest, or a host-initiated write (KVM_SET_MSRS) with ``host=True``."""
 
@@ -26,14 +27,14 @@ class WriteMsr:
     host: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ReadMsr:
     vcpu: int
     msr: int
     host: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class WriteCr0:
     """MOV to CR0 by the guest, or a host write (KVM_SET_SREGS) with ``host=True``."""
 
@@ -42,17 +43,17 @@ class WriteCr0:
     host: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Reset:
     vcpu: int
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Init:
     vcpu: int
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Access:
     """A guest touch of one page."""
 
@@ -60,7 +61,7 @@ class Access:
     gfn: int
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class FaultRange:
     """A guest touching every page of ``[start, end)`` (gfns) in ascending order."""
 
@@ -69,12 +70,12 @@ class FaultRange:
     end: int
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class AttachDma:
     """A non-coherent DMA device attached at run time (an event, unlike one at creation)."""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class DetachDma:
     pass
 
@@ -144,22 +145,33 @@ class Refused:
     message: str
 
 
-@dataclass
+@dataclass(slots=True)
 class EventResult:
     """What one operation did. Only the fields its kind produces are set.
 
-    ``gp`` is the reason of a guest #GP (the VMM injects it; nothing changed). ``counters`` holds
-    this event's own counts, including zaps it drained on behalf of other vCPUs.
+    ``gp`` is the reason of a guest #GP (the VMM injects it; nothing changed). ``counters``
+    holds this event's own counts, including zaps it drained on behalf of other vCPUs; it is
+    created on first use, so events that count nothing stay cheap (``counted`` is False).
     """
 
     op: Op
-    counters: Counters = field(default_factory=Counters)
     gp: str | None = None
     zap: ZapReport | None = None
     value: int | None = None
     access: AccessInfo | None = None
     populate: PopulateInfo | None = None
     cd_toggled: bool = False
+    own_counters: Counters | None = field(default=None, repr=False)
+
+    @property
+    def counters(self) -> Counters:
+        if self.own_counters is None:
+            self.own_counters = Counters()
+        return self.own_counters
+
+    @property
+    def counted(self) -> bool:
+        return self.own_counters is not None
 
 
 @dataclass

@@ -7,6 +7,7 @@ a guest #GP (a guest WRMSR) or a request error (a host-initiated write), as KVM 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import lru_cache
 
 from mtrremu.core.memtypes import is_mtrr_type, is_pat_type, type_label
 from mtrremu.core.units import PAGE_SHIFT
@@ -56,9 +57,12 @@ FIXED_RANGES = 8 * len(FIXED_MSRS)
 FIXED_AREA_END_GPA = 0x100000
 
 
+_FIXED_SLOTS = {msr: slot for slot, msr in enumerate(FIXED_MSRS)}
+
+
 def fixed_msr_slot(msr: int) -> int:
     """Position of a fixed MSR in :data:`FIXED_MSRS` (its bytes are ranges 8*slot .. 8*slot+7)."""
-    return FIXED_MSRS.index(msr)
+    return _FIXED_SLOTS[msr]
 
 
 def fixed_msr_gpa_span(msr: int) -> tuple[int, int]:
@@ -123,49 +127,83 @@ def reserved_gpa_bits(maxphyaddr: int) -> int:
     return ((1 << 64) - 1) ^ ((1 << maxphyaddr) - 1)
 
 
-def _bad_type_byte(value: int, legal: Callable[[int], bool], what: str) -> str | None:
-    for k in range(8):
-        byte = (value >> (8 * k)) & 0xFF
-        if not legal(byte):
-            return f"byte {k} holds {type_label(byte)}, not a legal {what} type"
-    return None
+_MTRR_TYPE_BYTES = bytes(t for t in range(256) if is_mtrr_type(t))
+_PAT_TYPE_BYTES = bytes(t for t in range(256) if is_pat_type(t))
+_MTRR_TYPE_SET = frozenset(_MTRR_TYPE_BYTES)
+
+
+def _bad_type_byte(value: int, legal: bytes, what: str) -> str | None:
+    # Fast path: delete every legal byte; nothing left means all eight are legal.
+    raw = value.to_bytes(8, "little")
+    if not raw.translate(None, legal):
+        return None
+    k = next(k for k, byte in enumerate(raw) if byte not in legal)
+    return f"byte {k} holds {type_label(raw[k])}, not a legal {what} type"
+
+
+class WriteRules:
+    """KVM's ``kvm_mtrr_valid`` for one guest MAXPHYADDR, plus read-only MTRRcap and unknown
+    indices: one check per MSR, found by index."""
+
+    def __init__(self, maxphyaddr: int) -> None:
+        self.maxphyaddr = maxphyaddr
+        self._high = reserved_gpa_bits(maxphyaddr)
+        checks: dict[int, Callable[[int], str | None]] = {
+            MTRRCAP: lambda value: "MTRRcap is read-only",
+            PAT: lambda value: _bad_type_byte(value, _PAT_TYPE_BYTES, "PAT"),
+            DEFTYPE: self._deftype,
+        }
+        for msr in FIXED_MSRS:
+            checks[msr] = self._fixed
+        for msr in range(PHYSBASE0, PHYSMASK_LAST + 1, 2):
+            checks[msr] = self._base
+            checks[msr + 1] = self._mask
+        self._checks = checks
+
+    def rejection(self, msr: int, value: int) -> str | None:
+        """Why ``value`` (a u64) cannot be written to ``msr``, or ``None``."""
+        check = self._checks.get(msr)
+        if check is None:
+            return f"{msr_name(msr)} is not an emulated MSR"
+        return check(value)
+
+    @staticmethod
+    def _deftype(value: int) -> str | None:
+        if value & ~(DEFTYPE_TYPE_MASK | DEFTYPE_FE | DEFTYPE_E):
+            return "reserved bits (8-9, 12-63) set"
+        if value & DEFTYPE_TYPE_MASK not in _MTRR_TYPE_SET:
+            return f"default {type_label(value & 0xFF)} is not a legal MTRR type"
+        return None
+
+    @staticmethod
+    def _fixed(value: int) -> str | None:
+        return _bad_type_byte(value, _MTRR_TYPE_BYTES, "MTRR")
+
+    def _base(self, value: int) -> str | None:
+        if value & 0xFF not in _MTRR_TYPE_SET:
+            return f"{type_label(value & 0xFF)} is not a legal MTRR type"
+        if value & 0xF00:
+            return "reserved bits 8-11 set"
+        if value & self._high:
+            return f"bits at or above MAXPHYADDR ({self.maxphyaddr}) set"
+        return None
+
+    def _mask(self, value: int) -> str | None:
+        if value & 0x7FF:
+            return "reserved bits 0-10 set"
+        if value & self._high:
+            return f"bits at or above MAXPHYADDR ({self.maxphyaddr}) set"
+        return None
+
+
+@lru_cache(maxsize=64)
+def write_rules(maxphyaddr: int) -> WriteRules:
+    return WriteRules(maxphyaddr)
 
 
 def write_rejection(msr: int, value: int, maxphyaddr: int) -> str | None:
-    """Why KVM refuses writing ``value`` to ``msr``, or ``None`` if the write is accepted.
-
-    The rules are KVM's ``kvm_mtrr_valid`` plus the read-only MTRRcap and unknown indices.
-    ``value`` must already be a u64.
-    """
-    if msr not in EMULATED_MSRS:
-        return f"{msr_name(msr)} is not an emulated MSR"
-    if msr == MTRRCAP:
-        return "MTRRcap is read-only"
-    if msr == PAT:
-        return _bad_type_byte(value, is_pat_type, "PAT")
-    if msr == DEFTYPE:
-        if value & ~(DEFTYPE_TYPE_MASK | DEFTYPE_FE | DEFTYPE_E):
-            return "reserved bits (8-9, 12-63) set"
-        if not is_mtrr_type(value & DEFTYPE_TYPE_MASK):
-            return f"default {type_label(value & 0xFF)} is not a legal MTRR type"
-        return None
-    if is_fixed_msr(msr):
-        return _bad_type_byte(value, is_mtrr_type, "MTRR")
-    _, is_mask = var_pair(msr)
-    high = reserved_gpa_bits(maxphyaddr)
-    if is_mask:
-        if value & 0x7FF:
-            return "reserved bits 0-10 set"
-        if value & high:
-            return f"bits at or above MAXPHYADDR ({maxphyaddr}) set"
-        return None
-    if not is_mtrr_type(value & 0xFF):
-        return f"{type_label(value & 0xFF)} is not a legal MTRR type"
-    if value & 0xF00:
-        return "reserved bits 8-11 set"
-    if value & high:
-        return f"bits at or above MAXPHYADDR ({maxphyaddr}) set"
-    return None
+    """Why KVM refuses writing ``value`` (a u64) to ``msr``, or ``None`` if it is accepted."""
+    return write_rules(maxphyaddr).rejection(msr, value)
 
 
 def read_rejection(msr: int) -> str | None:

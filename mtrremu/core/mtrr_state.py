@@ -49,6 +49,9 @@ class MtrrState:
     #: Bumped on every accepted write; caches of derived maps key on it.
     version: int = 0
 
+    def __post_init__(self) -> None:
+        self._high = msrs.reserved_gpa_bits(self.maxphyaddr)
+
     # -- registers ------------------------------------------------------------------------
 
     @property
@@ -73,30 +76,33 @@ class MtrrState:
         """Store an already validated MTRR MSR value (defType, fixed or variable)."""
         if msr == msrs.DEFTYPE:
             self.deftype = value
+        elif msrs.PHYSBASE0 <= msr <= msrs.PHYSMASK_LAST:
+            self._write_var(msr, value)
         elif msrs.is_fixed_msr(msr):
             slot = msrs.fixed_msr_slot(msr)
             self.fixed[8 * slot : 8 * slot + 8] = value.to_bytes(8, "little")
-        elif msrs.is_var_msr(msr):
-            self._write_var(msr, value)
         else:
             raise ValueError(f"{msrs.msr_name(msr)} is not an MTRR MSR")
         self.version += 1
 
     def _write_var(self, msr: int, value: int) -> None:
-        pair, is_mask = msrs.var_pair(msr)
-        if self.pair_valid(pair):
-            self.order.remove(pair)
+        pair, is_mask = divmod(msr - msrs.PHYSBASE0, 2)
+        masks, order = self.masks, self.order
+        if masks[pair] & msrs.PHYSMASK_VALID:
+            order.remove(pair)
         if is_mask:
-            self.masks[pair] = value | msrs.reserved_gpa_bits(self.maxphyaddr)
+            masks[pair] = value | self._high
         else:
             self.bases[pair] = value
-        if self.pair_valid(pair):
-            base = self.bases[pair]
-            at = next(
-                (i for i, other in enumerate(self.order) if base >= self.bases[other]),
-                len(self.order),
-            )
-            self.order.insert(at, pair)
+        if masks[pair] & msrs.PHYSMASK_VALID:
+            bases = self.bases
+            base = bases[pair]
+            at = len(order)
+            for i, other in enumerate(order):
+                if base >= bases[other]:
+                    at = i
+                    break
+            order.insert(at, pair)
 
     def read(self, msr: int) -> int:
         """Read an MTRR MSR back as a guest would (masks without the internal high bits)."""
@@ -108,7 +114,7 @@ class MtrrState:
         if msrs.is_var_msr(msr):
             pair, is_mask = msrs.var_pair(msr)
             if is_mask:
-                return self.masks[pair] & ~msrs.reserved_gpa_bits(self.maxphyaddr)
+                return self.masks[pair] & ~self._high
             return self.bases[pair]
         raise ValueError(f"{msrs.msr_name(msr)} is not an MTRR MSR")
 

@@ -105,17 +105,32 @@ class MtrrView:
         return self._state.read(msr)
 
 
-@dataclass(frozen=True)
-class VcpuView:
-    """The vCPU an event happened on."""
-
+class _VcpuState(Protocol):
     index: int
     cr0: int
-    mtrr: MtrrView
+    mtrr: MtrrState
+
+
+class VcpuView:
+    """The vCPU an event happened on: a live, read-only view (one per vCPU, reused)."""
+
+    __slots__ = ("_state", "mtrr")
+
+    def __init__(self, state: _VcpuState) -> None:
+        self._state = state
+        self.mtrr = MtrrView(state.mtrr)
+
+    @property
+    def index(self) -> int:
+        return self._state.index
+
+    @property
+    def cr0(self) -> int:
+        return self._state.cr0
 
     @property
     def cd(self) -> bool:
-        return bool(self.cr0 & cr0_bits.CD)
+        return bool(self._state.cr0 & cr0_bits.CD)
 
 
 @dataclass(frozen=True)

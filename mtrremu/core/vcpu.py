@@ -8,18 +8,24 @@ from dataclasses import dataclass, field
 from mtrremu.core import cr0 as cr0_bits
 from mtrremu.core import msrs
 from mtrremu.core.mtrr_state import MtrrState
-from mtrremu.core.strategy import MtrrView, VcpuView
+from mtrremu.core.strategy import VcpuView
 
 
 @dataclass(eq=False)
 class VCpu:
-    """State only; the VM applies the rules. ``lock`` serialises calls made on this vCPU."""
+    """State only; the VM applies the rules. ``lock`` serialises calls made on this vCPU (it is
+    never taken twice by one thread)."""
 
     index: int
     mtrr: MtrrState
     cr0: int = cr0_bits.RESET_VALUE
     pat: int = msrs.PAT_DEFAULT
-    lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    #: What strategies see of this vCPU (a live read-only view).
+    view: VcpuView = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.view = VcpuView(self)
 
     @classmethod
     def create(cls, index: int, maxphyaddr: int) -> VCpu:
@@ -28,9 +34,6 @@ class VCpu:
     @property
     def cd(self) -> bool:
         return bool(self.cr0 & cr0_bits.CD)
-
-    def view(self) -> VcpuView:
-        return VcpuView(self.index, self.cr0, MtrrView(self.mtrr))
 
     def read_msr(self, msr: int) -> int:
         """An emulated MSR's value (the caller has checked the index)."""

@@ -8,7 +8,6 @@ list has its own lock and never calls out while holding it.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from dataclasses import replace
 
 from mtrremu.core import cr0 as cr0_bits
@@ -39,19 +38,19 @@ from mtrremu.core.memtype import Profile
 from mtrremu.core.observer import NULL_OBSERVER, Observer
 from mtrremu.core.oracle import EXAMPLES, StaleReport, find_stale
 from mtrremu.core.strategy import NO_ZAP, VmView, ZapDecision, ZapStrategy
-from mtrremu.core.units import PAGE_SHIFT, U64_MASK, GfnRange
+from mtrremu.core.units import PAGE_SHIFT, U64_MASK, GfnRange, Level
 from mtrremu.core.vcpu import VCpu
 from mtrremu.core.zap_engine import ZapEngine
 from mtrremu.core.zap_list import Role, ZapList
 
-
-def _check_u64(what: str, value: int) -> None:
-    if not 0 <= value <= U64_MASK:
-        raise InvalidArgument(f"{what} {value:#x} does not fit in 64 bits")
+_PAT = msrs.PAT
 
 
 class Vm:
-    """One emulated VM. Create it through the plugin manager, which picks the strategy."""
+    """One emulated VM. Create it through the plugin manager, which picks the strategy.
+
+    ``ept_max_bytes`` caps the EPT's memory (a server limit; unlimited by default).
+    """
 
     def __init__(
         self,
@@ -62,6 +61,7 @@ class Vm:
         vm_id: str = "vm",
         strategy_name: str = "",
         observer: Observer = NULL_OBSERVER,
+        ept_max_bytes: int | None = None,
     ) -> None:
         self.config = config
         self.strategy = strategy
@@ -71,7 +71,7 @@ class Vm:
         self._observer = observer
         self.memslots = Memslots(config)
         self.vcpus = tuple(VCpu.create(i, config.guest_maxphyaddr) for i in range(config.vcpus))
-        self.store = EptStore()
+        self.store = EptStore(ept_max_bytes)
         self.counters = Counters()
         self._dma = config.noncoherent_dma
         self._mmu_lock = threading.Lock()
@@ -80,6 +80,13 @@ class Vm:
         self._engine = ZapEngine(self._zap, self.zap_list, config.sorted_memslots())
         self._plans: dict[int, tuple[tuple[int, bool, bool], FaultPlan]] = {}
         self._gfn_limit = 1 << (config.guest_maxphyaddr - PAGE_SHIFT)
+        self._rules = msrs.write_rules(config.guest_maxphyaddr)
+        self._refresh_view()
+
+    def _refresh_view(self) -> None:
+        """The strategy's view and the honoured flag change only with the DMA count."""
+        self._view = VmView(self.config, self.profile, self._dma)
+        self._honours = self.profile.honours_guest_mtrrs and self.config.tdp and self._dma > 0
 
     # -- state -----------------------------------------------------------------------------
 
@@ -90,7 +97,7 @@ class Vm:
     @property
     def honours_guest_mtrrs(self) -> bool:
         """Whether guest MTRRs and CR0.CD decide EPT memory types now (semantics.md §2)."""
-        return self.profile.honours_guest_mtrrs and self.config.tdp and self._dma > 0
+        return self._honours
 
     def vcpu(self, index: int) -> VCpu:
         if not 0 <= index < len(self.vcpus):
@@ -98,7 +105,8 @@ class Vm:
         return self.vcpus[index]
 
     def view(self) -> VmView:
-        return VmView(self.config, self.profile, self._dma)
+        """What strategies see of this VM."""
+        return self._view
 
     def counters_snapshot(self) -> Counters:
         with self._vm_lock:
@@ -108,6 +116,11 @@ class Vm:
         self._check_gfn(gfn)
         with self._mmu_lock:
             return self.store.lookup(gfn)
+
+    def leaf_runs(self) -> list[tuple[Level, int, int, int]]:
+        """Present leaves as runs (see :meth:`EptStore.leaf_runs`), taken under the MMU lock."""
+        with self._mmu_lock:
+            return list(self.store.leaf_runs())
 
     def _check_gfn(self, gfn: int) -> None:
         if not 0 <= gfn < self._gfn_limit:
@@ -127,20 +140,18 @@ class Vm:
 
     def _finish(self, result: EventResult, *, faulted_vcpu: int | None = None) -> EventResult:
         """Account the event, then tell observers (state is consistent by then)."""
-        with self._vm_lock:
-            self.counters.add(result.counters)
+        if result.counted:
+            with self._vm_lock:
+                self.counters.add(result.counters)
         if self._observer.active:
             if faulted_vcpu is not None:
                 self._observer.fault(self.vm_id, faulted_vcpu, result)
             self._observer.event_handled(self.vm_id, result)
         return result
 
-    def _decide(
-        self, result: EventResult, decide: Callable[[], ZapDecision], defer_drain: bool
-    ) -> None:
-        """Ask the strategy; anything but :data:`NO_ZAP` goes to the engine and the result."""
-        decision = decide()
-        if decision != NO_ZAP:
+    def _decide(self, result: EventResult, decision: ZapDecision, defer_drain: bool) -> None:
+        """Anything but :data:`NO_ZAP` goes to the engine and into the result."""
+        if decision is not NO_ZAP and decision != NO_ZAP:
             result.zap = self._engine.execute(decision, result.counters, defer_drain=defer_drain)
 
     def fault_view(self, vcpu: VCpu) -> FaultView:
@@ -167,43 +178,53 @@ class Vm:
         A rejected guest write is a #GP in the result; a rejected host write raises
         :class:`RejectedHostWrite`. Either way nothing changes.
         """
-        vc = self.vcpu(vcpu)
-        _check_u64("MSR index", msr)
-        _check_u64("MSR value", value)
-        result = EventResult(WriteMsr(vcpu, msr, value, host))
+        return self._write_msr(WriteMsr(vcpu, msr, value, host), defer_drain)
+
+    def _write_msr(self, op: WriteMsr, defer_drain: bool) -> EventResult:
+        # The high-rate path: kept lean (no helper layers for what one line does).
+        vc = self.vcpu(op.vcpu)
+        msr, value = op.msr, op.value
+        if not (0 <= msr <= U64_MASK and 0 <= value <= U64_MASK):
+            raise InvalidArgument(f"MSR {msr:#x} or value {value:#x} does not fit in 64 bits")
+        result = EventResult(op)
         with vc.lock:
-            why = msrs.write_rejection(msr, value, self.config.guest_maxphyaddr)
+            why = self._rules.rejection(msr, value)
             if why is not None:
-                if host:
+                if op.host:
                     raise RejectedHostWrite(msrs.msr_name(msr), value, why)
                 result.gp = f"WRMSR {msrs.msr_name(msr)}: {why}"
                 result.counters.guest_gp += 1
                 return self._finish(result)
-            if msr == msrs.PAT:
+            if msr == _PAT:
                 vc.pat = value
-                return self._finish(result)
-            vc.mtrr.write(msr, value)
-            if self.honours_guest_mtrrs:
-                view = vc.view()
-                self._decide(
-                    result, lambda: self.strategy.on_mtrr_write(self.view(), view, msr), defer_drain
-                )
+            else:
+                vc.mtrr.write(msr, value)
+                if self._honours:
+                    decision = self.strategy.on_mtrr_write(self._view, vc.view, msr)
+                    if decision is not NO_ZAP:
+                        self._decide(result, decision, defer_drain)
+        if result.own_counters is None and not self._observer.active:
+            return result
         return self._finish(result)
 
     def read_msr(self, vcpu: int, msr: int, *, host: bool = False) -> EventResult:
         """RDMSR (an unknown index is a #GP) or KVM_GET_MSRS (an error)."""
-        vc = self.vcpu(vcpu)
-        _check_u64("MSR index", msr)
-        result = EventResult(ReadMsr(vcpu, msr, host))
-        why = msrs.read_rejection(msr)
+        return self._read_msr(ReadMsr(vcpu, msr, host))
+
+    def _read_msr(self, op: ReadMsr) -> EventResult:
+        vc = self.vcpu(op.vcpu)
+        if not 0 <= op.msr <= U64_MASK:
+            raise InvalidArgument(f"MSR index {op.msr:#x} does not fit in 64 bits")
+        result = EventResult(op)
+        why = msrs.read_rejection(op.msr)
         if why is not None:
-            if host:
-                raise InvalidArgument(f"host read of {msrs.msr_name(msr)} rejected: {why}")
-            result.gp = f"RDMSR {msrs.msr_name(msr)}: {why}"
+            if op.host:
+                raise InvalidArgument(f"host read of {msrs.msr_name(op.msr)} rejected: {why}")
+            result.gp = f"RDMSR {msrs.msr_name(op.msr)}: {why}"
             result.counters.guest_gp += 1
             return self._finish(result)
         with vc.lock:
-            result.value = vc.read_msr(msr)
+            result.value = vc.read_msr(op.msr)
         return self._finish(result)
 
     # -- CR0 -------------------------------------------------------------------------------
@@ -215,26 +236,29 @@ class Vm:
 
         Only a guest write that flips CD is a memtype event; host writes never zap.
         """
-        vc = self.vcpu(vcpu)
-        _check_u64("CR0 value", value)
-        result = EventResult(WriteCr0(vcpu, value, host))
+        return self._write_cr0(WriteCr0(vcpu, value, host), defer_drain)
+
+    def _write_cr0(self, op: WriteCr0, defer_drain: bool) -> EventResult:
+        vc = self.vcpu(op.vcpu)
+        value = op.value
+        if not 0 <= value <= U64_MASK:
+            raise InvalidArgument(f"CR0 value {value:#x} does not fit in 64 bits")
+        result = EventResult(op)
         with vc.lock:
             why = cr0_bits.rejection(value)
             if why is not None:
-                if host:
+                if op.host:
                     raise RejectedHostWrite("CR0", value, why)
                 result.gp = f"MOV CR0: {why}"
                 result.counters.guest_gp += 1
                 return self._finish(result)
             old = vc.cr0
-            vc.cr0 = value if host else cr0_bits.guest_value(value)
+            vc.cr0 = value if op.host else cr0_bits.guest_value(value)
             result.value = vc.cr0
             result.cd_toggled = bool((old ^ vc.cr0) & cr0_bits.CD)
-            if result.cd_toggled and not host and self.honours_guest_mtrrs:
-                view = vc.view()
-                self._decide(
-                    result, lambda: self.strategy.on_cd_toggle(self.view(), view), defer_drain
-                )
+            if result.cd_toggled and not op.host and self._honours:
+                decision = self.strategy.on_cd_toggle(self._view, vc.view)
+                self._decide(result, decision, defer_drain)
         return self._finish(result)
 
     def reset(self, vcpu: int) -> EventResult:
@@ -259,9 +283,13 @@ class Vm:
 
     def access(self, vcpu: int, gfn: int) -> EventResult:
         """A guest touch: a hit, a fault that installs a leaf, or an MMIO exit."""
-        vc = self.vcpu(vcpu)
+        return self._access(Access(vcpu, gfn))
+
+    def _access(self, op: Access) -> EventResult:
+        vc = self.vcpu(op.vcpu)
+        gfn = op.gfn
         self._check_gfn(gfn)
-        result = EventResult(Access(vcpu, gfn))
+        result = EventResult(op)
         counters = result.counters
         with vc.lock, self._mmu_lock:
             entry = self.store.lookup(gfn)
@@ -284,20 +312,24 @@ class Vm:
         counters.faults += 1
         counters.refaults += int(refault)
         result.access = AccessInfo(AccessKind.FAULT, Mapping(level, base, memtype), refault)
-        return self._finish(result, faulted_vcpu=vcpu)
+        return self._finish(result, faulted_vcpu=op.vcpu)
 
     def fault_range(self, vcpu: int, start: int, end: int) -> EventResult:
         """The guest touching every page of gfns ``[start, end)`` in order (vectorised).
 
         Pages outside every memslot are counted, not touched: no MMIO markers are left.
         """
-        vc = self.vcpu(vcpu)
+        return self._fault_range(FaultRange(vcpu, start, end))
+
+    def _fault_range(self, op: FaultRange) -> EventResult:
+        vc = self.vcpu(op.vcpu)
+        start, end = op.start, op.end
         if not 0 <= start < end <= self._gfn_limit:
             raise InvalidArgument(
                 f"gfn range [{start:#x}, {end:#x}) is empty, inverted or beyond MAXPHYADDR "
                 f"{self.config.guest_maxphyaddr}"
             )
-        result = EventResult(FaultRange(vcpu, start, end))
+        result = EventResult(op)
         with vc.lock:
             plan = self.plan(vc)
             with self._mmu_lock:
@@ -306,7 +338,7 @@ class Vm:
         result.counters.add_populate(outcome)
         result.counters.hits += inside - outcome.faults
         result.populate = PopulateInfo(outcome, inside - outcome.faults, (end - start) - inside)
-        return self._finish(result, faulted_vcpu=vcpu if outcome.faults else None)
+        return self._finish(result, faulted_vcpu=op.vcpu if outcome.faults else None)
 
     # -- non-coherent DMA ------------------------------------------------------------------
 
@@ -326,32 +358,30 @@ class Vm:
             self._dma += delta
             transition = self._dma == (1 if delta > 0 else 0)
             result.value = self._dma
+            self._refresh_view()
         if transition and self.config.tdp:
             result.counters.dma_zap_events += 1
+            decision = self.strategy.on_dma_transition(self._view, delta > 0)
             # DMA transitions are counted apart from the cover letter's "zap cnt" events.
-            self._decide(
-                result,
-                lambda: replace(
-                    self.strategy.on_dma_transition(self.view(), delta > 0), zap_event=False
-                ),
-                defer_drain=False,
-            )
+            self._decide(result, replace(decision, zap_event=False), defer_drain=False)
         return self._finish(result)
 
     # -- dispatch and bursts ---------------------------------------------------------------
 
     def apply(self, op: Op, *, defer_drain: bool = False) -> EventResult:
         """Run any operation. ``defer_drain`` leaves zap-list draining to :meth:`drain_round`."""
-        if isinstance(op, WriteMsr):
-            return self.write_msr(op.vcpu, op.msr, op.value, host=op.host, defer_drain=defer_drain)
+        if type(op) is WriteMsr:  # the hot one first, without the isinstance chain
+            return self._write_msr(op, defer_drain)
         if isinstance(op, WriteCr0):
-            return self.write_cr0(op.vcpu, op.value, host=op.host, defer_drain=defer_drain)
-        if isinstance(op, ReadMsr):
-            return self.read_msr(op.vcpu, op.msr, host=op.host)
+            return self._write_cr0(op, defer_drain)
         if isinstance(op, Access):
-            return self.access(op.vcpu, op.gfn)
+            return self._access(op)
         if isinstance(op, FaultRange):
-            return self.fault_range(op.vcpu, op.start, op.end)
+            return self._fault_range(op)
+        if isinstance(op, WriteMsr):
+            return self._write_msr(op, defer_drain)
+        if isinstance(op, ReadMsr):
+            return self._read_msr(op)
         if isinstance(op, Reset):
             return self.reset(op.vcpu)
         if isinstance(op, Init):

@@ -1,0 +1,472 @@
+"""Messages ↔ domain objects for the ``mtrremu.v1`` API. No behaviour lives here.
+
+Requests become core operations (malformed ones raise :class:`InvalidArgument`); core results
+become outcome messages. The client uses the same functions the other way round where it needs
+domain objects (configurations, counters).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from collections.abc import Mapping as MappingOf
+from typing import Any
+
+from mtrremu.core.config import Memslot, MemslotKind, VmConfig
+from mtrremu.core.counters import COUNTER_NAMES, Counters
+from mtrremu.core.ept import Entry, PopulateOutcome, decode_leaf
+from mtrremu.core.errors import InvalidArgument, InvalidConfig
+from mtrremu.core.events import (
+    Access,
+    AccessKind,
+    AttachDma,
+    Burst,
+    BurstResult,
+    DetachDma,
+    EventResult,
+    FaultRange,
+    Init,
+    Item,
+    ItemResult,
+    Mapping,
+    ReadMsr,
+    Refused,
+    Reset,
+    VcpuOp,
+    WriteCr0,
+    WriteMsr,
+)
+from mtrremu.core.memtype import EptMemtype, Precedence, Profile
+from mtrremu.core.memtypes import MemType
+from mtrremu.core.oracle import StaleReport
+from mtrremu.core.units import PAGE_SHIFT, PAGE_SIZE, Level
+from mtrremu.core.vm import Vm
+from mtrremu.core.zap_list import Role
+from mtrremu.v1 import emulator_pb2 as pb
+
+_MEMTYPES = {
+    MemType.UC: pb.MEMORY_TYPE_UC,
+    MemType.WC: pb.MEMORY_TYPE_WC,
+    MemType.WT: pb.MEMORY_TYPE_WT,
+    MemType.WP: pb.MEMORY_TYPE_WP,
+    MemType.WB: pb.MEMORY_TYPE_WB,
+}
+_LEVELS = {Level.K4: pb.LEVEL_4K, Level.M2: pb.LEVEL_2M, Level.G1: pb.LEVEL_1G}
+_LEVELS_BACK = {v: k for k, v in _LEVELS.items()}
+_PROFILES = {
+    Profile.KVM_6_5: pb.PROFILE_KVM_6_5,
+    Profile.KVM_6_7: pb.PROFILE_KVM_6_7,
+    Profile.KVM_6_11: pb.PROFILE_KVM_6_11,
+}
+_ACCESS = {
+    AccessKind.HIT: pb.ACCESS_KIND_HIT,
+    AccessKind.FAULT: pb.ACCESS_KIND_FAULT,
+    AccessKind.MMIO: pb.ACCESS_KIND_MMIO_EXIT,
+}
+_ROLES = {Role.DRAINED: pb.ZAP_ROLE_DRAINED, Role.WAITED: pb.ZAP_ROLE_WAITED}
+
+
+def profile_message(profile: Profile) -> pb.Profile.ValueType:
+    return _PROFILES[profile]
+
+
+# -- configuration ------------------------------------------------------------------------
+
+
+def vm_config(message: pb.VmConfig) -> VmConfig:
+    """A core configuration from a request; absent optional fields take the defaults."""
+    defaults = VmConfig()
+    if message.max_mapping_level and message.max_mapping_level not in _LEVELS_BACK:
+        raise InvalidConfig(f"unknown max_mapping_level {message.max_mapping_level}")
+    if message.precedence not in (pb.PRECEDENCE_UNSPECIFIED, pb.PRECEDENCE_KVM, pb.PRECEDENCE_SDM):
+        raise InvalidConfig(f"unknown precedence {message.precedence}")
+    slots = tuple(_memslot(slot) for slot in message.memslots) or defaults.memslots
+    return VmConfig(
+        vcpus=message.vcpus or 1,
+        quirk_cd_nw_cleared=(
+            message.quirk_cd_nw_cleared
+            if message.HasField("quirk_cd_nw_cleared")
+            else defaults.quirk_cd_nw_cleared
+        ),
+        feature_mtrr=(
+            message.feature_mtrr if message.HasField("feature_mtrr") else defaults.feature_mtrr
+        ),
+        tdp=message.tdp if message.HasField("tdp") else defaults.tdp,
+        noncoherent_dma=message.noncoherent_dma,
+        guest_maxphyaddr=(
+            message.guest_maxphyaddr
+            if message.HasField("guest_maxphyaddr")
+            else defaults.guest_maxphyaddr
+        ),
+        memslots=slots,
+        max_mapping_level=_LEVELS_BACK.get(message.max_mapping_level, defaults.max_mapping_level),
+        precedence=Precedence.SDM if message.precedence == pb.PRECEDENCE_SDM else Precedence.KVM,
+        zap_list_posted_window=message.zap_list_posted_window,
+    )
+
+
+def _memslot(message: pb.Memslot) -> Memslot:
+    kinds = {
+        pb.MEMSLOT_KIND_UNSPECIFIED: MemslotKind.RAM,
+        pb.MEMSLOT_KIND_RAM: MemslotKind.RAM,
+        pb.MEMSLOT_KIND_DEVICE: MemslotKind.DEVICE,
+    }
+    if message.kind not in kinds:
+        raise InvalidConfig(f"memslot {message.name!r}: unknown kind {message.kind}")
+    if not message.size_bytes:
+        raise InvalidConfig(f"memslot {message.name!r} at {message.base_gpa:#x} is empty")
+    return Memslot.from_bytes(
+        message.base_gpa, message.size_bytes, kinds[message.kind], message.name
+    )
+
+
+def vm_config_message(config: VmConfig) -> pb.VmConfig:
+    return pb.VmConfig(
+        vcpus=config.vcpus,
+        quirk_cd_nw_cleared=config.quirk_cd_nw_cleared,
+        feature_mtrr=config.feature_mtrr,
+        tdp=config.tdp,
+        noncoherent_dma=config.noncoherent_dma,
+        guest_maxphyaddr=config.guest_maxphyaddr,
+        memslots=[
+            pb.Memslot(
+                base_gpa=slot.base_gfn << PAGE_SHIFT,
+                size_bytes=slot.pages << PAGE_SHIFT,
+                kind=pb.MEMSLOT_KIND_DEVICE
+                if slot.kind is MemslotKind.DEVICE
+                else pb.MEMSLOT_KIND_RAM,
+                name=slot.name,
+            )
+            for slot in config.memslots
+        ],
+        max_mapping_level=_LEVELS[config.max_mapping_level],
+        precedence=pb.PRECEDENCE_SDM if config.precedence is Precedence.SDM else pb.PRECEDENCE_KVM,
+        zap_list_posted_window=config.zap_list_posted_window,
+    )
+
+
+def leaf_counts(counts: MappingOf[Level, int]) -> pb.LeafCounts:
+    return pb.LeafCounts(
+        leaves_4k=counts[Level.K4], leaves_2m=counts[Level.M2], leaves_1g=counts[Level.G1]
+    )
+
+
+def vm_message(vm: Vm, options: MappingOf[str, str]) -> pb.Vm:
+    return pb.Vm(
+        vm_id=vm.vm_id,
+        config=vm_config_message(vm.config),
+        strategy=vm.strategy_name,
+        strategy_options=dict(options),
+        profile=_PROFILES[vm.profile],
+        noncoherent_dma=vm.noncoherent_dma,
+        leaves=leaf_counts(vm.store.leaf_counts()),
+    )
+
+
+# -- counters -------------------------------------------------------------------------------
+
+
+def counters_message(counters: Counters, into: pb.Counters | None = None) -> pb.Counters:
+    message = pb.Counters() if into is None else into
+    for name in COUNTER_NAMES:
+        value = getattr(counters, name)
+        if value:
+            setattr(message, name, value)
+    return message
+
+
+def counters(message: pb.Counters) -> Counters:
+    return Counters(**{name: getattr(message, name) for name in COUNTER_NAMES})
+
+
+# -- operations ---------------------------------------------------------------------------
+
+
+_HOST: dict[int, bool] = {
+    pb.INITIATOR_UNSPECIFIED: False,
+    pb.INITIATOR_GUEST: False,
+    pb.INITIATOR_HOST: True,
+}
+
+
+def _host(initiator: int) -> bool:
+    """INITIATOR_UNSPECIFIED means the guest."""
+    host = _HOST.get(initiator)
+    if host is None:
+        raise InvalidArgument(f"unknown initiator {initiator}")
+    return host
+
+
+def _gfn(gpa: int, what: str) -> int:
+    if gpa % PAGE_SIZE:
+        raise InvalidArgument(f"{what} {gpa:#x} is not 4 KiB aligned")
+    return gpa >> PAGE_SHIFT
+
+
+def write_msr(m: pb.WriteMsrOperation) -> WriteMsr:
+    host = _HOST.get(m.initiator)
+    if host is None:
+        raise InvalidArgument(f"unknown initiator {m.initiator}")
+    return WriteMsr(m.vcpu, m.msr, m.value, host)
+
+
+def read_msr(m: pb.ReadMsrOperation) -> ReadMsr:
+    return ReadMsr(m.vcpu, m.msr, _host(m.initiator))
+
+
+def write_cr0(m: pb.WriteCr0Operation) -> WriteCr0:
+    return WriteCr0(m.vcpu, m.value, _host(m.initiator))
+
+
+def access(m: pb.AccessGpaOperation) -> Access:
+    return Access(m.vcpu, m.gpa >> PAGE_SHIFT)
+
+
+def fault_range(m: pb.FaultRangeOperation) -> FaultRange:
+    return FaultRange(m.vcpu, _gfn(m.start_gpa, "start_gpa"), _gfn(m.end_gpa, "end_gpa"))
+
+
+#: Oneof field name -> converter of that field's message.
+_OPERATIONS: dict[str, Callable[[Any], Item]] = {
+    "write_msr": write_msr,
+    "write_cr0": write_cr0,
+    "access_gpa": access,
+    "read_msr": read_msr,
+    "fault_range": fault_range,
+    "reset_vcpu": lambda m: Reset(m.vcpu),
+    "init_vcpu": lambda m: Init(m.vcpu),
+    "attach_dma": lambda m: AttachDma(),
+    "detach_dma": lambda m: DetachDma(),
+}
+
+
+def operation(message: pb.Operation, *, in_burst: bool = False) -> Item:
+    """One batch operation as a core item."""
+    kind = message.WhichOneof("kind")
+    convert = _OPERATIONS.get(kind or "")
+    if convert is not None:
+        return convert(getattr(message, kind or ""))
+    if kind == "burst":
+        if in_burst:
+            raise InvalidArgument("a burst cannot hold another burst")
+        return _burst(message.burst)
+    raise InvalidArgument("an operation must set one of its kinds")
+
+
+def _burst(message: pb.Burst) -> Burst:
+    lanes = []
+    for lane in message.lanes:
+        ops: list[VcpuOp] = []
+        for op in lane.operations:
+            item = operation(op, in_burst=True)
+            if isinstance(item, (AttachDma, DetachDma, Burst)):
+                raise InvalidArgument(f"burst lane of vCPU {lane.vcpu} holds {type(item).__name__}")
+            ops.append(item)
+        lanes.append((lane.vcpu, tuple(ops)))
+    return Burst(tuple(lanes), message.seed)
+
+
+def operation_count(message: pb.Operation) -> int:
+    """Operations a batch entry stands for (a burst counts every lane operation)."""
+    if message.WhichOneof("kind") == "burst":
+        return 1 + sum(len(lane.operations) for lane in message.burst.lanes)
+    return 1
+
+
+# -- results ------------------------------------------------------------------------------
+
+
+def memtype_fields(memtype: EptMemtype) -> tuple[pb.MemoryType.ValueType, bool]:
+    return _MEMTYPES[memtype.type], memtype.ipat
+
+
+def mapping_message(mapping: Mapping | Entry) -> pb.Mapping:
+    """A present leaf (from an access result or a lookup)."""
+    kind, ipat = memtype_fields(mapping.memtype)
+    return pb.Mapping(
+        base_gpa=mapping.base_gfn << PAGE_SHIFT,
+        level=_LEVELS[mapping.level],
+        memory_type=kind,
+        ipat=ipat,
+    )
+
+
+def _installed(outcome: PopulateOutcome) -> pb.LeafCounts:
+    return leaf_counts(outcome.installed)
+
+
+def outcome_message(result: EventResult, into: pb.EventOutcome | None = None) -> pb.EventOutcome:
+    """The message form of one event's result."""
+    message = pb.EventOutcome() if into is None else into
+    if not result.counted and result.zap is None and result.gp is None:
+        # The common case on the high-rate path: nothing happened worth a field.
+        message.counters.SetInParent()
+        if result.value is not None:
+            message.value = result.value
+        if result.access is None and result.populate is None and not result.cd_toggled:
+            return message
+    if result.gp is not None:
+        message.guest_fault.reason = result.gp
+    zap = result.zap
+    if zap is not None:
+        summary = message.zap
+        summary.zap_event = zap.zap_event
+        for rng in zap.requested:
+            summary.requested.add(start_gfn=rng.start, end_gfn=rng.end)
+        for ticket in zap.tickets:
+            summary.queued.add(start_gfn=ticket.range.start, end_gfn=ticket.range.end)
+        if zap.role is not None:
+            summary.role = _ROLES[zap.role]
+        summary.alloc_failed = zap.alloc_failed
+    if result.counted:
+        counters_message(result.counters, message.counters)
+    else:
+        message.counters.SetInParent()
+    if result.value is not None:
+        message.value = result.value
+    if result.access is not None:
+        access_message = message.access
+        access_message.kind = _ACCESS[result.access.kind]
+        if result.access.mapping is not None:
+            access_message.mapping.CopyFrom(mapping_message(result.access.mapping))
+        access_message.refault = result.access.refault
+    if result.populate is not None:
+        populate = result.populate
+        message.fault_range.CopyFrom(
+            pb.FaultRangeOutcome(
+                faults=populate.outcome.faults,
+                refaults=populate.outcome.refaults,
+                hits=populate.hits,
+                outside_memslots=populate.outside_memslots,
+                installed=_installed(populate.outcome),
+            )
+        )
+    message.cd_toggled = result.cd_toggled
+    return message
+
+
+def error_message(refused: Refused, into: pb.OperationError) -> None:
+    into.code = refused.status
+    into.reason = refused.reason
+    into.message = refused.message
+
+
+def result_message(result: ItemResult, into: pb.OperationResult) -> None:
+    """Fill one batch result."""
+    if isinstance(result, EventResult):
+        outcome_message(result, into.outcome)
+    elif isinstance(result, Refused):
+        error_message(result, into.error)
+    else:
+        _burst_result(result, into)
+
+
+def _burst_result(result: BurstResult, into: pb.OperationResult) -> None:
+    for vcpu, lane_results in result.lanes.items():
+        lane = into.lanes.add(vcpu=vcpu)
+        for one in lane_results:
+            result_message(one, lane.results.add())
+
+
+def stale_message(report: StaleReport | None) -> pb.CheckStalenessResponse:
+    if report is None:
+        return pb.CheckStalenessResponse(quiescent=False)
+    response = pb.CheckStalenessResponse(stale_leaves=report.count, quiescent=True)
+    for leaf in report.examples:
+        kind, ipat = memtype_fields(leaf.have)
+        example = response.examples.add()
+        example.have.CopyFrom(
+            pb.Mapping(
+                base_gpa=leaf.base_gfn << PAGE_SHIFT,
+                level=_LEVELS[leaf.level],
+                memory_type=kind,
+                ipat=ipat,
+            )
+        )
+        if leaf.want is not None and not leaf.mixed:
+            want_kind, want_ipat = memtype_fields(leaf.want)
+            example.want.CopyFrom(
+                pb.Mapping(
+                    base_gpa=leaf.base_gfn << PAGE_SHIFT,
+                    level=_LEVELS[leaf.level],
+                    memory_type=want_kind,
+                    ipat=want_ipat,
+                )
+            )
+    return response
+
+
+def leaf_runs(vm: Vm, per_message: int) -> Iterator[list[pb.LeafRun]]:
+    """Present leaves, ascending gpa, grouped into runs of one level and memory type."""
+    batch: list[pb.LeafRun] = []
+    for level, start, count, byte in vm.leaf_runs():
+        kind, ipat = memtype_fields(decode_leaf(byte))
+        batch.append(
+            pb.LeafRun(
+                start_gpa=start << PAGE_SHIFT,
+                leaves=count,
+                level=_LEVELS[level],
+                memory_type=kind,
+                ipat=ipat,
+            )
+        )
+        if len(batch) == per_message:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+# -- client side: core items as messages ------------------------------------------------
+
+
+def _initiator(host: bool) -> pb.Initiator.ValueType:
+    return pb.INITIATOR_HOST if host else pb.INITIATOR_GUEST
+
+
+def operation_message(item: Item) -> pb.Operation:
+    """A core operation or burst as a batch operation."""
+    if isinstance(item, WriteMsr):
+        return pb.Operation(
+            write_msr=pb.WriteMsrOperation(
+                vcpu=item.vcpu, msr=item.msr, value=item.value, initiator=_initiator(item.host)
+            )
+        )
+    if isinstance(item, WriteCr0):
+        return pb.Operation(
+            write_cr0=pb.WriteCr0Operation(
+                vcpu=item.vcpu, value=item.value, initiator=_initiator(item.host)
+            )
+        )
+    if isinstance(item, Access):
+        return pb.Operation(
+            access_gpa=pb.AccessGpaOperation(vcpu=item.vcpu, gpa=item.gfn << PAGE_SHIFT)
+        )
+    if isinstance(item, FaultRange):
+        return pb.Operation(
+            fault_range=pb.FaultRangeOperation(
+                vcpu=item.vcpu, start_gpa=item.start << PAGE_SHIFT, end_gpa=item.end << PAGE_SHIFT
+            )
+        )
+    if isinstance(item, ReadMsr):
+        return pb.Operation(
+            read_msr=pb.ReadMsrOperation(
+                vcpu=item.vcpu, msr=item.msr, initiator=_initiator(item.host)
+            )
+        )
+    if isinstance(item, Reset):
+        return pb.Operation(reset_vcpu=pb.ResetVcpuOperation(vcpu=item.vcpu))
+    if isinstance(item, Init):
+        return pb.Operation(init_vcpu=pb.InitVcpuOperation(vcpu=item.vcpu))
+    if isinstance(item, AttachDma):
+        return pb.Operation(attach_dma=pb.AttachDmaOperation())
+    if isinstance(item, DetachDma):
+        return pb.Operation(detach_dma=pb.DetachDmaOperation())
+    return pb.Operation(
+        burst=pb.Burst(
+            seed=item.seed,
+            lanes=[
+                pb.Lane(vcpu=vcpu, operations=[operation_message(op) for op in ops])
+                for vcpu, ops in item.lanes
+            ],
+        )
+    )

@@ -1,0 +1,107 @@
+"""Domain errors ↔ gRPC statuses with a ``google.rpc.ErrorInfo`` detail.
+
+The server turns an :class:`MtrremuError` into a status whose code comes from the error class
+and whose ErrorInfo carries the class's stable reason (plus the register, value and cause of a
+refused host write). The client turns such a status back into the same error class.
+"""
+
+from __future__ import annotations
+
+from typing import NoReturn
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from mtrremu.core.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    InvalidConfig,
+    MtrremuError,
+    NotFound,
+    PluginConflict,
+    RejectedHostWrite,
+    ResourceExhausted,
+    UnknownStrategy,
+)
+
+DOMAIN = "mtrremu.v1"
+_CODES = {
+    "INVALID_ARGUMENT": (grpc.StatusCode.INVALID_ARGUMENT, code_pb2.INVALID_ARGUMENT),
+    "NOT_FOUND": (grpc.StatusCode.NOT_FOUND, code_pb2.NOT_FOUND),
+    "FAILED_PRECONDITION": (grpc.StatusCode.FAILED_PRECONDITION, code_pb2.FAILED_PRECONDITION),
+    "RESOURCE_EXHAUSTED": (grpc.StatusCode.RESOURCE_EXHAUSTED, code_pb2.RESOURCE_EXHAUSTED),
+}
+_BY_REASON: dict[str, type[MtrremuError]] = {
+    cls.reason: cls
+    for cls in (
+        InvalidArgument,
+        InvalidConfig,
+        NotFound,
+        UnknownStrategy,
+        FailedPrecondition,
+        ResourceExhausted,
+        PluginConflict,
+    )
+}
+_BY_CODE = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+}
+
+
+def error_info(error: MtrremuError) -> error_details_pb2.ErrorInfo:
+    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN)
+    if isinstance(error, RejectedHostWrite):
+        info.metadata["register"] = error.register
+        info.metadata["value"] = hex(error.value)
+        info.metadata["why"] = error.why
+    return info
+
+
+def to_status(error: MtrremuError) -> grpc.Status:
+    """The status a server aborts with for ``error``."""
+    code = _CODES.get(error.status, (grpc.StatusCode.INVALID_ARGUMENT, code_pb2.INVALID_ARGUMENT))
+    detail = any_pb2.Any()
+    detail.Pack(error_info(error))
+    message = status_pb2.Status(code=code[1], message=str(error), details=[detail])
+    status: grpc.Status = rpc_status.to_status(message)
+    return status
+
+
+def abort(context: grpc.ServicerContext, error: MtrremuError) -> NoReturn:
+    context.abort_with_status(to_status(error))
+    raise AssertionError("abort_with_status returned")  # pragma: no cover
+
+
+def from_rpc_error(error: grpc.RpcError) -> MtrremuError | None:
+    """The domain error a failed call stands for, or ``None`` for a non-domain failure."""
+    assert isinstance(error, grpc.Call)
+    status = rpc_status.from_call(error)
+    info = None
+    if status is not None:
+        for detail in status.details:
+            candidate = error_details_pb2.ErrorInfo()
+            if detail.Unpack(candidate) and candidate.domain == DOMAIN:
+                info = candidate
+    message = error.details() or ""
+    if info is not None:
+        if info.reason == RejectedHostWrite.reason:
+            meta = info.metadata
+            return RejectedHostWrite(meta["register"], int(meta["value"], 16), meta["why"])
+        cls = _BY_REASON.get(info.reason)
+        if cls is not None:
+            return cls(message)
+    cls = _BY_CODE.get(error.code())
+    return None if cls is None else cls(message)
+
+
+def raise_domain(error: grpc.RpcError) -> NoReturn:
+    """Re-raise a failed call as its domain error (or as it was)."""
+    domain = from_rpc_error(error)
+    if domain is None:
+        raise error
+    raise domain from error

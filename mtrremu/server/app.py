@@ -1,0 +1,118 @@
+"""The gRPC server: the emulator service plus health checking, reflection and call logging.
+
+Listens on ``127.0.0.1:50051`` unless told otherwise (never on all interfaces unless asked),
+also on ``unix:`` paths. SIGINT/SIGTERM start a graceful shutdown: health turns NOT_SERVING,
+new calls are refused, in-flight calls get ``grace`` seconds to finish.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Sequence
+from concurrent import futures
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from mtrremu.core.errors import InvalidArgument
+from mtrremu.plugin.manager import PluginManager, default_manager
+from mtrremu.server.interceptor import LoggingInterceptor
+from mtrremu.server.limits import Limits, VmTable
+from mtrremu.server.servicer import Servicer
+from mtrremu.v1 import emulator_pb2 as pb
+from mtrremu.v1 import emulator_pb2_grpc as pb_grpc
+
+DEFAULT_LISTEN = "127.0.0.1:50051"
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EmulatorService"].full_name
+log = logging.getLogger("mtrremu.server")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    listen: tuple[str, ...] = (DEFAULT_LISTEN,)
+    limits: Limits = field(default_factory=Limits)
+    #: Worker threads: enough for one client thread per vCPU of the VMs driven at once.
+    max_workers: int = 256
+    grace_seconds: float = 5.0
+
+
+class EmulatorServer:
+    """One running server. ``start`` binds every address and returns what was bound."""
+
+    def __init__(self, settings: ServerSettings, manager: PluginManager | None = None) -> None:
+        self.settings = settings
+        size = settings.limits.max_message_bytes
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(
+                max_workers=settings.max_workers, thread_name_prefix="mtrremu"
+            ),
+            interceptors=[LoggingInterceptor()],
+            options=[
+                ("grpc.max_receive_message_length", size),
+                ("grpc.max_send_message_length", size),
+            ],
+        )
+        self.table = VmTable(settings.limits, manager or default_manager())
+        pb_grpc.add_EmulatorServiceServicer_to_server(Servicer(self.table), self._server)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection(
+            (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            self._server,
+        )
+        self.addresses: list[str] = []
+        self._stopped = threading.Event()
+
+    def start(self) -> list[str]:
+        """Bind and start; returns the bound addresses (a ``:0`` port replaced by the real one)."""
+        for address in self.settings.listen:
+            port = self._server.add_insecure_port(address)
+            if not port:
+                raise InvalidArgument(f"cannot listen on {address!r}")
+            if address.startswith("unix:"):
+                self.addresses.append(address)
+            else:
+                host = address.rsplit(":", 1)[0]
+                self.addresses.append(f"{host}:{port}")
+        self._server.start()
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving mtrremu.v1 on %s", ", ".join(self.addresses))
+        return self.addresses
+
+    def stop(self, grace: float | None = None) -> threading.Event:
+        """Graceful shutdown: NOT_SERVING, refuse new calls, let in-flight ones finish."""
+        self.health.enter_graceful_shutdown()
+        done: threading.Event = self._server.stop(
+            self.settings.grace_seconds if grace is None else grace
+        )
+        done.wait()
+        self._stopped.set()
+        return done
+
+    def wait(self) -> None:
+        self._stopped.wait()
+
+
+def serve(settings: ServerSettings, *, announce: Sequence[str] = ()) -> None:
+    """Run until SIGINT or SIGTERM, then shut down gracefully."""
+    server = EmulatorServer(settings)
+    addresses = server.start()
+    for line in announce:
+        print(line.format(addresses=", ".join(addresses)), flush=True)
+
+    def on_signal(signum: int, frame: object) -> None:
+        log.info("signal %d: shutting down (grace %.1f s)", signum, settings.grace_seconds)
+        threading.Thread(target=server.stop, daemon=True).start()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    server.wait()

@@ -1,0 +1,97 @@
+"""What one server accepts, and the VM table that enforces it."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from mtrremu.core.config import VmConfig
+from mtrremu.core.errors import NotFound, ResourceExhausted
+from mtrremu.core.units import PAGE_SHIFT
+from mtrremu.core.vm import Vm
+from mtrremu.plugin.manager import PluginManager
+
+TIB = 1 << 40
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Server limits; exceeding one is RESOURCE_EXHAUSTED (reason LIMIT_EXCEEDED)."""
+
+    max_vms: int = 64
+    #: Guest memory (RAM and device slots) of one VM.
+    max_vm_memory_bytes: int = 16 * TIB
+    #: Guest memory of all VMs together.
+    max_total_memory_bytes: int = 64 * TIB
+    #: Memory one VM's EPT tables may take (guards against guests mapped in 4 KiB pages).
+    max_ept_bytes_per_vm: int = 1 << 30
+    #: Operations in one ExecuteRequest (a burst counts each lane operation).
+    max_batch_operations: int = 100_000
+    #: Largest request or response message.
+    max_message_bytes: int = 64 << 20
+
+
+@dataclass(frozen=True)
+class Entry:
+    vm: Vm
+    options: Mapping[str, str]
+    memory_bytes: int
+
+
+class VmTable:
+    """The server's VMs. Thread-safe."""
+
+    def __init__(self, limits: Limits, manager: PluginManager) -> None:
+        self.limits = limits
+        self.manager = manager
+        self._vms: dict[str, Entry] = {}
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+
+    def create(self, config: VmConfig, strategy: str, options: Mapping[str, str]) -> Entry:
+        memory = config.memory_pages << PAGE_SHIFT
+        if memory > self.limits.max_vm_memory_bytes:
+            raise ResourceExhausted(
+                f"the VM's {memory} bytes of guest memory exceed this server's limit of "
+                f"{self.limits.max_vm_memory_bytes} per VM"
+            )
+        with self._lock:
+            if len(self._vms) >= self.limits.max_vms:
+                raise ResourceExhausted(f"this server already holds its {self.limits.max_vms} VMs")
+            total = sum(e.memory_bytes for e in self._vms.values()) + memory
+            if total > self.limits.max_total_memory_bytes:
+                raise ResourceExhausted(
+                    f"guest memory of all VMs would reach {total} bytes, over this server's "
+                    f"limit of {self.limits.max_total_memory_bytes}"
+                )
+            vm = self.manager.create_vm(
+                config,
+                strategy or "fine-grained",
+                options,
+                vm_id=f"vm-{next(self._ids)}",
+                ept_max_bytes=self.limits.max_ept_bytes_per_vm,
+            )
+            entry = Entry(vm, dict(options), memory)
+            self._vms[vm.vm_id] = entry
+            return entry
+
+    def get(self, vm_id: str) -> Entry:
+        with self._lock:
+            entry = self._vms.get(vm_id)
+        if entry is None:
+            raise NotFound(f"VM {vm_id!r} does not exist")
+        return entry
+
+    def vm(self, vm_id: str) -> Vm:
+        return self.get(vm_id).vm
+
+    def delete(self, vm_id: str) -> None:
+        with self._lock:
+            if self._vms.pop(vm_id, None) is None:
+                raise NotFound(f"VM {vm_id!r} does not exist")
+
+    def all(self) -> list[Entry]:
+        with self._lock:
+            return sorted(self._vms.values(), key=lambda e: int(e.vm.vm_id.split("-")[1]))
