@@ -21,6 +21,7 @@ from mtrremu.core.events import (
     Item,
     ItemResult,
     Refused,
+    VcpuOp,
 )
 from mtrremu.core.vm import Vm
 
@@ -50,23 +51,39 @@ def run_burst(vm: Vm, burst: Burst) -> BurstResult:
     lanes = dict(burst.lanes)
     result = BurstResult(burst, {vcpu: [] for vcpu in lanes})
     rounds = max((len(ops) for ops in lanes.values()), default=0)
-    for index in range(rounds):
-        active = sorted(vcpu for vcpu, ops in lanes.items() if index < len(ops))
-        order.shuffle(active)
-        requesters: list[EventResult] = []
-        for vcpu in active:
-            op = lanes[vcpu][index]
-            try:
-                done = vm.apply(op, defer_drain=True)
-            except MtrremuError as error:
-                result.lanes[vcpu].append(refusal(op, error))
-                continue
-            result.lanes[vcpu].append(done)
-            if done.zap is not None and done.zap.pending_drain:
-                requesters.append(done)
-        if requesters:
-            vm.drain_round(requesters)
+    vm.begin_burst()
+    try:
+        for index in range(rounds):
+            _run_round(vm, lanes, index, order, result)
+            vm.checkpoint()
+    finally:
+        vm.end_burst()
     return result
+
+
+def _run_round(
+    vm: Vm,
+    lanes: dict[int, tuple[VcpuOp, ...]],
+    index: int,
+    order: random.Random,
+    result: BurstResult,
+) -> None:
+    """Round ``index``: each vCPU's operation in seeded order, then one drain for all."""
+    active = sorted(vcpu for vcpu, ops in lanes.items() if index < len(ops))
+    order.shuffle(active)
+    requesters: list[EventResult] = []
+    for vcpu in active:
+        op = lanes[vcpu][index]
+        try:
+            done = vm.apply(op, defer_drain=True)
+        except MtrremuError as error:
+            result.lanes[vcpu].append(refusal(op, error))
+            continue
+        result.lanes[vcpu].append(done)
+        if done.zap is not None and done.zap.pending_drain:
+            requesters.append(done)
+    if requesters:
+        vm.drain_round(requesters)
 
 
 def execute_one(vm: Vm, item: Item) -> ItemResult:

@@ -73,6 +73,9 @@ class VmConfig:
     precedence: Precedence = Precedence.KVM
     #: Reproduce patch 9's posted lost-wakeup window in the zap list (off: the fixed protocol).
     zap_list_posted_window: bool = False
+    #: Run the staleness oracle at every quiescent point after a memtype-relevant change
+    #: (see :class:`mtrremu.core.vm.StalenessLog`); meant for single-threaded replays.
+    track_staleness: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.vcpus <= MAX_VCPUS:

@@ -27,6 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from mtrremu.core.errors import ResourceExhausted
+from mtrremu.core.interval_map import IntervalMap
 from mtrremu.core.memtype import EptMemtype
 from mtrremu.core.memtypes import MemType
 from mtrremu.core.units import (
@@ -589,6 +590,49 @@ class EptStore:
         ends = np.append(starts[1:], len(gfns))
         for first, stop in zip(starts.tolist(), ends.tolist(), strict=True):
             yield Level(int(levels[first])), int(gfns[first]), stop - first, int(values[first])
+
+    def mismatches(
+        self, expected: IntervalMap
+    ) -> Iterator[tuple[Level, Int64Array, UInt8Array, npt.NDArray[np.bool_], UInt8Array]]:
+        """Leaves disagreeing with ``expected`` (the byte a fresh fault would write per gfn).
+
+        Per leaf level: base gfns, bytes, whether the expected byte is uniform over the leaf,
+        and the expected byte at its first page. A table whose whole span lies in one segment
+        of ``expected`` is compared in one pass (the common case), so the cost is a few passes
+        over the entry bytes.
+        """
+        for level in LEAF_LEVELS_DESCENDING:
+            pool = self._pools[level]
+            ids = pool.live_ids()
+            if not len(ids):
+                continue
+            base = pool.base[ids]
+            span = level.pages * ENTRIES_PER_TABLE
+            same, row_value = expected.uniform(base, span)
+            entries = pool.ent[ids]
+            leaves = entries >= LEAF
+            wrong = leaves & (entries != row_value[:, None]) & same[:, None]
+            rows, cols = np.nonzero(wrong)
+            parts = [(rows, cols, np.ones(len(rows), dtype=bool), row_value[rows])]
+            mixed_rows = np.flatnonzero(~same)
+            if len(mixed_rows):
+                sub = leaves[mixed_rows]
+                r, c = np.nonzero(sub)
+                gfns = base[mixed_rows][r] + c.astype(np.int64) * level.pages
+                uniform, want = expected.uniform(gfns, level.pages)
+                bad = ~uniform | (want != entries[mixed_rows][r, c])
+                parts.append((mixed_rows[r[bad]], c[bad], uniform[bad], want[bad]))
+            rows = np.concatenate([p[0] for p in parts])
+            if not len(rows):
+                continue
+            cols = np.concatenate([p[1] for p in parts])
+            yield (
+                level,
+                base[rows] + cols.astype(np.int64) * level.pages,
+                entries[rows, cols],
+                np.concatenate([p[2] for p in parts]),
+                np.concatenate([p[3] for p in parts]).astype(np.uint8),
+            )
 
     def leaves(self) -> Iterator[tuple[Level, Int64Array, UInt8Array]]:
         """Per leaf level: base gfns and bytes of every present leaf (unordered)."""

@@ -71,12 +71,10 @@ def find_stale(
     by_level = dict.fromkeys(LEAF_LEVELS_DESCENDING, 0)
     listed: list[StaleLeaf] = []
     keys = [_no_keys()]
-    for level, gfns, have in store.leaves():
-        uniform, want = expected.uniform(gfns, level.pages)
-        stale = ~uniform | (want != have)
-        by_level[level] = int(np.count_nonzero(stale))
-        keys.append((gfns[stale] << 16) | (int(level) << 8) | have[stale].astype(np.int64))
-        for i in np.flatnonzero(stale)[:examples].tolist():
+    for level, gfns, have, uniform, want in store.mismatches(expected):
+        by_level[level] = len(gfns)
+        keys.append((gfns << 16) | (int(level) << 8) | have.astype(np.int64))
+        for i in np.argsort(gfns)[:examples].tolist():
             wanted = int(want[i])
             listed.append(
                 StaleLeaf(

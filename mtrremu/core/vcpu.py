@@ -26,6 +26,13 @@ class VCpu:
 
     def __post_init__(self) -> None:
         self.view = VcpuView(self)
+        self._signature: tuple[int, tuple[int, ...]] = (-1, ())
+
+    def signature(self) -> tuple[tuple[int, ...], bool]:
+        """What quiescence compares: every MTRR value as read back, and CR0.CD."""
+        if self._signature[0] != self.mtrr.version:
+            self._signature = (self.mtrr.version, self.mtrr.snapshot())
+        return self._signature[1], self.cd
 
     @classmethod
     def create(cls, index: int, maxphyaddr: int) -> VCpu:

@@ -8,7 +8,7 @@ list has its own lock and never calls out while holding it.
 from __future__ import annotations
 
 import threading
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from mtrremu.core import cr0 as cr0_bits
 from mtrremu.core import msrs
@@ -46,6 +46,23 @@ from mtrremu.core.zap_list import Role, ZapList
 _PAT = msrs.PAT
 
 
+@dataclass
+class StalenessLog:
+    """The oracle at quiescent points (``VmConfig.track_staleness``).
+
+    After an event that may change memory types (an accepted MTRR write, a CR0.CD flip, a DMA
+    transition), the next time every vCPU holds the same MTRRs and CR0.CD the oracle runs:
+    ``checks`` counts those points, ``stale_points`` the ones with stale leaves, and
+    ``stale_leaves_max`` the most stale leaves seen at one. A fault never adds a stale leaf, so
+    checking only after such changes is exact. Inside a burst the check waits for the round's
+    drain.
+    """
+
+    checks: int = 0
+    stale_points: int = 0
+    stale_leaves_max: int = 0
+
+
 class Vm:
     """One emulated VM. Create it through the plugin manager, which picks the strategy.
 
@@ -81,6 +98,10 @@ class Vm:
         self._plans: dict[int, tuple[tuple[int, bool, bool], FaultPlan]] = {}
         self._gfn_limit = 1 << (config.guest_maxphyaddr - PAGE_SHIFT)
         self._rules = msrs.write_rules(config.guest_maxphyaddr)
+        self.staleness = StalenessLog()
+        self._track = config.track_staleness
+        self._dirty = False
+        self._bursting = 0
         self._refresh_view()
 
     def _refresh_view(self) -> None:
@@ -143,6 +164,8 @@ class Vm:
         if result.counted:
             with self._vm_lock:
                 self.counters.add(result.counters)
+        if self._dirty and not self._bursting:
+            self.checkpoint()
         if self._observer.active:
             if faulted_vcpu is not None:
                 self._observer.fault(self.vm_id, faulted_vcpu, result)
@@ -199,11 +222,12 @@ class Vm:
                 vc.pat = value
             else:
                 vc.mtrr.write(msr, value)
+                self._dirty = self._track
                 if self._honours:
                     decision = self.strategy.on_mtrr_write(self._view, vc.view, msr)
                     if decision is not NO_ZAP:
                         self._decide(result, decision, defer_drain)
-        if result.own_counters is None and not self._observer.active:
+        if result.own_counters is None and not self._observer.active and not self._dirty:
             return result
         return self._finish(result)
 
@@ -256,6 +280,7 @@ class Vm:
             vc.cr0 = value if op.host else cr0_bits.guest_value(value)
             result.value = vc.cr0
             result.cd_toggled = bool((old ^ vc.cr0) & cr0_bits.CD)
+            self._dirty |= self._track and result.cd_toggled
             if result.cd_toggled and not op.host and self._honours:
                 decision = self.strategy.on_cd_toggle(self._view, vc.view)
                 self._decide(result, decision, defer_drain)
@@ -269,6 +294,7 @@ class Vm:
         with vc.lock:
             result.cd_toggled = not vc.cd
             vc.cr0 = result.value = cr0_bits.RESET_VALUE
+            self._dirty |= self._track and result.cd_toggled
         return self._finish(result)
 
     def init(self, vcpu: int) -> EventResult:
@@ -359,6 +385,7 @@ class Vm:
             transition = self._dma == (1 if delta > 0 else 0)
             result.value = self._dma
             self._refresh_view()
+            self._dirty |= self._track and transition
         if transition and self.config.tdp:
             result.counters.dma_zap_events += 1
             decision = self.strategy.on_dma_transition(self._view, delta > 0)
@@ -420,9 +447,27 @@ class Vm:
 
     def quiescent(self) -> bool:
         """Every vCPU holds the same MTRRs and CR0.CD."""
-        first = self.vcpus[0]
-        state = (first.mtrr.snapshot(), first.cd)
-        return all((vc.mtrr.snapshot(), vc.cd) == state for vc in self.vcpus[1:])
+        state = self.vcpus[0].signature()
+        return all(vc.signature() == state for vc in self.vcpus[1:])
+
+    def checkpoint(self) -> None:
+        """With ``track_staleness``: run the oracle if the VM is quiescent (see StalenessLog)."""
+        if not (self._dirty and self.quiescent()):
+            return
+        self._dirty = False
+        count = self.stale(0, examples=0).count
+        log = self.staleness
+        log.checks += 1
+        if count:
+            log.stale_points += 1
+            log.stale_leaves_max = max(log.stale_leaves_max, count)
+
+    def begin_burst(self) -> None:
+        """Hold staleness checks until :meth:`end_burst` (rounds check after their drain)."""
+        self._bursting += 1
+
+    def end_burst(self) -> None:
+        self._bursting -= 1
 
     def stale_at_quiescence(self) -> StaleReport | None:
         """Stale leaves if the VM is quiescent (then every vCPU agrees), else ``None``."""

@@ -34,7 +34,7 @@ _OBSERVER_HOOKS = ("mtrremu_zap_executed", "mtrremu_fault", "mtrremu_event_handl
 _log = logging.getLogger(__name__)
 
 
-def _own_version() -> str:
+def own_version() -> str:
     try:
         return importlib.metadata.version("mtrremu")
     except importlib.metadata.PackageNotFoundError:
@@ -101,7 +101,7 @@ class PluginManager:
         self._origin: dict[str, tuple[str, str]] = {}
         for module in BUILTIN_PLUGINS:
             self._pm.register(importlib.import_module(module), name=module)
-            self._origin[module] = ("mtrremu", _own_version())
+            self._origin[module] = ("mtrremu", own_version())
         for plugin in plugins:
             name = self._pm.register(plugin)
             if name is not None:

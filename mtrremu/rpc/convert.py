@@ -39,7 +39,7 @@ from mtrremu.core.memtype import EptMemtype, Precedence, Profile
 from mtrremu.core.memtypes import MemType
 from mtrremu.core.oracle import StaleReport
 from mtrremu.core.units import PAGE_SHIFT, PAGE_SIZE, Level
-from mtrremu.core.vm import Vm
+from mtrremu.core.vm import StalenessLog, Vm
 from mtrremu.core.zap_list import Role
 from mtrremu.v1 import emulator_pb2 as pb
 
@@ -101,6 +101,7 @@ def vm_config(message: pb.VmConfig) -> VmConfig:
         max_mapping_level=_LEVELS_BACK.get(message.max_mapping_level, defaults.max_mapping_level),
         precedence=Precedence.SDM if message.precedence == pb.PRECEDENCE_SDM else Precedence.KVM,
         zap_list_posted_window=message.zap_list_posted_window,
+        track_staleness=message.track_staleness,
     )
 
 
@@ -141,6 +142,7 @@ def vm_config_message(config: VmConfig) -> pb.VmConfig:
         max_mapping_level=_LEVELS[config.max_mapping_level],
         precedence=pb.PRECEDENCE_SDM if config.precedence is Precedence.SDM else pb.PRECEDENCE_KVM,
         zap_list_posted_window=config.zap_list_posted_window,
+        track_staleness=config.track_staleness,
     )
 
 
@@ -367,10 +369,15 @@ def _burst_result(result: BurstResult, into: pb.OperationResult) -> None:
             result_message(one, lane.results.add())
 
 
-def stale_message(report: StaleReport | None) -> pb.CheckStalenessResponse:
+def stale_message(report: StaleReport | None, log: StalenessLog) -> pb.CheckStalenessResponse:
+    tracking = pb.StalenessTracking(
+        checks=log.checks, stale_points=log.stale_points, stale_leaves_max=log.stale_leaves_max
+    )
     if report is None:
-        return pb.CheckStalenessResponse(quiescent=False)
-    response = pb.CheckStalenessResponse(stale_leaves=report.count, quiescent=True)
+        return pb.CheckStalenessResponse(quiescent=False, tracking=tracking)
+    response = pb.CheckStalenessResponse(
+        stale_leaves=report.count, quiescent=True, tracking=tracking
+    )
     for leaf in report.examples:
         kind, ipat = memtype_fields(leaf.have)
         example = response.examples.add()

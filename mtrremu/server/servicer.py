@@ -194,8 +194,8 @@ class Servicer(pb_grpc.EmulatorServiceServicer):
     ) -> pb.CheckStalenessResponse:
         vm = self.table.vm(request.vm_id)
         if request.at_quiescence:
-            return convert.stale_message(vm.stale_at_quiescence())
-        response = convert.stale_message(vm.stale(request.vcpu))
+            return convert.stale_message(vm.stale_at_quiescence(), vm.staleness)
+        response = convert.stale_message(vm.stale(request.vcpu), vm.staleness)
         response.quiescent = vm.quiescent()
         return response
 

@@ -1,0 +1,88 @@
+"""The A/B record: one JSON object per run (JSON Lines), schema ``mtrremu.ab/1``.
+
+Fields:
+
+``schema``            ``"mtrremu.ab/1"``
+``workload``          ``"W1"``… or a trace file's name; ``params`` its parameters
+                      (seed included, sizes in bytes); ``seed``
+``strategy``          name; ``profile`` (``"6.5"``…); ``plugin``: ``{"name", "distribution",
+                      "version"}`` of the plugin providing it
+``config``            the VM: ``vcpus``, ``memory_bytes`` (all memslots), ``quirk_cd_nw_cleared``,
+                      ``feature_mtrr``, ``guest_maxphyaddr``, ``max_mapping_level``,
+                      ``memslots`` (``[base, size, kind, name]``); ``label``: the configuration
+                      this run stands for in tables
+``mode``              ``"in-process"`` or ``"grpc"`` (``target`` then names the server)
+``operations``        operations replayed (bursts counted by their lane operations)
+``counters``          every counter of :class:`mtrremu.core.counters.Counters`, plus the totals
+                      ``leaves_removed`` and ``entries_visited``
+``staleness``         the oracle at quiescent points: ``checks``, ``stale_points``,
+                      ``stale_leaves_max``; ``at_end``: stale leaves at the end (``null`` if
+                      the vCPUs disagree then)
+``published``         the cover letter's numbers for this setup, or ``null``
+``wall_seconds``      how long the replay took (the only field that is not reproducible)
+``mtrremu_version``   the emulator's version
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from mtrremu.ab.published import published
+from mtrremu.core.units import PAGE_SHIFT
+from mtrremu.plugin.manager import RegisteredStrategy, own_version
+from mtrremu.workloads.trace import Trace
+
+if TYPE_CHECKING:
+    from mtrremu.ab.runner import RunSpec
+
+SCHEMA = "mtrremu.ab/1"
+
+
+def record(
+    spec: RunSpec,
+    trace: Trace,
+    registered: RegisteredStrategy,
+    *,
+    counters: dict[str, int],
+    staleness: dict[str, int | None],
+    seconds: float,
+) -> dict[str, Any]:
+    config = trace.config
+    ram = trace.params.get("ram", config.memory_pages << PAGE_SHIFT)
+    pub = published(spec.workload, spec.strategy, config.vcpus, int(ram))
+    return {
+        "schema": SCHEMA,
+        "workload": spec.workload,
+        "params": dict(trace.params),
+        "seed": spec.seed,
+        "strategy": spec.strategy,
+        "profile": registered.spec.profile.value,
+        "plugin": {
+            "name": registered.plugin,
+            "distribution": registered.distribution,
+            "version": registered.version,
+        },
+        "config": {
+            "vcpus": config.vcpus,
+            "memory_bytes": config.memory_pages << PAGE_SHIFT,
+            "quirk_cd_nw_cleared": config.quirk_cd_nw_cleared,
+            "feature_mtrr": config.feature_mtrr,
+            "guest_maxphyaddr": config.guest_maxphyaddr,
+            "max_mapping_level": config.max_mapping_level.label,
+            "memslots": [
+                [s.base_gfn << PAGE_SHIFT, s.pages << PAGE_SHIFT, s.kind.value, s.name]
+                for s in config.sorted_memslots()
+            ],
+        },
+        "label": spec.label,
+        "mode": "in-process" if spec.target is None else "grpc",
+        "target": spec.target,
+        "operations": trace.operations,
+        "counters": counters,
+        "staleness": staleness,
+        "published": None
+        if pub is None
+        else {"firmware": pub.firmware, "zap_count": pub.zap_count, "cycles_m": pub.cycles_m},
+        "wall_seconds": round(seconds, 4),
+        "mtrremu_version": own_version(),
+    }

@@ -1,0 +1,302 @@
+"""Runs of workloads under strategies, in-process or against a live server, on any Executor.
+
+A :class:`RunSpec` says everything a run depends on (workload or trace file, parameters, VM
+overrides, strategy, seed, target); :func:`run` turns it into a record (see :mod:`.records`).
+Runs are independent, so :func:`run_all` hands them to a ``concurrent.futures.Executor``: the
+caller's choice of ``local:N`` processes or a Dask cluster.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mtrremu.ab.records import record
+from mtrremu.client import Client
+from mtrremu.core.burst import execute
+from mtrremu.core.config import Memslot, MemslotKind
+from mtrremu.core.errors import InvalidArgument
+from mtrremu.plugin.manager import RegisteredStrategy, default_manager
+from mtrremu.workloads import build, workload
+from mtrremu.workloads.trace import Trace, load
+
+LAYOUTS = ("default", "merged")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run. ``overrides`` are workload parameters; ``vm`` overrides VM flags after the
+    trace is built (``quirk_cd_nw_cleared``, ``feature_mtrr``, ``layout``)."""
+
+    workload: str
+    strategy: str
+    seed: int = 1
+    overrides: tuple[tuple[str, Any], ...] = ()
+    vm: tuple[tuple[str, Any], ...] = ()
+    trace_file: str | None = None
+    target: str | None = None
+
+    @property
+    def label(self) -> str:
+        """The configuration, for table columns and chart titles."""
+        parts = [f"{k}={_short(v)}" for k, v in (*self.overrides, *self.vm)]
+        parts.append(f"seed={self.seed}")
+        return " ".join(parts)
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1 << 30:
+        for unit, scale in (("T", 1 << 40), ("G", 1 << 30)):
+            if value % scale == 0:
+                return f"{value // scale}{unit}"
+    return str(value)
+
+
+def trace_for(spec: RunSpec) -> Trace:
+    """The trace a run replays, with the VM overrides applied."""
+    if spec.trace_file is not None:
+        trace = load(Path(spec.trace_file))
+    else:
+        trace = build(spec.workload, dict(spec.overrides), spec.seed)
+    vm = dict(spec.vm)
+    layout = vm.pop("layout", "default")
+    config = dataclasses.replace(trace.config, track_staleness=True, **vm)
+    if layout == "merged":
+        config = dataclasses.replace(config, memslots=merged(config.memslots))
+    elif layout != "default":
+        raise InvalidArgument(f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
+    return dataclasses.replace(trace, config=config)
+
+
+def merged(slots: Sequence[Memslot]) -> tuple[Memslot, ...]:
+    """One RAM slot spanning every RAM slot (holes filled): a layout where splitting by
+    memslot changes nothing. Device slots stay as they are."""
+    ram = [s for s in slots if s.kind is MemslotKind.RAM]
+    start = min(s.base_gfn for s in ram)
+    end = max(s.end_gfn for s in ram)
+    devices = tuple(s for s in slots if s.kind is not MemslotKind.RAM)
+    for device in devices:
+        if device.base_gfn < end and start < device.end_gfn:
+            raise InvalidArgument("the merged layout would cover a device memslot")
+    return (Memslot(start, end - start, MemslotKind.RAM, "ram-merged"), *devices)
+
+
+def _registered(strategy: str) -> RegisteredStrategy:
+    return default_manager().strategy(strategy)
+
+
+def run(spec: RunSpec) -> dict[str, Any]:
+    """Run one spec and return its record (JSON-ready)."""
+    trace = trace_for(spec)
+    registered = _registered(spec.strategy)
+    started = time.perf_counter()
+    if spec.target is None:
+        vm = default_manager().create_vm(trace.config, spec.strategy, vm_id="ab")
+        execute(vm, trace.items)
+        counters = vm.counters_snapshot().as_dict()
+        log = vm.staleness
+        end = vm.stale_at_quiescence()
+        staleness = {
+            "checks": log.checks,
+            "stale_points": log.stale_points,
+            "stale_leaves_max": log.stale_leaves_max,
+            "at_end": None if end is None else end.count,
+        }
+    else:
+        counters, staleness = _run_remote(spec.target, trace, spec.strategy)
+    elapsed = time.perf_counter() - started
+    return record(spec, trace, registered, counters=counters, staleness=staleness, seconds=elapsed)
+
+
+def _run_remote(
+    target: str, trace: Trace, strategy: str
+) -> tuple[dict[str, int], dict[str, int | None]]:
+    with Client(target, timeout=600) as client:
+        remote = client.create_vm(trace.config, strategy)
+        try:
+            remote.execute(trace.items)
+            counters = remote.counters().as_dict()
+            report = remote.staleness(at_quiescence=True)
+        finally:
+            remote.delete()
+    tracking = report.tracking
+    return counters, {
+        "checks": tracking.checks,
+        "stale_points": tracking.stale_points,
+        "stale_leaves_max": tracking.stale_leaves_max,
+        "at_end": report.stale_leaves if report.quiescent else None,
+    }
+
+
+# -- planning -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The cross product a command line asks for."""
+
+    workloads: Sequence[str] = ("W1", "W2")
+    strategies: Sequence[str] = ()
+    seeds: Sequence[int] = (1,)
+    vcpus: Sequence[int] = ()
+    memory: Sequence[int] = ()
+    quirk: Sequence[bool] = ()
+    feature_mtrr: Sequence[bool] = ()
+    layouts: Sequence[str] = ()
+    params: Mapping[str, str] = field(default_factory=dict)
+    traces: Sequence[str] = ()
+    target: str | None = None
+
+    def specs(self) -> list[RunSpec]:
+        axes: list[list[tuple[str, Any]]] = [
+            [("vcpus", v) for v in self.vcpus],
+            [("ram", m) for m in self.memory],
+        ]
+        vm_axes: list[list[tuple[str, Any]]] = [
+            [("quirk_cd_nw_cleared", q) for q in self.quirk],
+            [("feature_mtrr", f) for f in self.feature_mtrr],
+            [("layout", layout) for layout in self.layouts],
+        ]
+        configs = list(itertools.product(*(_or_none(axis) for axis in axes)))
+        vm_configs = list(itertools.product(*(_or_none(axis) for axis in vm_axes)))
+        specs = []
+        sources = [(w, None) for w in self.workloads] + [("trace", t) for t in self.traces]
+        for (name, trace_file), config, vm_config, seed, strategy in itertools.product(
+            sources, configs, vm_configs, self.seeds, self.strategies
+        ):
+            overrides = [kv for kv in config if kv is not None]
+            if trace_file is None:
+                workload(name)  # unknown names fail before anything runs
+                overrides += list(self.params.items())
+            elif overrides or self.params:
+                raise InvalidArgument("--vcpus, --memory and --param do not apply to --trace files")
+            specs.append(
+                RunSpec(
+                    workload=name if trace_file is None else Path(trace_file).stem,
+                    strategy=strategy,
+                    seed=seed,
+                    overrides=tuple(overrides),
+                    vm=tuple(kv for kv in vm_config if kv is not None),
+                    trace_file=trace_file,
+                    target=self.target,
+                )
+            )
+        return specs
+
+
+def _or_none(axis: list[tuple[str, Any]]) -> list[tuple[str, Any] | None]:
+    """An axis, or one "not varied" point."""
+    return list(axis) if axis else [None]
+
+
+def default_strategies() -> list[str]:
+    """The series' rows, then every installed strategy not built in."""
+    builtin = ["kvm-6.5", "zap-all", "zap-all-serialized", "fine-grained", "fine-grained-split"]
+    extras = [s.name for s in default_manager().strategies() if s.distribution != "mtrremu"]
+    return builtin + extras
+
+
+# -- executing ------------------------------------------------------------------------------
+
+
+class InlineExecutor(Executor):
+    """Runs each submission at once in this process (the default: no process start-up)."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as error:
+            future.set_exception(error)
+        return future
+
+
+@contextmanager
+def executor_for(text: str | None) -> Iterator[Executor]:
+    """``None``: inline; ``local:N``: N worker processes; ``dask://host:port``: a Dask cluster
+    (needs the ``dask`` extra)."""
+    if not text:
+        yield InlineExecutor()
+        return
+    if text.startswith("local:"):
+        try:
+            workers = int(text[6:])
+        except ValueError:
+            raise InvalidArgument(f"--executor {text!r}: local:N needs a number") from None
+        if workers < 1:
+            raise InvalidArgument("--executor local:N needs N >= 1")
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            yield pool
+        return
+    if text.startswith("dask://"):
+        try:
+            from distributed import Client as DaskClient  # noqa: PLC0415  (optional extra)
+        except ImportError:
+            raise InvalidArgument(
+                "--executor dask:// needs the dask extra: pip install 'mtrremu[dask]'"
+            ) from None
+        factory: Any = DaskClient  # untyped library
+        client = factory(text[len("dask://") :])
+        try:
+            yield client.get_executor()
+        finally:
+            client.close()
+        return
+    raise InvalidArgument(f"--executor {text!r}: expected local:N or dask://host:port")
+
+
+def run_all(
+    specs: Sequence[RunSpec],
+    executor: Executor,
+    on_done: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Every spec's record, in spec order (whatever order they finish in)."""
+    futures = {executor.submit(run, spec): index for index, spec in enumerate(specs)}
+    records: list[dict[str, Any] | None] = [None] * len(specs)
+    for future in as_completed(futures):
+        done = future.result()
+        records[futures[future]] = done
+        if on_done is not None:
+            on_done(done)
+    return [r for r in records if r is not None]
+
+
+# -- a server of our own ---------------------------------------------------------------------
+
+
+@contextmanager
+def spawned_server() -> Iterator[str]:
+    """Start ``mtrremu serve`` on a unix socket in a temporary directory; stop it after."""
+    with tempfile.TemporaryDirectory(prefix="mtrremu-ab-") as folder:
+        target = f"unix:{os.path.join(folder, 'server.sock')}"
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mtrremu.cli",
+                "serve",
+                "--listen",
+                target,
+                "--log-level",
+                "warning",
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        try:
+            with Client(target) as probe:
+                probe.wait_ready(timeout=60)
+            yield target
+        finally:
+            process.terminate()
+            process.wait(30)

@@ -1,0 +1,130 @@
+"""Realistic guest workloads (``../shared/spec/workloads.md``), each a parameterised generator
+of a :class:`~mtrremu.workloads.trace.Trace`.
+
+========  ===================================================================
+``W1``    SeaBIOS → Linux on q35 (:mod:`.w1_seabios`)
+``W2``    OVMF → Linux on q35 (:mod:`.w2_ovmf`)
+``W3``    direct kernel boot: Firecracker, Cloud Hypervisor, crosvm (:mod:`.w3_direct`)
+``W4``    a large VM: pre-populated RAM, a whole-VM MTRR event (:mod:`.w4_large`)
+``W5``    runtime ``mtrr_add``/``mtrr_del`` over a device BAR (:mod:`.w5_runtime`)
+``W6``    hvmloader-style serial programming (:mod:`.w6_hvmloader`)
+========  ===================================================================
+
+The same workload, parameters and seed always give the same trace.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from mtrremu.core.errors import InvalidArgument
+from mtrremu.workloads import (
+    w1_seabios,
+    w2_ovmf,
+    w3_direct,
+    w4_large,
+    w5_runtime,
+    w6_hvmloader,
+)
+from mtrremu.workloads.building import LinuxParams
+from mtrremu.workloads.trace import Trace
+
+_SUFFIXES = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+@dataclass(frozen=True)
+class Workload:
+    id: str
+    title: str
+    params: type[Any]
+    build: Callable[[Any, int], Trace]
+
+
+WORKLOADS: dict[str, Workload] = {
+    "W1": Workload("W1", "SeaBIOS -> Linux (q35)", w1_seabios.Params, w1_seabios.build),
+    "W2": Workload("W2", "OVMF -> Linux (q35)", w2_ovmf.Params, w2_ovmf.build),
+    "W3": Workload("W3", "direct kernel boot", w3_direct.Params, w3_direct.build),
+    "W4": Workload("W4", "large VM, whole-VM MTRR event", w4_large.Params, w4_large.build),
+    "W5": Workload("W5", "runtime mtrr_add/mtrr_del", w5_runtime.Params, w5_runtime.build),
+    "W6": Workload("W6", "hvmloader serial programming", w6_hvmloader.Params, w6_hvmloader.build),
+}
+
+
+def workload(name: str) -> Workload:
+    try:
+        return WORKLOADS[name.upper()]
+    except KeyError:
+        raise InvalidArgument(f"unknown workload {name!r}; known: {', '.join(WORKLOADS)}") from None
+
+
+def parse_value(text: str, kind: Any) -> Any:
+    """A parameter value from the command line: sizes take K/M/G/T suffixes."""
+    if kind is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise InvalidArgument(f"{text!r} is not a boolean")
+    if kind is int:
+        scale = _SUFFIXES.get(text[-1:].upper(), 1)
+        digits = text[:-1] if scale > 1 else text
+        try:
+            return int(digits, 0) * scale
+        except ValueError:
+            raise InvalidArgument(f"{text!r} is not an integer or a size like 16G") from None
+    if kind is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise InvalidArgument(f"{text!r} is not a number") from None
+    return text
+
+
+def make_params(spec: Workload, overrides: Mapping[str, Any]) -> Any:
+    """The workload's parameters with ``overrides`` (``name`` or ``linux.name``; strings are
+    parsed by the field's type). Unknown names are refused, listing the known ones."""
+    params = spec.params()
+    hints = typing.get_type_hints(spec.params)
+    linux_hints = typing.get_type_hints(LinuxParams)
+    top: dict[str, Any] = {}
+    linux: dict[str, Any] = {}
+    for key, raw in overrides.items():
+        target, hint_map, name = (
+            (linux, linux_hints, key[6:])
+            if key.startswith("linux.")
+            else (
+                top,
+                hints,
+                key,
+            )
+        )
+        if name not in hint_map or (target is top and name == "linux"):
+            known = [k for k in hints if k != "linux"]
+            if "linux" in hints:
+                known += [f"linux.{k}" for k in linux_hints]
+            raise InvalidArgument(
+                f"{spec.id} has no parameter {key!r}; known: {', '.join(sorted(known))}"
+            )
+        target[name] = parse_value(raw, hint_map[name]) if isinstance(raw, str) else raw
+    if linux:
+        if "linux" not in hints:
+            raise InvalidArgument(f"{spec.id} has no Linux phase to configure")
+        top["linux"] = dataclasses.replace(params.linux, **linux)
+    return dataclasses.replace(params, **top)
+
+
+def build(name: str, overrides: Mapping[str, Any] | None = None, seed: int = 1) -> Trace:
+    """Generate a workload's trace."""
+    spec = workload(name)
+    params = make_params(spec, overrides or {})
+    try:
+        return spec.build(params, seed)
+    except ValueError as error:
+        raise InvalidArgument(f"{spec.id}: {error}") from None
+
+
+__all__ = ["WORKLOADS", "Trace", "Workload", "build", "make_params", "workload"]

@@ -1,0 +1,231 @@
+"""Building blocks shared by the workloads (``../shared/spec/workloads.md``).
+
+:class:`TraceBuilder` records operations in order and follows each vCPU's CR0 and MTRR values
+as the guest sees them, so steps like "set CD" or "write only the MSRs that change" produce
+exactly the writes the firmware or kernel would. Each block below names the code it stands for.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from mtrremu.core import cr0, msrs
+from mtrremu.core.config import VmConfig
+from mtrremu.core.events import (
+    Access,
+    Burst,
+    FaultRange,
+    Init,
+    Item,
+    VcpuOp,
+    WriteCr0,
+    WriteMsr,
+)
+from mtrremu.core.units import PAGE_SHIFT
+
+MIB = 1 << 20
+GIB = 1 << 30
+
+#: The 28 MTRR MSRs in QEMU's push order: defType, 11 fixed, 8 base/mask pairs.
+QEMU_PUSH_ORDER = msrs.MTRR_MSRS
+#: Linux's running CR0 (PE, MP, ET, NE, WP, AM, PG) and its PAT (WB, WC, UC-, UC, WB, WP, UC-, WT).
+LINUX_CR0 = 0x80050033
+LINUX_PAT = 0x0407050600070106
+WB_BYTES = 0x0606060606060606
+
+
+def fixed_value(mtype: int) -> int:
+    """A fixed MSR holding ``mtype`` in all eight ranges."""
+    return int.from_bytes(bytes([mtype] * 8), "little")
+
+
+def var_mask(size: int, maxphyaddr: int) -> int:
+    """A valid PhysMask for a power-of-two ``size``."""
+    return (~(size - 1) & ((1 << maxphyaddr) - 1) & ~0xFFF) | msrs.PHYSMASK_VALID
+
+
+def power_of_two_ranges(start: int, end: int) -> list[tuple[int, int]]:
+    """``[start, end)`` cut into naturally aligned power-of-two blocks, lowest first (how
+    firmware covers a hole with variable MTRRs)."""
+    blocks = []
+    while start < end:
+        size = start & -start if start else 1 << (end.bit_length() - 1)
+        while start + size > end:
+            size >>= 1
+        blocks.append((start, size))
+        start += size
+    return blocks
+
+
+@dataclass
+class TraceBuilder:
+    """Records a trace and follows what each vCPU's registers hold."""
+
+    config: VmConfig
+    seed: int = 1
+    items: list[Item] = field(default_factory=list)
+    cr0: list[int] = field(default_factory=list)
+    mtrrs: list[dict[int, int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.cr0 = [cr0.RESET_VALUE] * self.config.vcpus
+        self.mtrrs = [dict.fromkeys(msrs.MTRR_MSRS, 0) for _ in range(self.config.vcpus)]
+        self._random = random.Random(self.seed)
+
+    @property
+    def vcpus(self) -> range:
+        return range(self.config.vcpus)
+
+    @property
+    def maxphyaddr(self) -> int:
+        return self.config.guest_maxphyaddr
+
+    # -- single operations: return them so callers can put them in bursts ----------------
+
+    def wrmsr(self, vcpu: int, msr: int, value: int, *, host: bool = False) -> WriteMsr:
+        if msr in self.mtrrs[vcpu]:
+            self.mtrrs[vcpu][msr] = value
+        return WriteMsr(vcpu, msr, value, host)
+
+    def write_cr0(self, vcpu: int, value: int, *, host: bool = False) -> WriteCr0:
+        self.cr0[vcpu] = value
+        return WriteCr0(vcpu, value, host)
+
+    def set_cd(self, vcpu: int, on: bool) -> list[VcpuOp]:
+        """A guest CR0 write setting or clearing CD, keeping the other bits (NW cleared with
+        CD as firmware does); nothing if CD is already so."""
+        current = self.cr0[vcpu]
+        if bool(current & cr0.CD) == on:
+            return []
+        value = (current | cr0.CD) & ~cr0.NW if on else current & ~(cr0.CD | cr0.NW)
+        return [self.write_cr0(vcpu, value)]
+
+    def init(self, vcpu: int) -> Init:
+        self.cr0[vcpu] = cr0.init_value(self.cr0[vcpu])
+        return Init(vcpu)
+
+    # -- recording ---------------------------------------------------------------------
+
+    def add(self, ops: Iterable[Item]) -> None:
+        self.items.extend(ops)
+
+    def burst(self, lanes: Mapping[int, Sequence[VcpuOp]]) -> None:
+        """vCPUs acting at the same time (semantics.md §7); the round order comes from the
+        builder's seed, so a whole trace is reproducible from its seed."""
+        kept = tuple((vcpu, tuple(ops)) for vcpu, ops in lanes.items() if ops)
+        if kept:
+            self.items.append(Burst(kept, self._random.randrange(1 << 32)))
+
+    def shuffle(self, order: list[int]) -> None:
+        """A seeded order (who takes a lock first), reproducible from the builder's seed."""
+        self._random.shuffle(order)
+
+    def touch(self, vcpu: int, start: int, size: int) -> None:
+        """The guest touching ``[start, start+size)`` (gpas, 4 KiB aligned)."""
+        if size == 4096:
+            self.items.append(Access(vcpu, start >> PAGE_SHIFT))
+        elif size > 0:
+            self.items.append(FaultRange(vcpu, start >> PAGE_SHIFT, (start + size) >> PAGE_SHIFT))
+
+    def build(self) -> list[Item]:
+        return self.items
+
+
+# -- the VMM -------------------------------------------------------------------------------
+
+
+def qemu_reset_push(b: TraceBuilder) -> None:
+    """QEMU's ``kvm_put_msrs`` on every vCPU: the 28 MTRR MSRs, zero, host-initiated,
+    defType first, while CR0 holds its reset value (CD=1, NW=1)."""
+    for vcpu in b.vcpus:
+        b.add(b.wrmsr(vcpu, msr, 0, host=True) for msr in QEMU_PUSH_ORDER)
+
+
+# -- Linux ---------------------------------------------------------------------------------
+
+
+def linux_cr0(b: TraceBuilder, vcpu: int) -> list[VcpuOp]:
+    """The 64-bit entry (``head_64.S``, the AP trampoline) loading Linux's CR0, CD=0: a guest
+    CD 1→0 for a CPU that arrives with CD=1."""
+    return [b.write_cr0(vcpu, LINUX_CR0)] if b.cr0[vcpu] != LINUX_CR0 else []
+
+
+def linux_cache_cpu_init(b: TraceBuilder, vcpu: int, saved: Mapping[int, int]) -> list[VcpuOp]:
+    """``cache_cpu_init`` on one CPU: CD 0→1 · defType ← 0 · range MSRs rewritten where they
+    differ from the boot CPU's saved state · defType ← saved · CD 1→0 · PAT ← Linux's."""
+    ops: list[VcpuOp] = [*b.set_cd(vcpu, True), b.wrmsr(vcpu, msrs.DEFTYPE, 0)]
+    for msr in (*msrs.FIXED_MSRS, *msrs.VAR_MSRS):
+        if b.mtrrs[vcpu][msr] != saved[msr]:
+            ops.append(b.wrmsr(vcpu, msr, saved[msr]))
+    ops.append(b.wrmsr(vcpu, msrs.DEFTYPE, saved[msrs.DEFTYPE]))
+    ops += b.set_cd(vcpu, False)
+    ops.append(b.wrmsr(vcpu, msrs.PAT, LINUX_PAT))
+    return ops
+
+
+@dataclass(frozen=True)
+class LinuxParams:
+    """Linux's boot on top of any firmware (all sizes in bytes)."""
+
+    #: Where the kernel image is loaded and how much of it the BSP touches.
+    kernel_base: int = 16 * MIB
+    kernel_size: int = 32 * MIB
+    #: Per-CPU areas and stacks each CPU touches during SMP bring-up.
+    percpu_size: int = 2 * MIB
+    #: Share of RAM the running workload touches, spread over the CPUs.
+    touch_fraction: float = 0.25
+    #: Order in which CPUs take ``cache_aps_init``'s spinlock: "ascending" or "seeded".
+    aps_init_order: str = "ascending"
+
+
+def _ram_slices(config: VmConfig, fraction: float) -> list[tuple[int, int]]:
+    """``fraction`` of each RAM slot, from its start, 2 MiB aligned: ``(gpa, size)``."""
+    slices = []
+    for slot in config.sorted_memslots():
+        if slot.kind.value != "ram":
+            continue
+        size = int((slot.pages << PAGE_SHIFT) * fraction) & ~(2 * MIB - 1)
+        if size:
+            slices.append((slot.base_gfn << PAGE_SHIFT, size))
+    return slices
+
+
+def linux_boot(b: TraceBuilder, params: LinuxParams) -> None:
+    """Linux from the firmware handover to a running workload.
+
+    * Entry: the BSP's 64-bit entry writes its own CR0 (CD=0): a CD 1→0 if it came with CD=1.
+    * BSP ``cache_cpu_init`` early in boot (2 zap events under either rule set), PAT.
+    * The kernel image touched by the BSP.
+    * SMP bring-up: INIT (CD kept) then the trampoline's CR0 write (CD=0; a flip only for an
+      AP still at CD=1); each CPU touches its per-CPU area and stack.
+    * ``cache_aps_init``: every CPU, BSP included, runs ``cache_cpu_init`` once more, one at
+      a time under a spinlock (2 zap events each).
+    * The workload touches its share of RAM, split over the CPUs.
+    """
+    bsp = 0
+    b.add(linux_cr0(b, bsp))
+    saved = dict(b.mtrrs[bsp])
+    b.add(linux_cache_cpu_init(b, bsp, saved))
+    b.touch(bsp, params.kernel_base, params.kernel_size)
+    percpu = params.kernel_base + params.kernel_size
+    for ap in b.vcpus:
+        if ap == bsp:
+            continue
+        b.add([b.init(ap), *linux_cr0(b, ap)])
+    for cpu in b.vcpus:
+        b.touch(cpu, percpu + cpu * params.percpu_size, params.percpu_size)
+    order = list(b.vcpus)
+    if params.aps_init_order == "seeded":
+        b.shuffle(order)
+    for cpu in order:
+        b.add(linux_cache_cpu_init(b, cpu, saved))
+    slices = _ram_slices(b.config, params.touch_fraction)
+    for index, (start, size) in enumerate(slices):
+        per_cpu = (size // len(b.vcpus)) & ~(2 * MIB - 1) or size
+        for cpu in b.vcpus:
+            offset = cpu * per_cpu
+            if offset >= size:
+                break
+            b.touch((cpu + index) % len(b.vcpus), start + offset, min(per_cpu, size - offset))

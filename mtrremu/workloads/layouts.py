@@ -1,0 +1,37 @@
+"""Guest-physical memory layouts of the VMMs the workloads stand for."""
+
+from __future__ import annotations
+
+from mtrremu.core.config import Memslot
+
+KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
+FOUR_GIB = 4 * GIB
+
+
+def q35(ram: int, *, flash: int = 256 * KIB, tseg: int = 0) -> tuple[Memslot, ...]:
+    """QEMU q35: with at least 2.75 GiB of RAM, 2 GiB of it below 4 GiB, the rest from 4 GiB.
+
+    [0xA0000, 0xC0000) is VGA MMIO (no memslot); the PCI hole [2 GiB, 4 GiB) holds MMCONFIG,
+    BARs, the IOAPIC and LAPIC (no memslot); ``flash`` (the firmware image) sits just below
+    4 GiB; ``tseg`` bytes at the top of low RAM are SMRAM, not ordinary RAM (OVMF with SMM).
+    """
+    low = 2 * GIB if ram >= 2816 * MIB else ram
+    slots = [
+        Memslot.from_bytes(0, 0xA0000, name="ram-below-vga"),
+        Memslot.from_bytes(0xC0000, low - tseg - 0xC0000, name="ram-low"),
+    ]
+    if ram > low:
+        slots.append(Memslot.from_bytes(FOUR_GIB, ram - low, name="ram-high"))
+    if flash:
+        slots.append(Memslot.from_bytes(FOUR_GIB - flash, flash, name="flash"))
+    return tuple(slots)
+
+
+def direct(ram: int, *, mmio_gap_start: int = 0xD0000000) -> tuple[Memslot, ...]:
+    """Firecracker, Cloud Hypervisor and crosvm: RAM from 0 up to the 32-bit MMIO gap (default
+    0xD0000000), the rest from 4 GiB."""
+    low = min(ram, mmio_gap_start)
+    slots = [Memslot.from_bytes(0, low, name="ram-low")]
+    if ram > low:
+        slots.append(Memslot.from_bytes(FOUR_GIB, ram - low, name="ram-high"))
+    return tuple(slots)

@@ -1,0 +1,376 @@
+"""Traces: what a workload replays, and their JSON Lines file format.
+
+A trace is a VM configuration plus an ordered list of items: per-vCPU operations, VM-wide DMA
+events, and bursts (groups of per-vCPU operation lists that act at the same time).
+
+File format (version 1), one JSON object per line:
+
+* line 1, the header::
+
+    {"format": "mtrremu-trace", "version": 1, "workload": "W1", "params": {...},
+     "vm": {"vcpus": 8, "noncoherent_dma": 1, "guest_maxphyaddr": 40,
+            "quirk_cd_nw_cleared": true, "feature_mtrr": true, "tdp": true,
+            "max_mapping_level": "1G", "precedence": "kvm",
+            "memslots": [{"base": "0x0", "size": "0xa0000", "kind": "ram", "name": "low"}]}}
+
+  Only ``vcpus`` and ``memslots`` are required in ``vm``; the rest take VmConfig's defaults.
+
+* every other line, one item::
+
+    {"op": "wrmsr", "vcpu": 0, "msr": "0x2ff", "value": "0xc06", "host": false}
+    {"op": "rdmsr", "vcpu": 0, "msr": "0x277", "host": false}
+    {"op": "cr0", "vcpu": 0, "value": "0x11", "host": false}
+    {"op": "reset", "vcpu": 1}
+    {"op": "init", "vcpu": 1}
+    {"op": "access", "vcpu": 0, "gpa": "0x100000"}
+    {"op": "fault_range", "vcpu": 0, "start": "0x0", "end": "0x40000000"}
+    {"op": "attach_dma"}
+    {"op": "detach_dma"}
+    {"burst": {"seed": 7, "lanes": [{"vcpu": 1, "ops": [{"op": "cr0", ...}]}]}}
+
+Numbers are JSON integers or ``"0x…"`` strings; ``host`` defaults to false; gpas of
+``fault_range`` are 4 KiB aligned. Blank lines are ignored. :func:`load` rejects a malformed
+file with the line number and the reason.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mtrremu.core.config import Memslot, MemslotKind, VmConfig
+from mtrremu.core.errors import InvalidArgument, MtrremuError
+from mtrremu.core.events import (
+    Access,
+    AttachDma,
+    Burst,
+    DetachDma,
+    FaultRange,
+    Init,
+    Item,
+    ReadMsr,
+    Reset,
+    VcpuOp,
+    WriteCr0,
+    WriteMsr,
+)
+from mtrremu.core.memtype import Precedence
+from mtrremu.core.units import PAGE_SHIFT, PAGE_SIZE, Level
+
+FORMAT = "mtrremu-trace"
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class Trace:
+    """A replayable workload: the VM it needs and what happens on it, in order."""
+
+    workload: str
+    config: VmConfig
+    items: tuple[Item, ...]
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def operations(self) -> int:
+        """Operations in all, bursts counted by their lane operations."""
+        return sum(
+            sum(len(ops) for _, ops in item.lanes) if isinstance(item, Burst) else 1
+            for item in self.items
+        )
+
+
+class TraceFormatError(InvalidArgument):
+    """A malformed trace file; the message starts with ``<file>:<line>:``."""
+
+    reason = "INVALID_TRACE"
+
+    def __init__(self, source: str, line: int, why: str) -> None:
+        super().__init__(f"{source}:{line}: {why}")
+        self.source = source
+        self.line = line
+        self.why = why
+
+
+# -- writing ------------------------------------------------------------------------------
+
+
+def _hex(value: int) -> str:
+    return hex(value)
+
+
+def _op_json(op: VcpuOp | AttachDma | DetachDma) -> dict[str, Any]:
+    if isinstance(op, WriteMsr):
+        return {
+            "op": "wrmsr",
+            "vcpu": op.vcpu,
+            "msr": _hex(op.msr),
+            "value": _hex(op.value),
+            "host": op.host,
+        }
+    if isinstance(op, ReadMsr):
+        return {"op": "rdmsr", "vcpu": op.vcpu, "msr": _hex(op.msr), "host": op.host}
+    if isinstance(op, WriteCr0):
+        return {"op": "cr0", "vcpu": op.vcpu, "value": _hex(op.value), "host": op.host}
+    if isinstance(op, Reset):
+        return {"op": "reset", "vcpu": op.vcpu}
+    if isinstance(op, Init):
+        return {"op": "init", "vcpu": op.vcpu}
+    if isinstance(op, Access):
+        return {"op": "access", "vcpu": op.vcpu, "gpa": _hex(op.gfn << PAGE_SHIFT)}
+    if isinstance(op, FaultRange):
+        return {
+            "op": "fault_range",
+            "vcpu": op.vcpu,
+            "start": _hex(op.start << PAGE_SHIFT),
+            "end": _hex(op.end << PAGE_SHIFT),
+        }
+    if isinstance(op, AttachDma):
+        return {"op": "attach_dma"}
+    return {"op": "detach_dma"}
+
+
+def item_json(item: Item) -> dict[str, Any]:
+    if isinstance(item, Burst):
+        lanes = [{"vcpu": vcpu, "ops": [_op_json(op) for op in ops]} for vcpu, ops in item.lanes]
+        return {"burst": {"seed": item.seed, "lanes": lanes}}
+    return _op_json(item)
+
+
+def config_json(config: VmConfig) -> dict[str, Any]:
+    return {
+        "vcpus": config.vcpus,
+        "noncoherent_dma": config.noncoherent_dma,
+        "guest_maxphyaddr": config.guest_maxphyaddr,
+        "quirk_cd_nw_cleared": config.quirk_cd_nw_cleared,
+        "feature_mtrr": config.feature_mtrr,
+        "tdp": config.tdp,
+        "max_mapping_level": config.max_mapping_level.label,
+        "precedence": config.precedence.value,
+        "memslots": [
+            {
+                "base": _hex(slot.base_gfn << PAGE_SHIFT),
+                "size": _hex(slot.pages << PAGE_SHIFT),
+                "kind": slot.kind.value,
+                "name": slot.name,
+            }
+            for slot in config.memslots
+        ],
+    }
+
+
+def lines(trace: Trace) -> Iterator[str]:
+    header = {
+        "format": FORMAT,
+        "version": VERSION,
+        "workload": trace.workload,
+        "params": dict(trace.params),
+        "vm": config_json(trace.config),
+    }
+    yield json.dumps(header, sort_keys=True)
+    for item in trace.items:
+        yield json.dumps(item_json(item), separators=(",", ":"))
+
+
+def save(trace: Trace, path: Path) -> None:
+    """Write ``trace`` as JSON Lines."""
+    with path.open("w") as out:
+        for line in lines(trace):
+            out.write(line + "\n")
+
+
+# -- reading ------------------------------------------------------------------------------
+
+
+class _Reader:
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.line = 0
+
+    def fail(self, why: str) -> TraceFormatError:
+        return TraceFormatError(self.source, self.line, why)
+
+    def number(self, record: Mapping[str, Any], key: str, *, bits: int = 64) -> int:
+        if key not in record:
+            raise self.fail(f"missing {key!r}")
+        raw = record[key]
+        if isinstance(raw, bool) or not isinstance(raw, (int, str)):
+            raise self.fail(f'{key!r} must be an integer or a "0x…" string, not {raw!r}')
+        try:
+            value = int(raw, 0) if isinstance(raw, str) else raw
+        except ValueError:
+            raise self.fail(f"{key!r} is not a number: {raw!r}") from None
+        if not 0 <= value < 1 << bits:
+            raise self.fail(f"{key!r} = {raw!r} does not fit in {bits} bits")
+        return value
+
+    def flag(self, record: Mapping[str, Any], key: str) -> bool:
+        raw = record.get(key, False)
+        if not isinstance(raw, bool):
+            raise self.fail(f"{key!r} must be true or false, not {raw!r}")
+        return raw
+
+    def gpa(self, record: Mapping[str, Any], key: str) -> int:
+        value = self.number(record, key)
+        if value % PAGE_SIZE:
+            raise self.fail(f"{key!r} = {record[key]!r} is not 4 KiB aligned")
+        return value >> PAGE_SHIFT
+
+    def op(self, record: Any, *, in_burst: bool) -> VcpuOp | AttachDma | DetachDma:
+        if not isinstance(record, dict):
+            raise self.fail(f"an operation must be an object, not {record!r}")
+        kind = record.get("op")
+        if kind in ("attach_dma", "detach_dma"):
+            if in_burst:
+                raise self.fail(f"{kind} cannot be part of a burst")
+            return AttachDma() if kind == "attach_dma" else DetachDma()
+        vcpu = self.number(record, "vcpu", bits=32)
+        if kind == "wrmsr":
+            msr, value = self.number(record, "msr", bits=32), self.number(record, "value")
+            return WriteMsr(vcpu, msr, value, self.flag(record, "host"))
+        if kind == "rdmsr":
+            return ReadMsr(vcpu, self.number(record, "msr", bits=32), self.flag(record, "host"))
+        if kind == "cr0":
+            return WriteCr0(vcpu, self.number(record, "value"), self.flag(record, "host"))
+        if kind == "reset":
+            return Reset(vcpu)
+        if kind == "init":
+            return Init(vcpu)
+        if kind == "access":
+            return Access(vcpu, self.number(record, "gpa") >> PAGE_SHIFT)
+        if kind == "fault_range":
+            start, end = self.gpa(record, "start"), self.gpa(record, "end")
+            if end <= start:
+                raise self.fail("fault_range needs start < end")
+            return FaultRange(vcpu, start, end)
+        raise self.fail(f"unknown operation {kind!r}")
+
+    def item(self, record: Any) -> Item:
+        if isinstance(record, dict) and "burst" in record:
+            burst = record["burst"]
+            if not isinstance(burst, dict) or not isinstance(burst.get("lanes"), list):
+                raise self.fail('a burst needs a "lanes" list')
+            lanes = []
+            seen = set()
+            for lane in burst["lanes"]:
+                if not isinstance(lane, dict) or not isinstance(lane.get("ops"), list):
+                    raise self.fail('each burst lane needs "vcpu" and an "ops" list')
+                vcpu = self.number(lane, "vcpu", bits=32)
+                if vcpu in seen:
+                    raise self.fail(f"burst has two lanes for vCPU {vcpu}")
+                seen.add(vcpu)
+                ops: list[VcpuOp] = []
+                for raw in lane["ops"]:
+                    op = self.op(raw, in_burst=True)
+                    assert not isinstance(op, (AttachDma, DetachDma))
+                    if op.vcpu != vcpu:
+                        raise self.fail(f"burst lane of vCPU {vcpu} holds an op of vCPU {op.vcpu}")
+                    ops.append(op)
+                lanes.append((vcpu, tuple(ops)))
+            return Burst(tuple(lanes), self.number(burst, "seed") if "seed" in burst else 0)
+        return self.op(record, in_burst=False)
+
+    def config(self, vm: Any) -> VmConfig:
+        if not isinstance(vm, dict):
+            raise self.fail('the header needs a "vm" object')
+        slots = vm.get("memslots")
+        if not isinstance(slots, list) or not slots:
+            raise self.fail('"vm" needs a non-empty "memslots" list')
+        memslots = []
+        for slot in slots:
+            if not isinstance(slot, dict):
+                raise self.fail(f"a memslot must be an object, not {slot!r}")
+            kind = slot.get("kind", "ram")
+            if kind not in ("ram", "device"):
+                raise self.fail(f'memslot kind must be "ram" or "device", not {kind!r}')
+            memslots.append(
+                Memslot.from_bytes(
+                    self.number(slot, "base"),
+                    self.number(slot, "size"),
+                    MemslotKind(kind),
+                    str(slot.get("name", "")),
+                )
+            )
+        defaults = VmConfig()
+        try:
+            level = Level.parse(str(vm.get("max_mapping_level", "1G")))
+            precedence = Precedence(vm.get("precedence", "kvm"))
+        except ValueError as error:
+            raise self.fail(str(error)) from None
+        return VmConfig(
+            vcpus=self.number(vm, "vcpus", bits=16),
+            noncoherent_dma=self.number(vm, "noncoherent_dma") if "noncoherent_dma" in vm else 1,
+            guest_maxphyaddr=(
+                self.number(vm, "guest_maxphyaddr")
+                if "guest_maxphyaddr" in vm
+                else defaults.guest_maxphyaddr
+            ),
+            quirk_cd_nw_cleared=bool(vm.get("quirk_cd_nw_cleared", True)),
+            feature_mtrr=bool(vm.get("feature_mtrr", True)),
+            tdp=bool(vm.get("tdp", True)),
+            memslots=tuple(memslots),
+            max_mapping_level=level,
+            precedence=precedence,
+        )
+
+
+def parse(text_lines: Iterable[str], source: str = "<trace>") -> Trace:
+    """A trace from JSON Lines; a malformed line raises :class:`TraceFormatError`."""
+    reader = _Reader(source)
+    header: dict[str, Any] | None = None
+    config: VmConfig | None = None
+    items: list[Item] = []
+    for number, text in enumerate(text_lines, start=1):
+        reader.line = number
+        if not text.strip():
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise reader.fail(f"not JSON: {error.msg} (column {error.colno})") from None
+        if header is None:
+            if not isinstance(record, dict) or record.get("format") != FORMAT:
+                raise reader.fail(f'the first line must be a header with "format": "{FORMAT}"')
+            if record.get("version") != VERSION:
+                raise reader.fail(f"unsupported version {record.get('version')!r} (want {VERSION})")
+            try:
+                config = reader.config(record.get("vm"))
+            except TraceFormatError:
+                raise
+            except MtrremuError as error:
+                raise reader.fail(str(error)) from None
+            header = record
+            continue
+        try:
+            item = reader.item(record)
+        except TraceFormatError:
+            raise
+        except MtrremuError as error:
+            raise reader.fail(str(error)) from None
+        assert config is not None
+        _check_vcpus(reader, item, config.vcpus)
+        items.append(item)
+    if header is None or config is None:
+        raise TraceFormatError(source, max(reader.line, 1), "empty trace: no header line")
+    params = header.get("params", {})
+    if not isinstance(params, dict):
+        raise TraceFormatError(source, 1, '"params" must be an object')
+    return Trace(str(header.get("workload", "trace")), config, tuple(items), params)
+
+
+def _check_vcpus(reader: _Reader, item: Item, vcpus: int) -> None:
+    ops: Iterable[object] = (
+        [op for _, lane in item.lanes for op in lane] if isinstance(item, Burst) else [item]
+    )
+    for op in ops:
+        index = getattr(op, "vcpu", None)
+        if index is not None and index >= vcpus:
+            raise reader.fail(f"vCPU {index} does not exist (the trace's VM has {vcpus})")
+
+
+def load(path: Path) -> Trace:
+    """Read and validate a trace file."""
+    with path.open() as source:
+        return parse(source, str(path))

@@ -1,0 +1,140 @@
+"""W4: a large VM — pre-populated RAM, a whole-VM MTRR event, then every vCPU re-touching its
+working set [linux arch/x86/kernel/cpu/cacheinfo.c ``cache_aps_init``; mtrr/generic.c].
+
+The VM starts as a running Linux guest restored by its VMM: every vCPU's MTRRs pushed by the
+host while CD=1 (as after reset), then Linux's CR0 set by the host (no zap). Every vCPU has
+touched its share of RAM (the EPT is fully populated at ``max_mapping_level``). Then
+``event``:
+
+* ``cache_aps_init`` (default): every CPU runs ``cache_cpu_init`` (CD 0→1, defType ← 0,
+  defType ← saved, CD 1→0), one at a time under a spinlock;
+* ``mtrr_add``: a runtime ``mtrr_add`` of a WC range (``/proc/mtrr``) that every CPU applies
+  in turn: disable (CD 0→1, defType ← 0), write the pair, enable (defType, CD 1→0).
+
+Finally every vCPU touches its working set again (the refaults).
+
+Zap events, N vCPUs: the host push is N defType writes under Base1 (none under Base2, CD=1);
+the event is 2N under either rule set (``cache_aps_init``: defType pairs / CD flips;
+``mtrr_add``: Base1 adds the pair's base and mask writes only if E=1 — they come after the
+disabling defType write, so none).
+
+Sizes from the issue: 416 vCPUs on 1.5 TiB at 2 MiB leaves, and on 12 TiB at 1 GiB leaves,
+``guest_maxphyaddr`` 46.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from mtrremu.core import msrs
+from mtrremu.core.config import VmConfig
+from mtrremu.core.events import VcpuOp
+from mtrremu.core.units import Level
+from mtrremu.workloads.building import (
+    GIB,
+    LINUX_CR0,
+    WB_BYTES,
+    TraceBuilder,
+    linux_cache_cpu_init,
+    var_mask,
+)
+from mtrremu.workloads.layouts import q35
+from mtrremu.workloads.trace import Trace
+
+TIB = 1 << 40
+
+
+@dataclass(frozen=True)
+class Params:
+    vcpus: int = 416
+    ram: int = 3 * TIB // 2
+    #: Largest leaf: "2M" (the 1.5 TiB case) or "1G" (the 12 TiB case).
+    max_mapping_level: str = "2M"
+    guest_maxphyaddr: int = 46
+    #: "cache_aps_init" or "mtrr_add".
+    event: str = "cache_aps_init"
+    #: The WC range an ``mtrr_add`` event covers (a framebuffer-like BAR in the PCI hole).
+    mtrr_add_base: int = 0xE0000000
+    mtrr_add_size: int = 256 << 20
+    #: Share of RAM each vCPU's working set re-touches afterwards.
+    working_set: float = 1.0
+
+
+def booted_table(maxphyaddr: int) -> dict[int, int]:
+    """The MTRRs of a booted q35 guest: fixed WB (VGA UC, ROMs WP), UC over [2 GiB, 4 GiB)."""
+    table = dict.fromkeys(msrs.MTRR_MSRS, 0)
+    table.update(dict.fromkeys(msrs.FIXED_MSRS, WB_BYTES))
+    table[msrs.FIX16K_A0000] = 0
+    table.update(dict.fromkeys(msrs.FIXED_MSRS[3:], 0x0505050505050505))
+    table[msrs.PHYSBASE0] = 0x80000000
+    table[msrs.PHYSBASE0 + 1] = var_mask(2 * GIB, maxphyaddr)
+    table[msrs.DEFTYPE] = 0xC06
+    return table
+
+
+def restore_booted(b: TraceBuilder, table: dict[int, int]) -> None:
+    """The VMM restoring a running guest: MTRRs pushed at CD=1 (defType last), then CR0."""
+    for vcpu in b.vcpus:
+        b.add(
+            b.wrmsr(vcpu, msr, table[msr], host=True) for msr in (*msrs.MTRR_MSRS[1:], msrs.DEFTYPE)
+        )
+        b.add([b.write_cr0(vcpu, LINUX_CR0, host=True)])
+
+
+def ram_shares(b: TraceBuilder, fraction: float) -> list[tuple[int, int, int]]:
+    """Each vCPU's ``(vcpu, gpa, size)`` shares of ``fraction`` of every RAM slot."""
+    shares = []
+    for slot in b.config.sorted_memslots():
+        if slot.name == "flash":
+            continue
+        start, size = slot.base_gfn << 12, int((slot.pages << 12) * fraction) & ~(2 * (1 << 20) - 1)
+        per = max(size // len(b.vcpus) & ~(2 * (1 << 20) - 1), 2 * (1 << 20))
+        offset = 0
+        for vcpu in b.vcpus:
+            if offset >= size:
+                break
+            shares.append((vcpu, start + offset, min(per, size - offset)))
+            offset += per
+    return shares
+
+
+def mtrr_add_on(
+    b: TraceBuilder, vcpu: int, pair: int, *, base: int, mask: int, mtype: int
+) -> list[VcpuOp]:
+    """``set_mtrr`` on one CPU: disable caches and MTRRs, write the pair (a zero mask: only
+    the mask, as ``mtrr_del`` does), enable."""
+    saved = b.mtrrs[vcpu][msrs.DEFTYPE]
+    ops = [*b.set_cd(vcpu, True), b.wrmsr(vcpu, msrs.DEFTYPE, saved & ~0xCFF)]
+    if mask:
+        ops.append(b.wrmsr(vcpu, msrs.PHYSBASE0 + 2 * pair, base | mtype))
+    ops.append(b.wrmsr(vcpu, msrs.PHYSBASE0 + 2 * pair + 1, mask))
+    ops += [b.wrmsr(vcpu, msrs.DEFTYPE, saved), *b.set_cd(vcpu, False)]
+    return ops
+
+
+def build(params: Params, seed: int = 1) -> Trace:
+    if params.event not in ("cache_aps_init", "mtrr_add"):
+        raise ValueError(f"unknown event {params.event!r}")
+    config = VmConfig(
+        vcpus=params.vcpus,
+        noncoherent_dma=1,
+        guest_maxphyaddr=params.guest_maxphyaddr,
+        memslots=q35(params.ram),
+        max_mapping_level=Level.parse(params.max_mapping_level),
+    )
+    b = TraceBuilder(config, seed)
+    table = booted_table(config.guest_maxphyaddr)
+    restore_booted(b, table)
+    shares = ram_shares(b, 1.0)
+    for vcpu, start, size in shares:
+        b.touch(vcpu, start, size)
+    if params.event == "cache_aps_init":
+        for vcpu in b.vcpus:
+            b.add(linux_cache_cpu_init(b, vcpu, table))
+    else:
+        mask = var_mask(params.mtrr_add_size, config.guest_maxphyaddr)
+        for vcpu in b.vcpus:
+            b.add(mtrr_add_on(b, vcpu, 1, base=params.mtrr_add_base, mask=mask, mtype=1))
+    for vcpu, start, size in ram_shares(b, params.working_set):
+        b.touch(vcpu, start, size)
+    return Trace("W4", config, tuple(b.build()), {"seed": seed, **asdict(params)})
