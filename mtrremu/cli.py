@@ -24,7 +24,6 @@ from mtrremu.ab.runner import (
     trace_for,
 )
 from mtrremu.core.errors import MtrremuError
-from mtrremu.demo import DEMO_STRATEGIES, run_demo
 from mtrremu.plugin.manager import default_manager
 from mtrremu.server.app import DEFAULT_LISTEN, ServerSettings, serve
 from mtrremu.server.limits import Limits
@@ -40,19 +39,6 @@ def _strategies(args: argparse.Namespace) -> int:
             f"{registered.distribution} {registered.version} ({registered.plugin})"
         )
         print(f"{'':<20} {spec.description}")
-    return 0
-
-
-def _demo(args: argparse.Namespace) -> int:
-    names = args.strategy or list(DEMO_STRATEGIES)
-    rows = run_demo(names, vcpus=args.vcpus, seed=args.seed)
-    columns = ("zap_events", "zaps_executed", "leaves_removed", "entries_visited", "refaults")
-    print(f"{'strategy':<20}" + "".join(f"{c:>17}" for c in columns) + f"{'stale':>8}")
-    for name, counters, stale in rows:
-        values = counters.as_dict()
-        print(f"{name:<20}" + "".join(f"{values[c]:>17}" for c in columns) + f"{stale:>8}")
-    if any(stale for _, _, stale in rows):
-        print("\nstale > 0: leaves a fresh fault would now map with another memory type or IPAT.")
     return 0
 
 
@@ -176,14 +162,6 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     listing = commands.add_parser("strategies", help="list the installed zap strategies")
     listing.set_defaults(run=_strategies)
-    demo = commands.add_parser(
-        "demo", help="a small SeaBIOS-like boot under several strategies, counted"
-    )
-    demo.add_argument("--strategy", action="append", help="a strategy to run (repeatable)")
-    demo.add_argument("--vcpus", type=int, default=4, help="vCPUs (default 4)")
-    demo.add_argument("--seed", type=int, default=1, help="burst order seed (default 1)")
-    demo.set_defaults(run=_demo)
-
     defaults = Limits()
     serve = commands.add_parser(
         "serve",

@@ -24,19 +24,16 @@ def test_strategies_lists_every_builtin_with_its_distribution() -> None:
     assert "mtrremu 0.1.0" in done.stdout
 
 
-def test_demo_prints_the_series_zap_counts() -> None:
-    done = run("demo", "--vcpus", "4", "--strategy", "kvm-6.5", "--strategy", "zap-all")
+def test_the_default_ab_job_reproduces_the_published_counts(tmp_path: object) -> None:
+    done = run("ab", "--out", str(tmp_path), "--no-progress", "--no-charts")
     assert done.returncode == 0, done.stderr
-    rows = {line.split()[0]: line.split() for line in done.stdout.splitlines()[1:] if line}
-    # Base1: 2 reset pushes x 4 vCPUs + 2 (BSP) + 3 x 2 (APs) + 4 x 2 (cache_cpu_init).
-    assert rows["kvm-6.5"][1] == "24"
-    # Base2: CD clears count, MTRR writes under CD=1 do not: 3 + 3 x 3 + 4 x 2.
-    assert rows["zap-all"][1] == "20"
-    assert rows["zap-all"][-1] == "0"
+    assert "84 (= 84 published)" in done.stdout and "74 (= 74 published)" in done.stdout
+    assert "50 (= 50 published)" in done.stdout and "42 (= 42 published)" in done.stdout
+    assert f"JSON Lines: {tmp_path}/ab.jsonl" in done.stdout
 
 
 def test_an_unknown_strategy_is_a_clear_error_not_a_traceback() -> None:
-    done = run("demo", "--strategy", "no-such-thing")
+    done = run("ab", "-w", "W3", "--strategy", "no-such-thing", "--no-progress")
     assert done.returncode == 2
     assert "unknown strategy 'no-such-thing'" in done.stderr
     assert "Traceback" not in done.stderr

@@ -170,6 +170,8 @@ class Plan:
         ]
         configs = list(itertools.product(*(_or_none(axis) for axis in axes)))
         vm_configs = list(itertools.product(*(_or_none(axis) for axis in vm_axes)))
+        for strategy in self.strategies:
+            default_manager().strategy(strategy)  # unknown names fail before anything runs
         specs = []
         sources = [(w, None) for w in self.workloads] + [("trace", t) for t in self.traces]
         for (name, trace_file), config, vm_config, seed, strategy in itertools.product(
