@@ -40,6 +40,9 @@ class RejectedHostWrite(InvalidArgument):
         self.value = value
         self.why = why
 
+    def __reduce__(self) -> tuple[type[RejectedHostWrite], tuple[str, int, str]]:
+        return (RejectedHostWrite, (self.register, self.value, self.why))
+
 
 class NotFound(MtrremuError):
     """The request names a VM, vCPU or strategy that does not exist."""

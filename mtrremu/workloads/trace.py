@@ -62,6 +62,9 @@ from mtrremu.core.units import PAGE_SHIFT, PAGE_SIZE, Level
 
 FORMAT = "mtrremu-trace"
 VERSION = 1
+_OP_KINDS = frozenset(
+    {"wrmsr", "rdmsr", "cr0", "reset", "init", "access", "fault_range", "attach_dma", "detach_dma"}
+)
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,10 @@ class TraceFormatError(InvalidArgument):
         self.source = source
         self.line = line
         self.why = why
+
+    def __reduce__(self) -> tuple[type[TraceFormatError], tuple[str, int, str]]:
+        # Runs on other processes (local:N, Dask) send the error back pickled.
+        return (TraceFormatError, (self.source, self.line, self.why))
 
 
 # -- writing ------------------------------------------------------------------------------
@@ -206,8 +213,8 @@ class _Reader:
             raise self.fail(f"{key!r} = {raw!r} does not fit in {bits} bits")
         return value
 
-    def flag(self, record: Mapping[str, Any], key: str) -> bool:
-        raw = record.get(key, False)
+    def flag(self, record: Mapping[str, Any], key: str, default: bool = False) -> bool:
+        raw = record.get(key, default)
         if not isinstance(raw, bool):
             raise self.fail(f"{key!r} must be true or false, not {raw!r}")
         return raw
@@ -222,6 +229,8 @@ class _Reader:
         if not isinstance(record, dict):
             raise self.fail(f"an operation must be an object, not {record!r}")
         kind = record.get("op")
+        if kind not in _OP_KINDS:
+            raise self.fail(f"unknown operation {kind!r}")
         if kind in ("attach_dma", "detach_dma"):
             if in_burst:
                 raise self.fail(f"{kind} cannot be part of a burst")
@@ -240,12 +249,10 @@ class _Reader:
             return Init(vcpu)
         if kind == "access":
             return Access(vcpu, self.number(record, "gpa") >> PAGE_SHIFT)
-        if kind == "fault_range":
-            start, end = self.gpa(record, "start"), self.gpa(record, "end")
-            if end <= start:
-                raise self.fail("fault_range needs start < end")
-            return FaultRange(vcpu, start, end)
-        raise self.fail(f"unknown operation {kind!r}")
+        start, end = self.gpa(record, "start"), self.gpa(record, "end")
+        if end <= start:
+            raise self.fail("fault_range needs start < end")
+        return FaultRange(vcpu, start, end)
 
     def item(self, record: Any) -> Item:
         if isinstance(record, dict) and "burst" in record:
@@ -307,9 +314,9 @@ class _Reader:
                 if "guest_maxphyaddr" in vm
                 else defaults.guest_maxphyaddr
             ),
-            quirk_cd_nw_cleared=bool(vm.get("quirk_cd_nw_cleared", True)),
-            feature_mtrr=bool(vm.get("feature_mtrr", True)),
-            tdp=bool(vm.get("tdp", True)),
+            quirk_cd_nw_cleared=self.flag(vm, "quirk_cd_nw_cleared", True),
+            feature_mtrr=self.flag(vm, "feature_mtrr", True),
+            tdp=self.flag(vm, "tdp", True),
             memslots=tuple(memslots),
             max_mapping_level=level,
             precedence=precedence,
@@ -333,8 +340,9 @@ def parse(text_lines: Iterable[str], source: str = "<trace>") -> Trace:
         if header is None:
             if not isinstance(record, dict) or record.get("format") != FORMAT:
                 raise reader.fail(f'the first line must be a header with "format": "{FORMAT}"')
-            if record.get("version") != VERSION:
-                raise reader.fail(f"unsupported version {record.get('version')!r} (want {VERSION})")
+            version = record.get("version")
+            if type(version) is not int or version != VERSION:
+                raise reader.fail(f"unsupported version {version!r} (want {VERSION})")
             try:
                 config = reader.config(record.get("vm"))
             except TraceFormatError:
@@ -372,5 +380,17 @@ def _check_vcpus(reader: _Reader, item: Item, vcpus: int) -> None:
 
 def load(path: Path) -> Trace:
     """Read and validate a trace file."""
-    with path.open() as source:
-        return parse(source, str(path))
+    try:
+        with path.open("rb") as source:
+            return parse(_decoded(source, str(path)), str(path))
+    except OSError as error:
+        raise InvalidArgument(f"cannot read trace {path}: {error.strerror or error}") from None
+
+
+def _decoded(source: Iterable[bytes], name: str) -> Iterator[str]:
+    """The file's lines as text; a line that is not UTF-8 is a format error on that line."""
+    for number, raw in enumerate(source, start=1):
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise TraceFormatError(name, number, "not UTF-8 text") from None
