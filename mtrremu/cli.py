@@ -62,7 +62,6 @@ def _serve(args: argparse.Namespace) -> int:
         max_vms=args.max_vms,
         max_vm_memory_bytes=args.max_vm_memory,
         max_total_memory_bytes=args.max_total_memory,
-        max_ept_bytes_per_vm=args.max_ept_memory,
         max_batch_operations=args.max_batch_operations,
         max_message_bytes=args.max_message_bytes,
     )
@@ -180,13 +179,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--max-total-memory", type=_size, default=defaults.max_total_memory_bytes, metavar="SIZE"
-    )
-    serve.add_argument(
-        "--max-ept-memory",
-        type=_size,
-        default=defaults.max_ept_bytes_per_vm,
-        metavar="SIZE",
-        help="EPT table memory per VM",
     )
     serve.add_argument(
         "--max-batch-operations", type=int, default=defaults.max_batch_operations, metavar="N"

@@ -233,3 +233,13 @@ def test_store_bytes_per_4k_leaf_stay_near_one() -> None:
     assert store.leaf_counts()[Level.K4] == gfn(GIB)
     assert store.nbytes / store.leaf_total < 2
     assert np.all(np.array(list(store.table_counts().values())) > 0)
+
+
+def test_leaf_runs_of_a_store_whose_tables_hold_no_leaves_are_empty() -> None:
+    store = EptStore()
+    store.install(5, Level.K4, WB)
+    store.zap(ZAP_ALL)  # the tables stay, the leaf is gone
+    assert list(store.leaf_runs()) == []
+    store.install(7, Level.K4, WB)
+    store.install(8, Level.K4, WB)
+    assert list(store.leaf_runs()) == [(Level.K4, 7, 2, WB)]

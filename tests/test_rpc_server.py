@@ -15,7 +15,7 @@ from grpc_status import rpc_status
 
 from mtrremu.client import Client, RemoteVm
 from mtrremu.core import msrs
-from mtrremu.core.config import Memslot, MemslotKind, VmConfig
+from mtrremu.core.config import MAX_MEMSLOT_NAME, MAX_MEMSLOTS, Memslot, MemslotKind, VmConfig
 from mtrremu.core.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -26,7 +26,6 @@ from mtrremu.core.errors import (
     UnknownStrategy,
 )
 from mtrremu.core.events import Access, Burst, WriteCr0, WriteMsr
-from mtrremu.core.units import Level
 from mtrremu.rpc.status import from_rpc_error
 from mtrremu.server.app import EmulatorServer, ServerSettings
 from mtrremu.server.limits import Limits
@@ -324,17 +323,48 @@ def test_the_memory_limits_per_vm_and_in_total() -> None:
     server.stop(0)
 
 
-def test_the_ept_memory_limit_keeps_the_vm_usable() -> None:
-    server = limited(max_ept_bytes_per_vm=1 << 20)
+def test_a_vm_that_would_make_listing_unsendable_is_not_created() -> None:
+    server = limited(max_batch_operations=10, max_message_bytes=64 * KIB)
+    named = tuple(
+        Memslot.from_bytes(i * 2 * MIB, MIB, name=f"{i:03}" + "n" * (MAX_MEMSLOT_NAME - 3))
+        for i in range(150)
+    )
     with Client(server.addresses[0]) as client:
-        vm = client.create_vm(
-            VmConfig(memslots=(Memslot.from_bytes(0, 4 * GIB),), max_mapping_level=Level.K4)
-        )
-        with pytest.raises(ResourceExhausted, match="EPT"):
-            vm.fault_range(0, 0, 4 * GIB)
-        assert vm.access(0, 0x5000).access.kind == pb.ACCESS_KIND_FAULT
-        assert client.health() == "SERVING"
+        first = client.create_vm(VmConfig(memslots=named))
+        with pytest.raises(ResourceExhausted, match="nothing was created"):
+            client.create_vm(VmConfig(memslots=named))
+        assert [vm.vm_id for vm in client.list_vms()] == [first.vm_id]
+        first.delete()
+        client.create_vm(VmConfig(memslots=named))
     server.stop(0)
+
+
+def test_memslot_count_and_name_limits(client: Client) -> None:
+    one = pb.Memslot(base_gpa=0, size_bytes=4 * KIB)
+    long_name = pb.Memslot(base_gpa=0, size_bytes=4 * KIB, name="n" * (MAX_MEMSLOT_NAME + 1))
+    too_many = [
+        pb.Memslot(base_gpa=i * 8 * KIB, size_bytes=4 * KIB) for i in range(MAX_MEMSLOTS + 1)
+    ]
+    for slots, match in ((too_many, f"{MAX_MEMSLOTS} memslots"), ([long_name], "characters")):
+        request = pb.CreateVmRequest(config=pb.VmConfig(memslots=slots))
+        with pytest.raises(grpc.RpcError) as caught:
+            client.stub.CreateVm(request)
+        refused = from_rpc_error(caught.value)
+        assert isinstance(refused, InvalidConfig) and match in str(refused), refused
+    named = pb.Memslot(base_gpa=0, size_bytes=4 * KIB, name="n" * MAX_MEMSLOT_NAME)
+    for slot in (one, named):
+        created = client.stub.CreateVm(pb.CreateVmRequest(config=pb.VmConfig(memslots=[slot])))
+        client.vm(created.vm.vm_id).delete()
+
+
+def test_gpas_beyond_a_4_level_ept_are_refused(client: Client) -> None:
+    vm = client.create_vm(VmConfig(guest_maxphyaddr=52))
+    with pytest.raises(InvalidArgument, match="48 bits"):
+        vm.access(0, 1 << 48)
+    with pytest.raises(InvalidArgument, match="beyond"):
+        vm.fault_range(0, (1 << 48) - 4 * KIB, (1 << 48) + 4 * KIB)
+    assert vm.access(0, (1 << 48) - 4 * KIB).access.kind == pb.ACCESS_KIND_MMIO_EXIT
+    vm.delete()
 
 
 def test_the_batch_and_message_limits() -> None:

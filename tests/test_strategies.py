@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from mtrremu.core import msrs
-from mtrremu.core.config import Memslot
+from mtrremu.core.config import MAX_DMA_DEVICES, Memslot
+from mtrremu.core.errors import InvalidConfig, ResourceExhausted
 from mtrremu.core.memtypes import MemType
 from mtrremu.core.strategy import Route
 from mtrremu.core.units import ZAP_ALL, GfnRange, Level
@@ -245,3 +246,12 @@ def test_dma_transitions_do_not_zap_without_ept(strategy: str) -> None:
 
 def test_route_enum_names_are_stable() -> None:
     assert [r.value for r in Route] == ["direct", "list"]
+
+
+def test_the_dma_device_count_is_bounded() -> None:
+    with pytest.raises(InvalidConfig):
+        make_vm("zap-all", noncoherent_dma=MAX_DMA_DEVICES + 1)
+    vm = make_vm("zap-all", noncoherent_dma=MAX_DMA_DEVICES)
+    with pytest.raises(ResourceExhausted):
+        vm.attach_dma()
+    assert vm.noncoherent_dma == MAX_DMA_DEVICES

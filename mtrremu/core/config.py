@@ -12,7 +12,13 @@ from mtrremu.core.units import EPT_GFN_LIMIT, PAGE_SHIFT, PAGE_SIZE, GfnRange, L
 
 GIB = 1 << 30
 MAX_VCPUS = 4096
+#: Non-coherent DMA devices a VM may have attached at once.
+MAX_DMA_DEVICES = 65535
 MIN_MAXPHYADDR, MAX_MAXPHYADDR = 32, 52
+#: Memslots per VM: KVM's KVM_USER_MEM_SLOTS on x86 (SHRT_MAX less its 3 internal slots).
+MAX_MEMSLOTS = 32764
+#: A memslot name is a label for reports, not data.
+MAX_MEMSLOT_NAME = 256
 
 
 class MemslotKind(enum.Enum):
@@ -85,19 +91,29 @@ class VmConfig:
                 f"guest_maxphyaddr must be between {MIN_MAXPHYADDR} and {MAX_MAXPHYADDR}, "
                 f"got {self.guest_maxphyaddr}"
             )
-        if self.noncoherent_dma < 0:
-            raise InvalidConfig("noncoherent_dma cannot be negative")
+        if not 0 <= self.noncoherent_dma <= MAX_DMA_DEVICES:
+            raise InvalidConfig(
+                f"noncoherent_dma must be between 0 and {MAX_DMA_DEVICES}, "
+                f"got {self.noncoherent_dma}"
+            )
         if self.max_mapping_level not in (Level.K4, Level.M2, Level.G1):
             raise InvalidConfig(
                 f"max_mapping_level must be 4K, 2M or 1G, got {self.max_mapping_level}"
             )
-        if not self.memslots:
-            raise InvalidConfig("a VM needs at least one memslot")
+        if not 1 <= len(self.memslots) <= MAX_MEMSLOTS:
+            raise InvalidConfig(
+                f"a VM needs between 1 and {MAX_MEMSLOTS} memslots, got {len(self.memslots)}"
+            )
         limit = min(1 << (self.guest_maxphyaddr - PAGE_SHIFT), EPT_GFN_LIMIT)
         ordered = sorted(self.memslots, key=lambda s: s.base_gfn)
         for slot in ordered:
             if slot.pages <= 0 or slot.base_gfn < 0:
                 raise InvalidConfig(f"memslot {slot.name or slot.base_gfn}: empty or negative")
+            if len(slot.name) > MAX_MEMSLOT_NAME:
+                raise InvalidConfig(
+                    f"memslot at gfn {slot.base_gfn:#x}: a name of {len(slot.name)} characters; "
+                    f"the limit is {MAX_MEMSLOT_NAME}"
+                )
             if slot.end_gfn > limit:
                 raise InvalidConfig(
                     f"memslot {slot} ends beyond the guest-physical space "

@@ -26,7 +26,6 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-from mtrremu.core.errors import ResourceExhausted
 from mtrremu.core.interval_map import IntervalMap
 from mtrremu.core.memtype import EptMemtype
 from mtrremu.core.memtypes import MemType
@@ -143,28 +142,11 @@ class _LevelStep(Protocol):
     ) -> list[npt.NDArray[np.int32]]: ...
 
 
-class _Budget:
-    """Bytes the store's tables may take; ``None`` means no limit."""
-
-    def __init__(self, limit: int | None) -> None:
-        self.limit = limit
-        self.used = 0
-
-    def charge(self, nbytes: int) -> None:
-        if self.limit is not None and self.used + nbytes > self.limit:
-            raise ResourceExhausted(
-                f"the EPT would need more than its {self.limit} bytes "
-                "(too many small leaves for this server's limits)"
-            )
-        self.used += nbytes
-
-
 class _Pool:
     """The tables of one level."""
 
-    def __init__(self, level: Level, capacity: int, budget: _Budget) -> None:
+    def __init__(self, level: Level, capacity: int) -> None:
         self.level = level
-        self.budget = budget
         self.ent: UInt8Array = np.zeros((capacity, ENTRIES_PER_TABLE), dtype=np.uint8)
         self.child: npt.NDArray[np.int32] | None = (
             np.full((capacity, ENTRIES_PER_TABLE), -1, dtype=np.int32) if level > Level.K4 else None
@@ -172,7 +154,6 @@ class _Pool:
         self.base: Int64Array = np.full(capacity, -1, dtype=np.int64)
         self.top = 0
         self.free: list[int] = []
-        budget.charge(capacity * self.table_bytes)
 
     @property
     def live(self) -> int:
@@ -183,20 +164,11 @@ class _Pool:
         child = 0 if self.child is None else self.child.nbytes
         return self.ent.nbytes + child + self.base.nbytes
 
-    @property
-    def table_bytes(self) -> int:
-        return ENTRIES_PER_TABLE * (1 if self.child is None else 5) + 8
-
     def _grow(self, needed: int) -> None:
         capacity = len(self.base)
         if needed <= capacity:
             return
         new = max(needed, 2 * capacity)
-        if self.budget.limit is not None and new > needed:
-            # Near the limit, grow only as much as needed rather than double.
-            room = (self.budget.limit - self.budget.used) // self.table_bytes
-            new = max(needed, min(new, capacity + room))
-        self.budget.charge((new - capacity) * self.table_bytes)
         ent = np.zeros((new, ENTRIES_PER_TABLE), dtype=np.uint8)
         ent[:capacity] = self.ent
         self.ent = ent
@@ -255,18 +227,16 @@ def _as_block(ids: npt.NDArray[np.int32]) -> slice | npt.NDArray[np.int32]:
 class EptStore:
     """The VM's one EPT. Not thread-safe: the VM serialises access under its MMU lock.
 
-    ``max_bytes`` caps the memory its tables may take: an access or bulk fault that needs more
-    raises :class:`ResourceExhausted` (a bulk fault keeps what it installed before that; the
-    store stays consistent).
+    Its size is bounded by the guest's memory: at worst (every page a 4 KiB leaf) about one
+    byte per 4 KiB page plus the tables above, which is what a server's memory limits bound.
     """
 
-    def __init__(self, max_bytes: int | None = None) -> None:
-        budget = _Budget(max_bytes)
+    def __init__(self) -> None:
         self._pools = {
-            Level.ROOT: _Pool(Level.ROOT, 1, budget),
-            Level.G1: _Pool(Level.G1, 4, budget),
-            Level.M2: _Pool(Level.M2, 16, budget),
-            Level.K4: _Pool(Level.K4, 64, budget),
+            Level.ROOT: _Pool(Level.ROOT, 1),
+            Level.G1: _Pool(Level.G1, 4),
+            Level.M2: _Pool(Level.M2, 16),
+            Level.K4: _Pool(Level.K4, 64),
         }
         self._pools[Level.ROOT].allocate(np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.uint8))
         self._leaves = dict.fromkeys(LEAF_LEVELS_DESCENDING, 0)
@@ -572,7 +542,7 @@ class EptStore:
             (np.full(len(gfns), int(level), dtype=np.int64), gfns, bytes_.astype(np.int64))
             for level, gfns, bytes_ in self.leaves()
         ]
-        if not parts:
+        if not parts or not sum(len(p[1]) for p in parts):
             return
         levels = np.concatenate([p[0] for p in parts])
         gfns = np.concatenate([p[1] for p in parts])

@@ -12,10 +12,16 @@ from dataclasses import dataclass, replace
 
 from mtrremu.core import cr0 as cr0_bits
 from mtrremu.core import msrs
-from mtrremu.core.config import VmConfig
+from mtrremu.core.config import MAX_DMA_DEVICES, VmConfig
 from mtrremu.core.counters import Counters
 from mtrremu.core.ept import Entry, EptStore, encode_leaf
-from mtrremu.core.errors import FailedPrecondition, InvalidArgument, NotFound, RejectedHostWrite
+from mtrremu.core.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    RejectedHostWrite,
+    ResourceExhausted,
+)
 from mtrremu.core.events import (
     Access,
     AccessInfo,
@@ -38,7 +44,7 @@ from mtrremu.core.memtype import Profile
 from mtrremu.core.observer import NULL_OBSERVER, Observer
 from mtrremu.core.oracle import EXAMPLES, StaleReport, find_stale
 from mtrremu.core.strategy import NO_ZAP, VmView, ZapDecision, ZapStrategy
-from mtrremu.core.units import PAGE_SHIFT, U64_MASK, GfnRange, Level
+from mtrremu.core.units import EPT_GFN_LIMIT, PAGE_SHIFT, U64_MASK, GfnRange, Level
 from mtrremu.core.vcpu import VCpu
 from mtrremu.core.zap_engine import ZapEngine
 from mtrremu.core.zap_list import Role, ZapList
@@ -64,10 +70,7 @@ class StalenessLog:
 
 
 class Vm:
-    """One emulated VM. Create it through the plugin manager, which picks the strategy.
-
-    ``ept_max_bytes`` caps the EPT's memory (a server limit; unlimited by default).
-    """
+    """One emulated VM. Create it through the plugin manager, which picks the strategy."""
 
     def __init__(
         self,
@@ -78,7 +81,6 @@ class Vm:
         vm_id: str = "vm",
         strategy_name: str = "",
         observer: Observer = NULL_OBSERVER,
-        ept_max_bytes: int | None = None,
     ) -> None:
         self.config = config
         self.strategy = strategy
@@ -88,7 +90,7 @@ class Vm:
         self._observer = observer
         self.memslots = Memslots(config)
         self.vcpus = tuple(VCpu.create(i, config.guest_maxphyaddr) for i in range(config.vcpus))
-        self.store = EptStore(ept_max_bytes)
+        self.store = EptStore()
         self.counters = Counters()
         self._dma = config.noncoherent_dma
         self._mmu_lock = threading.Lock()
@@ -96,7 +98,9 @@ class Vm:
         self.zap_list = ZapList(self._zap, posted_window=config.zap_list_posted_window)
         self._engine = ZapEngine(self._zap, self.zap_list, config.sorted_memslots())
         self._plans: dict[int, tuple[tuple[int, bool, bool], FaultPlan]] = {}
-        self._gfn_limit = 1 << (config.guest_maxphyaddr - PAGE_SHIFT)
+        # A 4-level EPT translates 48 bits: a larger MAXPHYADDR is accepted (its MSR rules
+        # matter) but gpas beyond the EPT are refused.
+        self._gfn_limit = min(1 << (config.guest_maxphyaddr - PAGE_SHIFT), EPT_GFN_LIMIT)
         self._rules = msrs.write_rules(config.guest_maxphyaddr)
         self.staleness = StalenessLog()
         self._track = config.track_staleness
@@ -147,7 +151,7 @@ class Vm:
         if not 0 <= gfn < self._gfn_limit:
             raise InvalidArgument(
                 f"gfn {gfn:#x} is outside the guest-physical space "
-                f"(MAXPHYADDR {self.config.guest_maxphyaddr})"
+                f"(MAXPHYADDR {self.config.guest_maxphyaddr}, a 4-level EPT's 48 bits)"
             )
 
     # -- internals -------------------------------------------------------------------------
@@ -381,6 +385,10 @@ class Vm:
         with self._vm_lock:
             if self._dma + delta < 0:
                 raise FailedPrecondition("no non-coherent DMA device is attached")
+            if self._dma + delta > MAX_DMA_DEVICES:
+                raise ResourceExhausted(
+                    f"the VM already has {MAX_DMA_DEVICES} non-coherent DMA devices attached"
+                )
             self._dma += delta
             transition = self._dma == (1 if delta > 0 else 0)
             result.value = self._dma

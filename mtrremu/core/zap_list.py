@@ -16,6 +16,7 @@ Thread-safe: one thread per vCPU may call :meth:`ZapList.request` concurrently.
 
 from __future__ import annotations
 
+import bisect
 import enum
 import threading
 from collections.abc import Callable
@@ -66,7 +67,11 @@ class ZapList:
         self.hooks = hooks or ZapListHooks()
         self._lock = threading.Lock()
         self._flag_cleared = threading.Condition(self._lock)
+        # The queue in drain order, its sort keys (length, -start) and an index of its ranges:
+        # adding is a dict lookup and a bisection, so bursts with many ranges stay cheap.
         self._queue: list[Ticket] = []
+        self._keys: list[tuple[int, int]] = []
+        self._index: dict[GfnRange, Ticket] = {}
         self._zapping = False
         self._waiting = 0
         self._fail_after: int | None = None
@@ -101,27 +106,33 @@ class ZapList:
 
     def add(self, rng: GfnRange, counters: Counters) -> Ticket:
         """Queue ``rng`` in order, or return the identical ticket already queued."""
-        key = (rng.list_length(), -rng.start)
         with self._lock:
-            at = len(self._queue)
-            for i, ticket in enumerate(self._queue):
-                other = (ticket.range.list_length(), -ticket.range.start)
-                if other == key and ticket.range == rng:
-                    counters.duplicates_dropped += 1
-                    return ticket
-                if other > key:
-                    at = i
-                    break
+            queued = self._index.get(rng)
+            if queued is not None:
+                counters.duplicates_dropped += 1
+                return queued
+            # Equal length and start means the same range, so keys are unique: the new one
+            # goes before the first larger key, as KVM's list walk puts it.
+            key = (rng.list_length(), -rng.start)
+            at = bisect.bisect_left(self._keys, key)
             ticket = Ticket(rng)
             self._queue.insert(at, ticket)
+            self._keys.insert(at, key)
+            self._index[rng] = ticket
             counters.ranges_queued += 1
             return ticket
+
+    def _pop_first(self) -> Ticket:
+        ticket = self._queue.pop(0)
+        del self._keys[0]
+        del self._index[ticket.range]
+        return ticket
 
     def clear(self) -> int:
         """Drop every queued range (patch 10's allocation-failure path); returns how many."""
         with self._lock:
             dropped = self._queue
-            self._queue = []
+            self._queue, self._keys, self._index = [], [], {}
         for ticket in dropped:
             ticket.discarded = True
         return len(dropped)
@@ -149,7 +160,7 @@ class ZapList:
                         self._flag_cleared.notify_all()
                         return
                     break
-                ticket = self._queue.pop(0)
+                ticket = self._pop_first()
             self._zap(ticket.range, counters)
             ticket.drained = True
         self.hooks.before_flag_clear()

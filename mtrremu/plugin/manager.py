@@ -179,7 +179,6 @@ class PluginManager:
         options: Mapping[str, str] | None = None,
         *,
         vm_id: str | None = None,
-        ept_max_bytes: int | None = None,
     ) -> Vm:
         """A VM using the named strategy, built once and called directly by the VM."""
         registered = self.strategy(strategy)
@@ -201,7 +200,6 @@ class PluginManager:
             vm_id=f"vm-{next(self._ids)}" if vm_id is None else vm_id,
             strategy_name=strategy,
             observer=self.observer(),
-            ept_max_bytes=ept_max_bytes,
         )
 
 

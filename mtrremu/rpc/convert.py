@@ -43,6 +43,9 @@ from mtrremu.core.vm import StalenessLog, Vm
 from mtrremu.core.zap_list import Role
 from mtrremu.v1 import emulator_pb2 as pb
 
+#: Ranges a ZapSummary lists (the totals count them all): answers stay bounded in size.
+MAX_LISTED_RANGES = 16
+
 _MEMTYPES = {
     MemType.UC: pb.MEMORY_TYPE_UC,
     MemType.WC: pb.MEMORY_TYPE_WC,
@@ -312,10 +315,12 @@ def outcome_message(result: EventResult, into: pb.EventOutcome | None = None) ->
     if zap is not None:
         summary = message.zap
         summary.zap_event = zap.zap_event
-        for rng in zap.requested:
+        for rng in zap.requested[:MAX_LISTED_RANGES]:
             summary.requested.add(start_gfn=rng.start, end_gfn=rng.end)
-        for ticket in zap.tickets:
+        for ticket in zap.tickets[:MAX_LISTED_RANGES]:
             summary.queued.add(start_gfn=ticket.range.start, end_gfn=ticket.range.end)
+        summary.requested_total = len(zap.requested)
+        summary.queued_total = len(zap.tickets)
         if zap.role is not None:
             summary.role = _ROLES[zap.role]
         summary.alloc_failed = zap.alloc_failed

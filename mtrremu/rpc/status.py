@@ -27,6 +27,9 @@ from mtrremu.core.errors import (
 )
 
 DOMAIN = "mtrremu.v1"
+#: Status messages and ErrorInfo values are trimmed to this: they travel in trailers, which
+#: gRPC caps (16 KiB), and an error may quote a huge bad argument.
+MAX_TEXT = 1024
 _CODES = {
     "INVALID_ARGUMENT": (grpc.StatusCode.INVALID_ARGUMENT, code_pb2.INVALID_ARGUMENT),
     "NOT_FOUND": (grpc.StatusCode.NOT_FOUND, code_pb2.NOT_FOUND),
@@ -53,12 +56,16 @@ _BY_CODE = {
 }
 
 
+def trimmed(text: str) -> str:
+    return text if len(text) <= MAX_TEXT else text[: MAX_TEXT - 1] + "…"
+
+
 def error_info(error: MtrremuError) -> error_details_pb2.ErrorInfo:
     info = error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN)
     if isinstance(error, RejectedHostWrite):
-        info.metadata["register"] = error.register
+        info.metadata["register"] = trimmed(error.register)
         info.metadata["value"] = hex(error.value)
-        info.metadata["why"] = error.why
+        info.metadata["why"] = trimmed(error.why)
     return info
 
 
@@ -67,7 +74,7 @@ def to_status(error: MtrremuError) -> grpc.Status:
     code = _CODES.get(error.status, (grpc.StatusCode.INVALID_ARGUMENT, code_pb2.INVALID_ARGUMENT))
     detail = any_pb2.Any()
     detail.Pack(error_info(error))
-    message = status_pb2.Status(code=code[1], message=str(error), details=[detail])
+    message = status_pb2.Status(code=code[1], message=trimmed(str(error)), details=[detail])
     status: grpc.Status = rpc_status.to_status(message)
     return status
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from mtrremu.core.config import VmConfig
-from mtrremu.core.errors import NotFound, ResourceExhausted
+from mtrremu.core.errors import InvalidArgument, NotFound, ResourceExhausted
 from mtrremu.core.units import PAGE_SHIFT
 from mtrremu.core.vm import Vm
 from mtrremu.plugin.manager import PluginManager
@@ -16,21 +16,39 @@ from mtrremu.plugin.manager import PluginManager
 TIB = 1 << 40
 
 
+#: The largest message one operation's result can take: outcome fields, a trimmed error
+#: message, at most ``MAX_LISTED_RANGES`` ranges twice, every counter at its widest.
+MAX_RESULT_BYTES = 2048
+
+
 @dataclass(frozen=True)
 class Limits:
-    """Server limits; exceeding one is RESOURCE_EXHAUSTED (reason LIMIT_EXCEEDED)."""
+    """Server limits; exceeding one is RESOURCE_EXHAUSTED (reason LIMIT_EXCEEDED).
+
+    Guest memory also bounds the emulator's own: an EPT takes at most about one byte per
+    4 KiB of guest memory (every page a 4 KiB leaf), so 16 TiB of guests cost at most 4 GiB.
+    """
 
     max_vms: int = 64
     #: Guest memory (RAM and device slots) of one VM.
     max_vm_memory_bytes: int = 16 * TIB
     #: Guest memory of all VMs together.
-    max_total_memory_bytes: int = 64 * TIB
-    #: Memory one VM's EPT tables may take (guards against guests mapped in 4 KiB pages).
-    max_ept_bytes_per_vm: int = 1 << 30
+    max_total_memory_bytes: int = 32 * TIB
     #: Operations in one ExecuteRequest (a burst counts each lane operation).
-    max_batch_operations: int = 100_000
+    max_batch_operations: int = 20_000
     #: Largest request or response message.
     max_message_bytes: int = 64 << 20
+
+    def __post_init__(self) -> None:
+        # Every answer to an accepted batch must be sendable: refusing it after it ran would
+        # leave its effects without a report.
+        needed = self.max_batch_operations * MAX_RESULT_BYTES
+        if needed > self.max_message_bytes:
+            raise InvalidArgument(
+                f"max_batch_operations {self.max_batch_operations} needs answers of up to "
+                f"{needed} bytes, over max_message_bytes {self.max_message_bytes} "
+                f"(at most {self.max_message_bytes // MAX_RESULT_BYTES} operations)"
+            )
 
 
 @dataclass(frozen=True)
@@ -50,7 +68,16 @@ class VmTable:
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
 
-    def create(self, config: VmConfig, strategy: str, options: Mapping[str, str]) -> Entry:
+    def create(
+        self,
+        config: VmConfig,
+        strategy: str,
+        options: Mapping[str, str],
+        fits: Callable[[Entry, Sequence[Entry]], bool] = lambda entry, others: True,
+    ) -> Entry:
+        """A new VM, registered only if every limit allows it and ``fits`` accepts it beside
+        the VMs already held (the servicer checks that the answers describing it, alone and
+        with the others, can be sent)."""
         memory = config.memory_pages << PAGE_SHIFT
         if memory > self.limits.max_vm_memory_bytes:
             raise ResourceExhausted(
@@ -67,13 +94,14 @@ class VmTable:
                     f"limit of {self.limits.max_total_memory_bytes}"
                 )
             vm = self.manager.create_vm(
-                config,
-                strategy or "fine-grained",
-                options,
-                vm_id=f"vm-{next(self._ids)}",
-                ept_max_bytes=self.limits.max_ept_bytes_per_vm,
+                config, strategy or "fine-grained", options, vm_id=f"vm-{next(self._ids)}"
             )
             entry = Entry(vm, dict(options), memory)
+            if not fits(entry, tuple(self._vms.values())):
+                raise ResourceExhausted(
+                    f"the answers describing this VM would exceed {self.limits.max_message_bytes} "
+                    "bytes; nothing was created"
+                )
             self._vms[vm.vm_id] = entry
             return entry
 

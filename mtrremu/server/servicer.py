@@ -7,7 +7,7 @@ calls the core, and maps domain errors to statuses (:mod:`mtrremu.rpc.status`).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar, cast
 
 import grpc
@@ -17,13 +17,15 @@ from mtrremu.core.errors import InvalidArgument, MtrremuError, ResourceExhausted
 from mtrremu.core.events import Init, Reset
 from mtrremu.rpc import convert
 from mtrremu.rpc.status import abort
-from mtrremu.server.limits import VmTable
+from mtrremu.server.limits import Entry, VmTable
 from mtrremu.v1 import emulator_pb2 as pb
 from mtrremu.v1 import emulator_pb2_grpc as pb_grpc
 
 F = TypeVar("F", bound=Callable[..., Any])
 DEFAULT_RUNS_PER_MESSAGE = 4096
 MAX_RUNS_PER_MESSAGE = 65536
+#: Bytes a VM's description may grow by after creation (leaf and DMA counts, as varints).
+LISTING_HEADROOM = 64
 
 
 def _translated(method: F) -> F:
@@ -65,8 +67,18 @@ class Servicer(pb_grpc.EmulatorServiceServicer):
         self, request: pb.CreateVmRequest, context: grpc.ServicerContext
     ) -> pb.CreateVmResponse:
         config = convert.vm_config(request.config)
-        entry = self.table.create(config, request.strategy, dict(request.strategy_options))
-        return pb.CreateVmResponse(vm=convert.vm_message(entry.vm, entry.options))
+        limit = self.table.limits.max_message_bytes
+        answers: list[pb.CreateVmResponse] = []
+
+        def fits(entry: Entry, others: Sequence[Entry]) -> bool:
+            answers.append(pb.CreateVmResponse(vm=convert.vm_message(entry.vm, entry.options)))
+            # ListVms must stay sendable too; the headroom covers counts that grow later.
+            listed = sum(convert.vm_message(e.vm, e.options).ByteSize() for e in others)
+            grown = (len(others) + 1) * LISTING_HEADROOM
+            return answers[0].ByteSize() + listed + grown <= limit
+
+        self.table.create(config, request.strategy, dict(request.strategy_options), fits)
+        return answers[0]
 
     @_translated
     def GetVm(self, request: pb.GetVmRequest, context: grpc.ServicerContext) -> pb.GetVmResponse:
