@@ -412,12 +412,15 @@ def test_shutdown_lets_a_call_in_flight_finish_and_refuses_new_ones() -> None:
     assert inside.wait(10)  # the call is in flight, held inside its drain
     stopping = threading.Thread(target=server.stop)
     stopping.start()
-    with pytest.raises(grpc.RpcError) as refused:
-        while True:  # until the server stops taking new calls
-            Client(server.addresses[0], timeout=5).list_vms()
+    try:
+        with pytest.raises(grpc.RpcError) as refused:
+            while True:  # until the server stops taking new calls
+                Client(server.addresses[0], timeout=5).list_vms()
+    finally:
+        release.set()
     assert isinstance(refused.value, grpc.Call)
-    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
-    release.set()
+    # A call arriving as the listener closes is cancelled; one arriving after is unavailable.
+    assert refused.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
     caller.join(10)
     stopping.join(15)
     watcher.join(15)
