@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
 from mtrremu.core import cr0, msrs
 from mtrremu.core.config import Memslot, MemslotKind, VmConfig
 from mtrremu.core.units import Level
@@ -99,3 +105,27 @@ __all__ = [
     "set_var",
     "var_mask",
 ]
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_command(
+    *command: str, timeout: float = 300, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run a real subprocess from the repository root, capturing its text output; the caller
+    checks the exit status."""
+    return subprocess.run(
+        list(command),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env=None if env is None else {**os.environ, **env},
+    )
+
+
+def run_mtrremu(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """``mtrremu ARGS`` through this interpreter."""
+    return run_command(sys.executable, "-m", "mtrremu.cli", *args, timeout=timeout)

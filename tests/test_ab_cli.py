@@ -8,7 +8,6 @@ import csv
 import dataclasses
 import importlib.metadata
 import json
-import os
 import re
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from mtrremu.core.counters import Counters
 from mtrremu.workloads import WORKLOADS, build
 from mtrremu.workloads.building import LinuxParams
 from mtrremu.workloads.trace import load, save
+from tests.helpers import run_command
 
 GIB = 1 << 30
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -68,7 +68,7 @@ def ab(*args: str, out: Path, charts: bool = False) -> subprocess.CompletedProce
     """``mtrremu ab ARGS --out OUT --no-progress`` (and ``--no-charts`` unless asked)."""
     command = [sys.executable, "-m", "mtrremu.cli", "ab", *args, "--out", str(out)]
     command += ["--no-progress"] + ([] if charts else ["--no-charts"])
-    return subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    return run_command(*command)
 
 
 def records_of(out: Path) -> list[dict[str, Any]]:
@@ -127,13 +127,8 @@ def ab_parser() -> argparse.ArgumentParser:
 
 
 def test_help_documents_every_option() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "mtrremu.cli", "ab", "--help"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env={**os.environ, "COLUMNS": "1000"},  # no wrapping: help strings stay whole
+    done = run_command(  # COLUMNS: no wrapping, help strings stay whole
+        sys.executable, "-m", "mtrremu.cli", "ab", "--help", timeout=120, env={"COLUMNS": "1000"}
     )
     assert done.returncode == 0, done.stderr
     text = " ".join(done.stdout.split())

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT, run_command
+
 BUF = ROOT / "clients" / "node" / "node_modules" / ".bin" / "buf"
 
 
@@ -36,14 +36,7 @@ def require_buf() -> Path:
 def test_buf_lint_is_clean() -> None:
     buf = require_buf()
     assert (ROOT / "buf.yaml").is_file()
-    done = subprocess.run(
-        [str(buf), "lint"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    done = run_command(str(buf), "lint")
     assert done.returncode == 0, f"buf lint exited {done.returncode}:\n{done.stdout}{done.stderr}"
     assert done.stdout.strip() == "", done.stdout
 
@@ -51,13 +44,6 @@ def test_buf_lint_is_clean() -> None:
 def test_buf_builds_the_module() -> None:
     """Lint passing on an empty module would prove nothing: the image must hold the service."""
     buf = require_buf()
-    done = subprocess.run(
-        [str(buf), "ls-files"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    done = run_command(str(buf), "ls-files")
     assert done.returncode == 0, done.stderr
     assert "protos/mtrremu/v1/emulator.proto" in done.stdout.split()

@@ -2,18 +2,9 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
+from tests.helpers import run_mtrremu
 
-
-def run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "mtrremu.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+run = run_mtrremu
 
 
 def test_strategies_lists_every_builtin_with_its_distribution() -> None:

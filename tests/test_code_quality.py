@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import run_command
 
 
 def check(*command: str) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", *command],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    done = run_command(sys.executable, "-m", *command, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,9 +32,8 @@ from mtrremu.core.config import Memslot, VmConfig
 from mtrremu.core.errors import MtrremuError
 from mtrremu.server.app import EmulatorServer, ServerSettings
 from mtrremu.v1 import emulator_pb2 as pb
-from tests.helpers import GIB, KIB, MIB
+from tests.helpers import GIB, KIB, MIB, ROOT, run_command
 
-ROOT = Path(__file__).resolve().parents[1]
 NODE_CLIENT = ROOT / "clients" / "node"
 SCENARIO_SCRIPT = NODE_CLIENT / "scenario.mjs"
 
@@ -209,14 +207,7 @@ def to_dict(message: pb.EventOutcome | pb.Counters) -> Json:
 
 
 def run_node(node: str, target: str) -> Json:
-    done = subprocess.run(
-        [node, str(SCENARIO_SCRIPT), target],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = run_command(node, str(SCENARIO_SCRIPT), target, timeout=120)
     assert done.returncode == 0, f"scenario.mjs exited {done.returncode}:\n{done.stderr}"
     document: Json = json.loads(done.stdout)
     return document

@@ -5,7 +5,6 @@ guarantee that importing the package pulls in no gRPC."""
 from __future__ import annotations
 
 import importlib.metadata
-import subprocess
 import sys
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -30,7 +29,7 @@ from mtrremu.plugin import (
     hookimpl,
 )
 from mtrremu.plugin.manager import PluginManager
-from tests.helpers import ALL_STRATEGIES, CD0, SERIES, leaves
+from tests.helpers import ALL_STRATEGIES, CD0, SERIES, leaves, run_command
 
 KVM_RELEASES = "mtrremu_strategies.kvm_releases"
 SERIES_PLUGIN = "mtrremu_strategies.series"
@@ -473,9 +472,8 @@ def test_import_pulls_in_no_grpc() -> None:
         "import sys, mtrremu; mtrremu.create_vm(); "
         'print(sorted(m for m in sys.modules if "grpc" in m))'
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
-    )
+    done = run_command(sys.executable, "-c", code, timeout=120)
+    assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import pickle
-import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,6 +31,7 @@ from mtrremu.core.units import Level
 from mtrremu.plugin.manager import PluginManager
 from mtrremu.workloads import WORKLOADS, build
 from mtrremu.workloads.trace import Trace, TraceFormatError, lines, load, parse, save
+from tests.helpers import run_command
 
 GIB = 1 << 30
 MANAGER = PluginManager(entry_points=False)
@@ -520,7 +520,7 @@ def test_the_cli_rejects_a_malformed_trace_file(executor: str | None, tmp_path: 
     command += ["--out", str(tmp_path / "out"), "--no-progress", "--no-charts"]
     if executor is not None:
         command += ["--executor", executor, "-s", "zap-all"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    done = run_command(*command, timeout=120)
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr
     why = "vCPU 7 does not exist (the trace's VM has 2)"

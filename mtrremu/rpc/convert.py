@@ -37,7 +37,7 @@ from mtrremu.core.events import (
 )
 from mtrremu.core.memtype import EptMemtype, Precedence, Profile
 from mtrremu.core.memtypes import MemType
-from mtrremu.core.oracle import StaleReport
+from mtrremu.core.oracle import StaleLeaf, StaleReport
 from mtrremu.core.units import PAGE_SHIFT, PAGE_SIZE, Level
 from mtrremu.core.vm import StalenessLog, Vm
 from mtrremu.core.zap_list import Role
@@ -284,12 +284,12 @@ def memtype_fields(memtype: EptMemtype) -> tuple[pb.MemoryType.ValueType, bool]:
     return _MEMTYPES[memtype.type], memtype.ipat
 
 
-def mapping_message(mapping: Mapping | Entry) -> pb.Mapping:
-    """A present leaf (from an access result or a lookup)."""
-    kind, ipat = memtype_fields(mapping.memtype)
+def mapping_message(place: Mapping | Entry | StaleLeaf, memtype: EptMemtype) -> pb.Mapping:
+    """A leaf at ``place`` (its base and level) with ``memtype``."""
+    kind, ipat = memtype_fields(memtype)
     return pb.Mapping(
-        base_gpa=mapping.base_gfn << PAGE_SHIFT,
-        level=_LEVELS[mapping.level],
+        base_gpa=place.base_gfn << PAGE_SHIFT,
+        level=_LEVELS[place.level],
         memory_type=kind,
         ipat=ipat,
     )
@@ -334,7 +334,8 @@ def outcome_message(result: EventResult, into: pb.EventOutcome | None = None) ->
         access_message = message.access
         access_message.kind = _ACCESS[result.access.kind]
         if result.access.mapping is not None:
-            access_message.mapping.CopyFrom(mapping_message(result.access.mapping))
+            mapping = result.access.mapping
+            access_message.mapping.CopyFrom(mapping_message(mapping, mapping.memtype))
         access_message.refault = result.access.refault
     if result.populate is not None:
         populate = result.populate
@@ -384,26 +385,10 @@ def stale_message(report: StaleReport | None, log: StalenessLog) -> pb.CheckStal
         stale_leaves=report.count, quiescent=True, tracking=tracking
     )
     for leaf in report.examples:
-        kind, ipat = memtype_fields(leaf.have)
         example = response.examples.add()
-        example.have.CopyFrom(
-            pb.Mapping(
-                base_gpa=leaf.base_gfn << PAGE_SHIFT,
-                level=_LEVELS[leaf.level],
-                memory_type=kind,
-                ipat=ipat,
-            )
-        )
+        example.have.CopyFrom(mapping_message(leaf, leaf.have))
         if leaf.want is not None and not leaf.mixed:
-            want_kind, want_ipat = memtype_fields(leaf.want)
-            example.want.CopyFrom(
-                pb.Mapping(
-                    base_gpa=leaf.base_gfn << PAGE_SHIFT,
-                    level=_LEVELS[leaf.level],
-                    memory_type=want_kind,
-                    ipat=want_ipat,
-                )
-            )
+            example.want.CopyFrom(mapping_message(leaf, leaf.want))
     return response
 
 

@@ -180,7 +180,7 @@ class Servicer(pb_grpc.EmulatorServiceServicer):
         entry = self.table.vm(request.vm_id).lookup(request.gpa >> 12)
         response = pb.LookupGpaResponse(zapped=entry.zapped, mmio=entry.mmio)
         if entry.present:
-            response.mapping.CopyFrom(convert.mapping_message(entry))
+            response.mapping.CopyFrom(convert.mapping_message(entry, entry.memtype))
         return response
 
     @_translated_stream
