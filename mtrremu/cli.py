@@ -13,6 +13,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from mtrremu.ab.published import ROWS
 from mtrremu.ab.report import print_report, write_charts, write_csv, write_jsonl
 from mtrremu.ab.runner import (
     LAYOUTS,
@@ -24,8 +25,8 @@ from mtrremu.ab.runner import (
     trace_for,
 )
 from mtrremu.core.errors import MtrremuError
+from mtrremu.core.units import SIZE_SUFFIXES
 from mtrremu.plugin.manager import default_manager
-from mtrremu.server.app import DEFAULT_LISTEN, ServerSettings, serve
 from mtrremu.server.limits import Limits
 from mtrremu.workloads import WORKLOADS
 from mtrremu.workloads.trace import save
@@ -42,7 +43,7 @@ def _strategies(args: argparse.Namespace) -> int:
     return 0
 
 
-_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_SUFFIXES = {"": 1, **SIZE_SUFFIXES}
 
 
 def _size(text: str) -> int:
@@ -55,6 +56,9 @@ def _size(text: str) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    # grpc loads only for the command that serves.
+    from mtrremu.server.app import DEFAULT_LISTEN, ServerSettings, serve  # noqa: PLC0415
+
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -106,12 +110,11 @@ def _ab(args: argparse.Namespace) -> int:
         params=dict(args.param or []),
         traces=args.trace or [],
     )
+    planned = plan.specs()
     if args.save_traces:
         folder = Path(args.save_traces)
         folder.mkdir(parents=True, exist_ok=True)
-        for spec in {
-            (s.workload, s.overrides, s.seed, s.trace_file): s for s in plan.specs()
-        }.values():
+        for spec in {(s.workload, s.overrides, s.seed, s.trace_file): s for s in planned}.values():
             trace = trace_for(spec)
             name = f"{spec.workload}-{spec.label.replace(' ', '_').replace('=', '-')}.jsonl"
             save(trace, folder / name)
@@ -121,7 +124,7 @@ def _ab(args: argparse.Namespace) -> int:
         if target == "spawn":
             target = stack.enter_context(spawned_server())
             console.print(f"started a server on {target}")
-        specs = [dataclasses.replace(s, target=target) for s in plan.specs()]
+        specs = [dataclasses.replace(s, target=target) for s in planned]
         executor = stack.enter_context(executor_for(args.executor))
         progress = stack.enter_context(
             Progress(
@@ -218,8 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--strategy",
         action="append",
         metavar="NAME",
-        help="a strategy (default: kvm-6.5, zap-all, zap-all-serialized, fine-grained, "
-        "fine-grained-split, and every installed non-built-in one)",
+        help=f"a strategy (default: {', '.join(ROWS)}, and every installed non-built-in one)",
     )
     ab.add_argument("--vcpus", type=int, action="append", help="vCPU count (workload default)")
     ab.add_argument(

@@ -26,11 +26,11 @@ from mtrremu.core.counters import Counters
 from mtrremu.core.events import Item
 from mtrremu.rpc import convert
 from mtrremu.rpc.status import raise_domain
+from mtrremu.rpc.transport import DEFAULT_MAX_MESSAGE_BYTES, message_size_options
 from mtrremu.v1 import emulator_pb2 as pb
 from mtrremu.v1 import emulator_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
-MAX_MESSAGE_BYTES = 64 << 20
 DEFAULT_BATCH = 1000
 
 
@@ -41,10 +41,6 @@ def _call(method: Callable[[], T]) -> T:
         raise_domain(error)
 
 
-def _initiator(host: bool) -> pb.Initiator.ValueType:
-    return pb.INITIATOR_HOST if host else pb.INITIATOR_GUEST
-
-
 class Client:
     """A connection to one server (``host:port`` or ``unix:/path``)."""
 
@@ -53,10 +49,7 @@ class Client:
         self.timeout = timeout
         self.channel = grpc.insecure_channel(
             target,
-            options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ],
+            options=message_size_options(DEFAULT_MAX_MESSAGE_BYTES),
         )
         self.stub = pb_grpc.EmulatorServiceStub(self.channel)
 
@@ -132,17 +125,19 @@ class RemoteVm:
     # -- operations ---------------------------------------------------------------------
 
     def write_msr(self, vcpu: int, msr: int, value: int, *, host: bool = False) -> pb.EventOutcome:
-        op = pb.WriteMsrOperation(vcpu=vcpu, msr=msr, value=value, initiator=_initiator(host))
+        op = pb.WriteMsrOperation(
+            vcpu=vcpu, msr=msr, value=value, initiator=convert.initiator_message(host)
+        )
         request = pb.WriteMsrRequest(vm_id=self.vm_id, operation=op)
         return _call(lambda: self._stub.WriteMsr(request, timeout=self._timeout)).outcome
 
     def read_msr(self, vcpu: int, msr: int, *, host: bool = False) -> pb.EventOutcome:
-        op = pb.ReadMsrOperation(vcpu=vcpu, msr=msr, initiator=_initiator(host))
+        op = pb.ReadMsrOperation(vcpu=vcpu, msr=msr, initiator=convert.initiator_message(host))
         request = pb.ReadMsrRequest(vm_id=self.vm_id, operation=op)
         return _call(lambda: self._stub.ReadMsr(request, timeout=self._timeout)).outcome
 
     def write_cr0(self, vcpu: int, value: int, *, host: bool = False) -> pb.EventOutcome:
-        op = pb.WriteCr0Operation(vcpu=vcpu, value=value, initiator=_initiator(host))
+        op = pb.WriteCr0Operation(vcpu=vcpu, value=value, initiator=convert.initiator_message(host))
         request = pb.WriteCr0Request(vm_id=self.vm_id, operation=op)
         return _call(lambda: self._stub.WriteCr0(request, timeout=self._timeout)).outcome
 

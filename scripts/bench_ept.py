@@ -16,8 +16,8 @@ import time
 
 import numpy as np
 
-from mtrremu.core.config import GIB, Memslot, VmConfig
-from mtrremu.core.units import ZAP_ALL, Level
+from mtrremu.core.config import Memslot, VmConfig
+from mtrremu.core.units import GIB, PAGE_SHIFT, ZAP_ALL, Level
 from mtrremu.plugin.manager import PluginManager
 
 
@@ -26,7 +26,7 @@ def main() -> None:
     parser.add_argument("--gib", type=int, default=16, help="guest RAM in GiB (default 16)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per measurement")
     args = parser.parse_args()
-    pages = args.gib * GIB >> 12
+    pages = args.gib * GIB >> PAGE_SHIFT
     config = VmConfig(
         noncoherent_dma=1,
         memslots=(Memslot.from_bytes(0, args.gib * GIB),),

@@ -109,7 +109,7 @@ def main() -> None:
     with Client(emulator_target) as client:
         vm = client.create_vm(VmConfig(vcpus=8, noncoherent_dma=1), "fine-grained")
         vm_id = vm.vm_id
-    ops = list(writes(8, args.ops))
+    ops = writes(8, args.ops)
 
     emu_b = max(batched_rate(emulator_target, vm_id, ops, args.batch) for _ in range(args.repeat))
     noop_b = max(batched_rate(noop_target, "noop", ops, args.batch) for _ in range(args.repeat))

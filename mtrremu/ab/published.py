@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mtrremu.core.units import GIB
+
 #: The cover letter's rows, and the strategy each one is.
 ROWS = {
     "kvm-6.5": "Base1",
@@ -65,8 +67,8 @@ def published(workload: str, strategy: str, vcpus: int, memory_bytes: int) -> Pu
     """The cover letter's numbers for this run, when it is one of the published setups."""
     if workload not in ZAP_COUNTS or strategy not in ROWS:
         return None
-    if vcpus != 8 or memory_bytes != 16 << 30:
+    if vcpus != 8 or memory_bytes != 16 * GIB:
         return None
     firmware, counts = ZAP_COUNTS[workload]
-    rule = "Base1" if strategy == "kvm-6.5" else "Base2"
+    rule = ROWS[strategy].split()[0]  # the zap events follow the row's base rule set
     return Published(firmware, counts[rule], CYCLES_M[workload].get(strategy))

@@ -12,10 +12,6 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -56,17 +52,11 @@ def describe(record: dict[str, Any]) -> str:
 
 def groups(records: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
     """(workload, configuration label) pairs in first-seen order."""
-    seen: dict[tuple[str, str], None] = {}
-    for r in records:
-        seen.setdefault((r["workload"], r["label"]), None)
-    return list(seen)
+    return list(dict.fromkeys((r["workload"], r["label"]) for r in records))
 
 
 def strategies(records: Sequence[dict[str, Any]]) -> list[str]:
-    seen: dict[str, None] = {}
-    for r in records:
-        seen.setdefault(r["strategy"], None)
-    return list(seen)
+    return list(dict.fromkeys(r["strategy"] for r in records))
 
 
 def _cell(record: dict[str, Any]) -> Text:
@@ -182,11 +172,6 @@ def write_jsonl(records: Iterable[dict[str, Any]], path: Path) -> None:
             out.write(json.dumps(r, sort_keys=True) + "\n")
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    with path.open() as source:
-        return [json.loads(line) for line in source if line.strip()]
-
-
 def write_csv(records: Sequence[dict[str, Any]], path: Path) -> None:
     """One row per run: identity columns, every counter, the staleness verdict, wall time."""
     counters = sorted({k for r in records for k in r["counters"]})
@@ -239,6 +224,12 @@ def write_charts(records: Sequence[dict[str, Any]], folder: Path) -> list[Path]:
 
 
 def _chart(rows: Sequence[dict[str, Any]], title: str, path: Path) -> None:
+    # matplotlib costs a third of a second to import: only runs that draw pay it.
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
     figure, axes = plt.subplots(figsize=(11, 5.5), dpi=110)
     width = 0.8 / max(len(rows), 1)
     values = [[r["counters"][m] for m in CHART_METRICS] for r in rows]

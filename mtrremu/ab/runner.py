@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mtrremu.ab.published import ROWS
 from mtrremu.ab.records import record
-from mtrremu.client import Client
 from mtrremu.core.burst import execute
 from mtrremu.core.config import Memslot, MemslotKind
 from mtrremu.core.errors import InvalidArgument
@@ -122,6 +122,8 @@ def run(spec: RunSpec) -> dict[str, Any]:
 def _run_remote(
     target: str, trace: Trace, strategy: str
 ) -> tuple[dict[str, int], dict[str, int | None]]:
+    from mtrremu.client import Client  # noqa: PLC0415  (grpc only for runs against a server)
+
     with Client(target, timeout=600) as client:
         remote = client.create_vm(trace.config, strategy)
         try:
@@ -156,7 +158,6 @@ class Plan:
     layouts: Sequence[str] = ()
     params: Mapping[str, str] = field(default_factory=dict)
     traces: Sequence[str] = ()
-    target: str | None = None
 
     def specs(self) -> list[RunSpec]:
         axes: list[list[tuple[str, Any]]] = [
@@ -191,7 +192,6 @@ class Plan:
                     overrides=tuple(overrides),
                     vm=tuple(kv for kv in vm_config if kv is not None),
                     trace_file=trace_file,
-                    target=self.target,
                 )
             )
         return specs
@@ -204,7 +204,7 @@ def _or_none(axis: list[tuple[str, Any]]) -> list[tuple[str, Any] | None]:
 
 def default_strategies() -> list[str]:
     """The series' rows, then every installed strategy not built in."""
-    builtin = ["kvm-6.5", "zap-all", "zap-all-serialized", "fine-grained", "fine-grained-split"]
+    builtin = list(ROWS)
     extras = [s.name for s in default_manager().strategies() if s.distribution != "mtrremu"]
     return builtin + extras
 
@@ -280,6 +280,8 @@ def run_all(
 @contextmanager
 def spawned_server() -> Iterator[str]:
     """Start ``mtrremu serve`` on a unix socket in a temporary directory; stop it after."""
+    from mtrremu.client import Client  # noqa: PLC0415  (grpc only for runs against a server)
+
     with tempfile.TemporaryDirectory(prefix="mtrremu-ab-") as folder:
         target = f"unix:{os.path.join(folder, 'server.sock')}"
         process = subprocess.Popen(

@@ -8,9 +8,8 @@ from dataclasses import dataclass, field
 
 from mtrremu.core.errors import InvalidConfig
 from mtrremu.core.memtype import Precedence
-from mtrremu.core.units import EPT_GFN_LIMIT, PAGE_SHIFT, PAGE_SIZE, GfnRange, Level
+from mtrremu.core.units import EPT_GFN_LIMIT, GIB, PAGE_SHIFT, PAGE_SIZE, GfnRange, Level
 
-GIB = 1 << 30
 MAX_VCPUS = 4096
 #: Non-coherent DMA devices a VM may have attached at once.
 MAX_DMA_DEVICES = 65535

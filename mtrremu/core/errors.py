@@ -65,7 +65,7 @@ class FailedPrecondition(MtrremuError):
 
 
 class ResourceExhausted(MtrremuError):
-    """A configured limit would be exceeded (VMs, guest memory, EPT memory, batch size)."""
+    """A configured limit would be exceeded (VMs, guest memory, DMA devices, batch size)."""
 
     status = "RESOURCE_EXHAUSTED"
     reason = "LIMIT_EXCEEDED"

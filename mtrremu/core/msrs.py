@@ -198,12 +198,8 @@ class WriteRules:
 
 @lru_cache(maxsize=64)
 def write_rules(maxphyaddr: int) -> WriteRules:
+    """The write rules for one guest MAXPHYADDR, built once and shared by its VMs."""
     return WriteRules(maxphyaddr)
-
-
-def write_rejection(msr: int, value: int, maxphyaddr: int) -> str | None:
-    """Why KVM refuses writing ``value`` (a u64) to ``msr``, or ``None`` if it is accepted."""
-    return write_rules(maxphyaddr).rejection(msr, value)
 
 
 def read_rejection(msr: int) -> str | None:

@@ -76,7 +76,7 @@ class MtrrState:
         """Store an already validated MTRR MSR value (defType, fixed or variable)."""
         if msr == msrs.DEFTYPE:
             self.deftype = value
-        elif msrs.PHYSBASE0 <= msr <= msrs.PHYSMASK_LAST:
+        elif msrs.is_var_msr(msr):
             self._write_var(msr, value)
         elif msrs.is_fixed_msr(msr):
             slot = msrs.fixed_msr_slot(msr)
@@ -86,23 +86,20 @@ class MtrrState:
         self.version += 1
 
     def _write_var(self, msr: int, value: int) -> None:
-        pair, is_mask = divmod(msr - msrs.PHYSBASE0, 2)
-        masks, order = self.masks, self.order
-        if masks[pair] & msrs.PHYSMASK_VALID:
-            order.remove(pair)
+        pair, is_mask = msrs.var_pair(msr)
+        if self.pair_valid(pair):
+            self.order.remove(pair)
         if is_mask:
-            masks[pair] = value | self._high
+            self.masks[pair] = value | self._high
         else:
             self.bases[pair] = value
-        if masks[pair] & msrs.PHYSMASK_VALID:
-            bases = self.bases
-            base = bases[pair]
-            at = len(order)
-            for i, other in enumerate(order):
-                if base >= bases[other]:
-                    at = i
-                    break
-            order.insert(at, pair)
+        if self.pair_valid(pair):
+            base = self.bases[pair]
+            at = next(
+                (i for i, other in enumerate(self.order) if base >= self.bases[other]),
+                len(self.order),
+            )
+            self.order.insert(at, pair)
 
     def read(self, msr: int) -> int:
         """Read an MTRR MSR back as a guest would (masks without the internal high bits)."""

@@ -9,6 +9,9 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+KIB, MIB, GIB, TIB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
+#: Size suffixes accepted where people type sizes (powers of 1024).
+SIZE_SUFFIXES = {"K": KIB, "M": MIB, "G": GIB, "T": TIB}
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
 U64_MASK = (1 << 64) - 1

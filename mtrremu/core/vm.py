@@ -229,8 +229,7 @@ class Vm:
                 self._dirty = self._track
                 if self._honours:
                     decision = self.strategy.on_mtrr_write(self._view, vc.view, msr)
-                    if decision is not NO_ZAP:
-                        self._decide(result, decision, defer_drain)
+                    self._decide(result, decision, defer_drain)
         if result.own_counters is None and not self._observer.active and not self._dirty:
             return result
         return self._finish(result)
@@ -405,7 +404,7 @@ class Vm:
 
     def apply(self, op: Op, *, defer_drain: bool = False) -> EventResult:
         """Run any operation. ``defer_drain`` leaves zap-list draining to :meth:`drain_round`."""
-        if type(op) is WriteMsr:  # the hot one first, without the isinstance chain
+        if isinstance(op, WriteMsr):  # the hot one first
             return self._write_msr(op, defer_drain)
         if isinstance(op, WriteCr0):
             return self._write_cr0(op, defer_drain)
@@ -413,8 +412,6 @@ class Vm:
             return self._access(op)
         if isinstance(op, FaultRange):
             return self._fault_range(op)
-        if isinstance(op, WriteMsr):
-            return self._write_msr(op, defer_drain)
         if isinstance(op, ReadMsr):
             return self._read_msr(op)
         if isinstance(op, Reset):

@@ -35,6 +35,11 @@ class Ticket:
     discarded: bool = False
 
 
+def _list_key(rng: GfnRange) -> tuple[int, int]:
+    """Where KVM's list puts a range: shorter first, then higher start first."""
+    return rng.list_length(), -rng.start
+
+
 class Role(enum.Enum):
     """What a vCPU did in :meth:`ZapList.drain_or_wait`."""
 
@@ -67,10 +72,9 @@ class ZapList:
         self.hooks = hooks or ZapListHooks()
         self._lock = threading.Lock()
         self._flag_cleared = threading.Condition(self._lock)
-        # The queue in drain order, its sort keys (length, -start) and an index of its ranges:
-        # adding is a dict lookup and a bisection, so bursts with many ranges stay cheap.
+        # The queue in drain order and an index of its ranges: adding is a dict lookup and a
+        # bisection, so bursts with many ranges stay cheap.
         self._queue: list[Ticket] = []
-        self._keys: list[tuple[int, int]] = []
         self._index: dict[GfnRange, Ticket] = {}
         self._zapping = False
         self._waiting = 0
@@ -111,20 +115,16 @@ class ZapList:
             if queued is not None:
                 counters.duplicates_dropped += 1
                 return queued
-            # Equal length and start means the same range, so keys are unique: the new one
-            # goes before the first larger key, as KVM's list walk puts it.
-            key = (rng.list_length(), -rng.start)
-            at = bisect.bisect_left(self._keys, key)
+            # The new range goes before the first one of a larger key, as KVM's list walk puts it.
+            at = bisect.bisect_left(self._queue, _list_key(rng), key=lambda t: _list_key(t.range))
             ticket = Ticket(rng)
             self._queue.insert(at, ticket)
-            self._keys.insert(at, key)
             self._index[rng] = ticket
             counters.ranges_queued += 1
             return ticket
 
     def _pop_first(self) -> Ticket:
         ticket = self._queue.pop(0)
-        del self._keys[0]
         del self._index[ticket.range]
         return ticket
 
@@ -132,7 +132,7 @@ class ZapList:
         """Drop every queued range (patch 10's allocation-failure path); returns how many."""
         with self._lock:
             dropped = self._queue
-            self._queue, self._keys, self._index = [], [], {}
+            self._queue, self._index = [], {}
         for ticket in dropped:
             ticket.discarded = True
         return len(dropped)

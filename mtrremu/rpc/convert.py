@@ -7,14 +7,16 @@ domain objects (configurations, counters).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import functools
+import typing
+from collections.abc import Callable, Iterator, Sequence
 from collections.abc import Mapping as MappingOf
-from typing import Any
+from typing import Any, Literal
 
 from mtrremu.core.config import Memslot, MemslotKind, VmConfig
 from mtrremu.core.counters import COUNTER_NAMES, Counters
-from mtrremu.core.ept import Entry, PopulateOutcome, decode_leaf
-from mtrremu.core.errors import InvalidArgument, InvalidConfig
+from mtrremu.core.ept import Entry, decode_leaf
+from mtrremu.core.errors import InvalidArgument, InvalidConfig, MtrremuError
 from mtrremu.core.events import (
     Access,
     AccessKind,
@@ -41,6 +43,7 @@ from mtrremu.core.oracle import StaleLeaf, StaleReport
 from mtrremu.core.units import PAGE_SHIFT, PAGE_SIZE, Level
 from mtrremu.core.vm import StalenessLog, Vm
 from mtrremu.core.zap_list import Role
+from mtrremu.rpc.status import trimmed
 from mtrremu.v1 import emulator_pb2 as pb
 
 #: Ranges a ZapSummary lists (the totals count them all): answers stay bounded in size.
@@ -66,6 +69,17 @@ _ACCESS = {
     AccessKind.MMIO: pb.ACCESS_KIND_MMIO_EXIT,
 }
 _ROLES = {Role.DRAINED: pb.ZAP_ROLE_DRAINED, Role.WAITED: pb.ZAP_ROLE_WAITED}
+_PRECEDENCES = {Precedence.KVM: pb.PRECEDENCE_KVM, Precedence.SDM: pb.PRECEDENCE_SDM}
+_PRECEDENCES_BACK = {v: k for k, v in _PRECEDENCES.items()} | {
+    pb.PRECEDENCE_UNSPECIFIED: Precedence.KVM
+}
+_MEMSLOT_KINDS = {MemslotKind.RAM: pb.MEMSLOT_KIND_RAM, MemslotKind.DEVICE: pb.MEMSLOT_KIND_DEVICE}
+_MEMSLOT_KINDS_BACK = {v: k for k, v in _MEMSLOT_KINDS.items()} | {
+    pb.MEMSLOT_KIND_UNSPECIFIED: MemslotKind.RAM
+}
+#: Optional VmConfig fields: absent means the core's default.
+_OptionalField = Literal["quirk_cd_nw_cleared", "feature_mtrr", "tdp", "guest_maxphyaddr"]
+_OPTIONAL_FIELDS: tuple[_OptionalField, ...] = typing.get_args(_OptionalField)
 
 
 def profile_message(profile: Profile) -> pb.Profile.ValueType:
@@ -77,50 +91,36 @@ def profile_message(profile: Profile) -> pb.Profile.ValueType:
 
 def vm_config(message: pb.VmConfig) -> VmConfig:
     """A core configuration from a request; absent optional fields take the defaults."""
-    defaults = VmConfig()
-    if message.max_mapping_level and message.max_mapping_level not in _LEVELS_BACK:
-        raise InvalidConfig(f"unknown max_mapping_level {message.max_mapping_level}")
-    if message.precedence not in (pb.PRECEDENCE_UNSPECIFIED, pb.PRECEDENCE_KVM, pb.PRECEDENCE_SDM):
+    args: dict[str, Any] = {
+        name: getattr(message, name) for name in _OPTIONAL_FIELDS if message.HasField(name)
+    }
+    if message.max_mapping_level:
+        level = _LEVELS_BACK.get(message.max_mapping_level)
+        if level is None:
+            raise InvalidConfig(f"unknown max_mapping_level {message.max_mapping_level}")
+        args["max_mapping_level"] = level
+    precedence = _PRECEDENCES_BACK.get(message.precedence)
+    if precedence is None:
         raise InvalidConfig(f"unknown precedence {message.precedence}")
-    slots = tuple(_memslot(slot) for slot in message.memslots) or defaults.memslots
+    if message.memslots:
+        args["memslots"] = tuple(_memslot(slot) for slot in message.memslots)
     return VmConfig(
         vcpus=message.vcpus or 1,
-        quirk_cd_nw_cleared=(
-            message.quirk_cd_nw_cleared
-            if message.HasField("quirk_cd_nw_cleared")
-            else defaults.quirk_cd_nw_cleared
-        ),
-        feature_mtrr=(
-            message.feature_mtrr if message.HasField("feature_mtrr") else defaults.feature_mtrr
-        ),
-        tdp=message.tdp if message.HasField("tdp") else defaults.tdp,
         noncoherent_dma=message.noncoherent_dma,
-        guest_maxphyaddr=(
-            message.guest_maxphyaddr
-            if message.HasField("guest_maxphyaddr")
-            else defaults.guest_maxphyaddr
-        ),
-        memslots=slots,
-        max_mapping_level=_LEVELS_BACK.get(message.max_mapping_level, defaults.max_mapping_level),
-        precedence=Precedence.SDM if message.precedence == pb.PRECEDENCE_SDM else Precedence.KVM,
+        precedence=precedence,
         zap_list_posted_window=message.zap_list_posted_window,
         track_staleness=message.track_staleness,
+        **args,
     )
 
 
 def _memslot(message: pb.Memslot) -> Memslot:
-    kinds = {
-        pb.MEMSLOT_KIND_UNSPECIFIED: MemslotKind.RAM,
-        pb.MEMSLOT_KIND_RAM: MemslotKind.RAM,
-        pb.MEMSLOT_KIND_DEVICE: MemslotKind.DEVICE,
-    }
-    if message.kind not in kinds:
+    kind = _MEMSLOT_KINDS_BACK.get(message.kind)
+    if kind is None:
         raise InvalidConfig(f"memslot {message.name!r}: unknown kind {message.kind}")
     if not message.size_bytes:
         raise InvalidConfig(f"memslot {message.name!r} at {message.base_gpa:#x} is empty")
-    return Memslot.from_bytes(
-        message.base_gpa, message.size_bytes, kinds[message.kind], message.name
-    )
+    return Memslot.from_bytes(message.base_gpa, message.size_bytes, kind, message.name)
 
 
 def vm_config_message(config: VmConfig) -> pb.VmConfig:
@@ -135,24 +135,24 @@ def vm_config_message(config: VmConfig) -> pb.VmConfig:
             pb.Memslot(
                 base_gpa=slot.base_gfn << PAGE_SHIFT,
                 size_bytes=slot.pages << PAGE_SHIFT,
-                kind=pb.MEMSLOT_KIND_DEVICE
-                if slot.kind is MemslotKind.DEVICE
-                else pb.MEMSLOT_KIND_RAM,
+                kind=_MEMSLOT_KINDS[slot.kind],
                 name=slot.name,
             )
             for slot in config.memslots
         ],
         max_mapping_level=_LEVELS[config.max_mapping_level],
-        precedence=pb.PRECEDENCE_SDM if config.precedence is Precedence.SDM else pb.PRECEDENCE_KVM,
+        precedence=_PRECEDENCES[config.precedence],
         zap_list_posted_window=config.zap_list_posted_window,
         track_staleness=config.track_staleness,
     )
 
 
-def leaf_counts(counts: MappingOf[Level, int]) -> pb.LeafCounts:
-    return pb.LeafCounts(
-        leaves_4k=counts[Level.K4], leaves_2m=counts[Level.M2], leaves_1g=counts[Level.G1]
-    )
+def leaf_counts(counts: MappingOf[Level, int], into: pb.LeafCounts | None = None) -> pb.LeafCounts:
+    message = pb.LeafCounts() if into is None else into
+    message.leaves_4k = counts[Level.K4]
+    message.leaves_2m = counts[Level.M2]
+    message.leaves_1g = counts[Level.G1]
+    return message
 
 
 def vm_message(vm: Vm, options: MappingOf[str, str]) -> pb.Vm:
@@ -208,10 +208,7 @@ def _gfn(gpa: int, what: str) -> int:
 
 
 def write_msr(m: pb.WriteMsrOperation) -> WriteMsr:
-    host = _HOST.get(m.initiator)
-    if host is None:
-        raise InvalidArgument(f"unknown initiator {m.initiator}")
-    return WriteMsr(m.vcpu, m.msr, m.value, host)
+    return WriteMsr(m.vcpu, m.msr, m.value, _host(m.initiator))
 
 
 def read_msr(m: pb.ReadMsrOperation) -> ReadMsr:
@@ -270,11 +267,11 @@ def _burst(message: pb.Burst) -> Burst:
     return Burst(tuple(lanes), message.seed)
 
 
-def operation_count(message: pb.Operation) -> int:
-    """Operations a batch entry stands for (a burst counts every lane operation)."""
-    if message.WhichOneof("kind") == "burst":
-        return 1 + sum(len(lane.operations) for lane in message.burst.lanes)
-    return 1
+def batch_size(operations: Sequence[pb.Operation]) -> int:
+    """Operations a batch stands for: each entry, plus every lane operation of a burst."""
+    return len(operations) + sum(
+        len(lane.operations) for op in operations if op.HasField("burst") for lane in op.burst.lanes
+    )
 
 
 # -- results ------------------------------------------------------------------------------
@@ -284,31 +281,18 @@ def memtype_fields(memtype: EptMemtype) -> tuple[pb.MemoryType.ValueType, bool]:
     return _MEMTYPES[memtype.type], memtype.ipat
 
 
-def mapping_message(place: Mapping | Entry | StaleLeaf, memtype: EptMemtype) -> pb.Mapping:
-    """A leaf at ``place`` (its base and level) with ``memtype``."""
-    kind, ipat = memtype_fields(memtype)
-    return pb.Mapping(
-        base_gpa=place.base_gfn << PAGE_SHIFT,
-        level=_LEVELS[place.level],
-        memory_type=kind,
-        ipat=ipat,
-    )
-
-
-def _installed(outcome: PopulateOutcome) -> pb.LeafCounts:
-    return leaf_counts(outcome.installed)
+def mapping_message(
+    place: Mapping | Entry | StaleLeaf, memtype: EptMemtype, into: pb.Mapping
+) -> None:
+    """Fill ``into``: a leaf at ``place`` (its base and level) with ``memtype``."""
+    into.base_gpa = place.base_gfn << PAGE_SHIFT
+    into.level = _LEVELS[place.level]
+    into.memory_type, into.ipat = memtype_fields(memtype)
 
 
 def outcome_message(result: EventResult, into: pb.EventOutcome | None = None) -> pb.EventOutcome:
     """The message form of one event's result."""
     message = pb.EventOutcome() if into is None else into
-    if not result.counted and result.zap is None and result.gp is None:
-        # The common case on the high-rate path: nothing happened worth a field.
-        message.counters.SetInParent()
-        if result.value is not None:
-            message.value = result.value
-        if result.access is None and result.populate is None and not result.cd_toggled:
-            return message
     if result.gp is not None:
         message.guest_fault.reason = result.gp
     zap = result.zap
@@ -335,27 +319,26 @@ def outcome_message(result: EventResult, into: pb.EventOutcome | None = None) ->
         access_message.kind = _ACCESS[result.access.kind]
         if result.access.mapping is not None:
             mapping = result.access.mapping
-            access_message.mapping.CopyFrom(mapping_message(mapping, mapping.memtype))
+            mapping_message(mapping, mapping.memtype, access_message.mapping)
         access_message.refault = result.access.refault
     if result.populate is not None:
-        populate = result.populate
-        message.fault_range.CopyFrom(
-            pb.FaultRangeOutcome(
-                faults=populate.outcome.faults,
-                refaults=populate.outcome.refaults,
-                hits=populate.hits,
-                outside_memslots=populate.outside_memslots,
-                installed=_installed(populate.outcome),
-            )
-        )
-    message.cd_toggled = result.cd_toggled
+        populate, fault_range = result.populate, message.fault_range
+        fault_range.faults = populate.outcome.faults
+        fault_range.refaults = populate.outcome.refaults
+        fault_range.hits = populate.hits
+        fault_range.outside_memslots = populate.outside_memslots
+        leaf_counts(populate.outcome.installed, fault_range.installed)
+    if result.cd_toggled:
+        message.cd_toggled = True
     return message
 
 
-def error_message(refused: Refused, into: pb.OperationError) -> None:
+def error_message(refused: Refused | MtrremuError, into: pb.OperationError) -> None:
+    """Fill ``into``; the message is trimmed as a status message would be, so every result
+    stays within the size the server's limits assume."""
     into.code = refused.status
     into.reason = refused.reason
-    into.message = refused.message
+    into.message = trimmed(refused.message if isinstance(refused, Refused) else str(refused))
 
 
 def result_message(result: ItemResult, into: pb.OperationResult) -> None:
@@ -386,37 +369,42 @@ def stale_message(report: StaleReport | None, log: StalenessLog) -> pb.CheckStal
     )
     for leaf in report.examples:
         example = response.examples.add()
-        example.have.CopyFrom(mapping_message(leaf, leaf.have))
+        mapping_message(leaf, leaf.have, example.have)
         if leaf.want is not None and not leaf.mixed:
-            example.want.CopyFrom(mapping_message(leaf, leaf.want))
+            mapping_message(leaf, leaf.want, example.want)
     return response
 
 
-def leaf_runs(vm: Vm, per_message: int) -> Iterator[list[pb.LeafRun]]:
-    """Present leaves, ascending gpa, grouped into runs of one level and memory type."""
-    batch: list[pb.LeafRun] = []
+def leaf_runs(vm: Vm, per_message: int) -> Iterator[pb.DumpLeavesResponse]:
+    """Present leaves, ascending gpa, grouped into runs of one level and memory type,
+    ``per_message`` runs to a message."""
+    response = pb.DumpLeavesResponse()
     for level, start, count, byte in vm.leaf_runs():
-        kind, ipat = memtype_fields(decode_leaf(byte))
-        batch.append(
-            pb.LeafRun(
-                start_gpa=start << PAGE_SHIFT,
-                leaves=count,
-                level=_LEVELS[level],
-                memory_type=kind,
-                ipat=ipat,
-            )
+        kind, ipat = _leaf_fields(byte)
+        response.runs.add(
+            start_gpa=start << PAGE_SHIFT,
+            leaves=count,
+            level=_LEVELS[level],
+            memory_type=kind,
+            ipat=ipat,
         )
-        if len(batch) == per_message:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+        if len(response.runs) == per_message:
+            yield response
+            response = pb.DumpLeavesResponse()
+    if response.runs:
+        yield response
+
+
+@functools.cache
+def _leaf_fields(byte: int) -> tuple[pb.MemoryType.ValueType, bool]:
+    """A leaf byte's memory type fields (a byte takes one of 256 values)."""
+    return memtype_fields(decode_leaf(byte))
 
 
 # -- client side: core items as messages ------------------------------------------------
 
 
-def _initiator(host: bool) -> pb.Initiator.ValueType:
+def initiator_message(host: bool) -> pb.Initiator.ValueType:
     return pb.INITIATOR_HOST if host else pb.INITIATOR_GUEST
 
 
@@ -425,13 +413,16 @@ def operation_message(item: Item) -> pb.Operation:
     if isinstance(item, WriteMsr):
         return pb.Operation(
             write_msr=pb.WriteMsrOperation(
-                vcpu=item.vcpu, msr=item.msr, value=item.value, initiator=_initiator(item.host)
+                vcpu=item.vcpu,
+                msr=item.msr,
+                value=item.value,
+                initiator=initiator_message(item.host),
             )
         )
     if isinstance(item, WriteCr0):
         return pb.Operation(
             write_cr0=pb.WriteCr0Operation(
-                vcpu=item.vcpu, value=item.value, initiator=_initiator(item.host)
+                vcpu=item.vcpu, value=item.value, initiator=initiator_message(item.host)
             )
         )
     if isinstance(item, Access):
@@ -447,7 +438,7 @@ def operation_message(item: Item) -> pb.Operation:
     if isinstance(item, ReadMsr):
         return pb.Operation(
             read_msr=pb.ReadMsrOperation(
-                vcpu=item.vcpu, msr=item.msr, initiator=_initiator(item.host)
+                vcpu=item.vcpu, msr=item.msr, initiator=initiator_message(item.host)
             )
         )
     if isinstance(item, Reset):

@@ -30,12 +30,15 @@ DOMAIN = "mtrremu.v1"
 #: Status messages and ErrorInfo values are trimmed to this: they travel in trailers, which
 #: gRPC caps (16 KiB), and an error may quote a huge bad argument.
 MAX_TEXT = 1024
-_CODES = {
-    "INVALID_ARGUMENT": (grpc.StatusCode.INVALID_ARGUMENT, code_pb2.INVALID_ARGUMENT),
-    "NOT_FOUND": (grpc.StatusCode.NOT_FOUND, code_pb2.NOT_FOUND),
-    "FAILED_PRECONDITION": (grpc.StatusCode.FAILED_PRECONDITION, code_pb2.FAILED_PRECONDITION),
-    "RESOURCE_EXHAUSTED": (grpc.StatusCode.RESOURCE_EXHAUSTED, code_pb2.RESOURCE_EXHAUSTED),
-}
+#: One error class per status code; subclasses share their base's code.
+_STATUS_CLASSES: tuple[type[MtrremuError], ...] = (
+    InvalidArgument,
+    NotFound,
+    FailedPrecondition,
+    ResourceExhausted,
+)
+_CODES = {cls.status: code_pb2.Code.Value(cls.status) for cls in _STATUS_CLASSES}
+_BY_CODE = {grpc.StatusCode[cls.status]: cls for cls in _STATUS_CLASSES}
 _BY_REASON: dict[str, type[MtrremuError]] = {
     cls.reason: cls
     for cls in (
@@ -47,12 +50,6 @@ _BY_REASON: dict[str, type[MtrremuError]] = {
         ResourceExhausted,
         PluginConflict,
     )
-}
-_BY_CODE = {
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
-    grpc.StatusCode.NOT_FOUND: NotFound,
-    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
 }
 
 
@@ -71,10 +68,10 @@ def error_info(error: MtrremuError) -> error_details_pb2.ErrorInfo:
 
 def to_status(error: MtrremuError) -> grpc.Status:
     """The status a server aborts with for ``error``."""
-    code = _CODES.get(error.status, (grpc.StatusCode.INVALID_ARGUMENT, code_pb2.INVALID_ARGUMENT))
+    code = _CODES.get(error.status, code_pb2.INVALID_ARGUMENT)
     detail = any_pb2.Any()
     detail.Pack(error_info(error))
-    message = status_pb2.Status(code=code[1], message=trimmed(str(error)), details=[detail])
+    message = status_pb2.Status(code=code, message=trimmed(str(error)), details=[detail])
     status: grpc.Status = rpc_status.to_status(message)
     return status
 

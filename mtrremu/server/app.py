@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from mtrremu.core.errors import InvalidArgument
 from mtrremu.plugin.manager import PluginManager, default_manager
+from mtrremu.rpc.transport import message_size_options
 from mtrremu.server.interceptor import LoggingInterceptor
 from mtrremu.server.limits import Limits, VmTable
 from mtrremu.server.servicer import Servicer
@@ -45,16 +46,12 @@ class EmulatorServer:
 
     def __init__(self, settings: ServerSettings, manager: PluginManager | None = None) -> None:
         self.settings = settings
-        size = settings.limits.max_message_bytes
         self._server = grpc.server(
             futures.ThreadPoolExecutor(
                 max_workers=settings.max_workers, thread_name_prefix="mtrremu"
             ),
             interceptors=[LoggingInterceptor()],
-            options=[
-                ("grpc.max_receive_message_length", size),
-                ("grpc.max_send_message_length", size),
-            ],
+            options=message_size_options(settings.limits.max_message_bytes),
         )
         self.table = VmTable(settings.limits, manager or default_manager())
         pb_grpc.add_EmulatorServiceServicer_to_server(Servicer(self.table), self._server)

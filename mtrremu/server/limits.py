@@ -9,12 +9,10 @@ from dataclasses import dataclass
 
 from mtrremu.core.config import VmConfig
 from mtrremu.core.errors import InvalidArgument, NotFound, ResourceExhausted
-from mtrremu.core.units import PAGE_SHIFT
+from mtrremu.core.units import PAGE_SHIFT, TIB
 from mtrremu.core.vm import Vm
 from mtrremu.plugin.manager import PluginManager
-
-TIB = 1 << 40
-
+from mtrremu.rpc.transport import DEFAULT_MAX_MESSAGE_BYTES
 
 #: The largest message one operation's result can take: outcome fields, a trimmed error
 #: message, at most ``MAX_LISTED_RANGES`` ranges twice, every counter at its widest.
@@ -37,7 +35,7 @@ class Limits:
     #: Operations in one ExecuteRequest (a burst counts each lane operation).
     max_batch_operations: int = 20_000
     #: Largest request or response message.
-    max_message_bytes: int = 64 << 20
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
 
     def __post_init__(self) -> None:
         # Every answer to an accepted batch must be sendable: refusing it after it ran would
@@ -73,7 +71,7 @@ class VmTable:
         config: VmConfig,
         strategy: str,
         options: Mapping[str, str],
-        fits: Callable[[Entry, Sequence[Entry]], bool] = lambda entry, others: True,
+        fits: Callable[[Entry, Sequence[Entry]], bool],
     ) -> Entry:
         """A new VM, registered only if every limit allows it and ``fits`` accepts it beside
         the VMs already held (the servicer checks that the answers describing it, alone and
@@ -122,4 +120,5 @@ class VmTable:
 
     def all(self) -> list[Entry]:
         with self._lock:
-            return sorted(self._vms.values(), key=lambda e: int(e.vm.vm_id.split("-")[1]))
+            # Ids are drawn and inserted under this lock: insertion order is creation order.
+            return list(self._vms.values())

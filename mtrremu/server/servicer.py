@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast
 
 import grpc
 
 from mtrremu.core.burst import execute_one
 from mtrremu.core.errors import InvalidArgument, MtrremuError, ResourceExhausted
-from mtrremu.core.events import Init, Reset
+from mtrremu.core.events import EventResult, Init, Reset
+from mtrremu.core.units import PAGE_SHIFT
 from mtrremu.rpc import convert
 from mtrremu.rpc.status import abort
 from mtrremu.server.limits import Entry, VmTable
@@ -26,6 +27,20 @@ DEFAULT_RUNS_PER_MESSAGE = 4096
 MAX_RUNS_PER_MESSAGE = 65536
 #: Bytes a VM's description may grow by after creation (leaf and DMA counts, as varints).
 LISTING_HEADROOM = 64
+
+
+class _WithOutcome(Protocol):
+    @property
+    def outcome(self) -> pb.EventOutcome: ...
+
+
+R = TypeVar("R", bound=_WithOutcome)
+
+
+def _answer(response: R, result: EventResult) -> R:
+    """``response`` with ``result`` filled in as its outcome (built in place, not copied)."""
+    convert.outcome_message(result, response.outcome)
+    return response
 
 
 def _translated(method: F) -> F:
@@ -77,7 +92,7 @@ class Servicer(pb_grpc.EmulatorServiceServicer):
             grown = (len(others) + 1) * LISTING_HEADROOM
             return answers[0].ByteSize() + listed + grown <= limit
 
-        self.table.create(config, request.strategy, dict(request.strategy_options), fits)
+        self.table.create(config, request.strategy, request.strategy_options, fits)
         return answers[0]
 
     @_translated
@@ -105,14 +120,14 @@ class Servicer(pb_grpc.EmulatorServiceServicer):
         self, request: pb.AttachDmaDeviceRequest, context: grpc.ServicerContext
     ) -> pb.AttachDmaDeviceResponse:
         result = self.table.vm(request.vm_id).attach_dma()
-        return pb.AttachDmaDeviceResponse(outcome=convert.outcome_message(result))
+        return _answer(pb.AttachDmaDeviceResponse(), result)
 
     @_translated
     def DetachDmaDevice(
         self, request: pb.DetachDmaDeviceRequest, context: grpc.ServicerContext
     ) -> pb.DetachDmaDeviceResponse:
         result = self.table.vm(request.vm_id).detach_dma()
-        return pb.DetachDmaDeviceResponse(outcome=convert.outcome_message(result))
+        return _answer(pb.DetachDmaDeviceResponse(), result)
 
     # -- per-vCPU operations -------------------------------------------------------------
 
@@ -121,21 +136,21 @@ class Servicer(pb_grpc.EmulatorServiceServicer):
         self, request: pb.WriteMsrRequest, context: grpc.ServicerContext
     ) -> pb.WriteMsrResponse:
         result = self.table.vm(request.vm_id).apply(convert.write_msr(request.operation))
-        return pb.WriteMsrResponse(outcome=convert.outcome_message(result))
+        return _answer(pb.WriteMsrResponse(), result)
 
     @_translated
     def ReadMsr(
         self, request: pb.ReadMsrRequest, context: grpc.ServicerContext
     ) -> pb.ReadMsrResponse:
         result = self.table.vm(request.vm_id).apply(convert.read_msr(request.operation))
-        return pb.ReadMsrResponse(outcome=convert.outcome_message(result))
+        return _answer(pb.ReadMsrResponse(), result)
 
     @_translated
     def WriteCr0(
         self, request: pb.WriteCr0Request, context: grpc.ServicerContext
     ) -> pb.WriteCr0Response:
         result = self.table.vm(request.vm_id).apply(convert.write_cr0(request.operation))
-        return pb.WriteCr0Response(outcome=convert.outcome_message(result))
+        return _answer(pb.WriteCr0Response(), result)
 
     @_translated
     def ReadCr0(
@@ -148,28 +163,28 @@ class Servicer(pb_grpc.EmulatorServiceServicer):
         self, request: pb.ResetVcpuRequest, context: grpc.ServicerContext
     ) -> pb.ResetVcpuResponse:
         result = self.table.vm(request.vm_id).apply(Reset(request.operation.vcpu))
-        return pb.ResetVcpuResponse(outcome=convert.outcome_message(result))
+        return _answer(pb.ResetVcpuResponse(), result)
 
     @_translated
     def InitVcpu(
         self, request: pb.InitVcpuRequest, context: grpc.ServicerContext
     ) -> pb.InitVcpuResponse:
         result = self.table.vm(request.vm_id).apply(Init(request.operation.vcpu))
-        return pb.InitVcpuResponse(outcome=convert.outcome_message(result))
+        return _answer(pb.InitVcpuResponse(), result)
 
     @_translated
     def AccessGpa(
         self, request: pb.AccessGpaRequest, context: grpc.ServicerContext
     ) -> pb.AccessGpaResponse:
         result = self.table.vm(request.vm_id).apply(convert.access(request.operation))
-        return pb.AccessGpaResponse(outcome=convert.outcome_message(result))
+        return _answer(pb.AccessGpaResponse(), result)
 
     @_translated
     def FaultRange(
         self, request: pb.FaultRangeRequest, context: grpc.ServicerContext
     ) -> pb.FaultRangeResponse:
         result = self.table.vm(request.vm_id).apply(convert.fault_range(request.operation))
-        return pb.FaultRangeResponse(outcome=convert.outcome_message(result))
+        return _answer(pb.FaultRangeResponse(), result)
 
     # -- the EPT and observability ---------------------------------------------------------
 
@@ -177,10 +192,10 @@ class Servicer(pb_grpc.EmulatorServiceServicer):
     def LookupGpa(
         self, request: pb.LookupGpaRequest, context: grpc.ServicerContext
     ) -> pb.LookupGpaResponse:
-        entry = self.table.vm(request.vm_id).lookup(request.gpa >> 12)
+        entry = self.table.vm(request.vm_id).lookup(request.gpa >> PAGE_SHIFT)
         response = pb.LookupGpaResponse(zapped=entry.zapped, mmio=entry.mmio)
         if entry.present:
-            response.mapping.CopyFrom(convert.mapping_message(entry, entry.memtype))
+            convert.mapping_message(entry, entry.memtype, response.mapping)
         return response
 
     @_translated_stream
@@ -190,8 +205,7 @@ class Servicer(pb_grpc.EmulatorServiceServicer):
         per_message = request.runs_per_message or DEFAULT_RUNS_PER_MESSAGE
         if per_message > MAX_RUNS_PER_MESSAGE:
             raise InvalidArgument(f"runs_per_message is at most {MAX_RUNS_PER_MESSAGE}")
-        for runs in convert.leaf_runs(self.table.vm(request.vm_id), per_message):
-            yield pb.DumpLeavesResponse(runs=runs)
+        yield from convert.leaf_runs(self.table.vm(request.vm_id), per_message)
 
     @_translated
     def GetCounters(
@@ -241,7 +255,7 @@ class Servicer(pb_grpc.EmulatorServiceServicer):
         limit = self.table.limits.max_batch_operations
         for request in request_iterator:
             vm = self.table.vm(request.vm_id)
-            size = sum(convert.operation_count(op) for op in request.operations)
+            size = convert.batch_size(request.operations)
             if size > limit:
                 raise ResourceExhausted(
                     f"batch {request.batch_id} holds {size} operations; the limit is {limit}"
@@ -253,8 +267,7 @@ class Servicer(pb_grpc.EmulatorServiceServicer):
                 try:
                     item = convert.operation(op)
                 except MtrremuError as error:
-                    out.error.code, out.error.reason = error.status, error.reason
-                    out.error.message = str(error)
+                    convert.error_message(error, out.error)
                     continue
                 convert.result_message(execute_one(vm, item), out)
             yield response

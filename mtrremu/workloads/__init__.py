@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mtrremu.core.errors import InvalidArgument
+from mtrremu.core.units import SIZE_SUFFIXES
 from mtrremu.workloads import (
     w1_seabios,
     w2_ovmf,
@@ -32,8 +33,6 @@ from mtrremu.workloads import (
 )
 from mtrremu.workloads.building import LinuxParams
 from mtrremu.workloads.trace import Trace
-
-_SUFFIXES = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
 @dataclass(frozen=True)
@@ -70,7 +69,7 @@ def parse_value(text: str, kind: Any) -> Any:
             return False
         raise InvalidArgument(f"{text!r} is not a boolean")
     if kind is int:
-        scale = _SUFFIXES.get(text[-1:].upper(), 1)
+        scale = SIZE_SUFFIXES.get(text[-1:].upper(), 1)
         digits = text[:-1] if scale > 1 else text
         try:
             return int(digits, 0) * scale

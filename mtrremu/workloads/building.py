@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from mtrremu.core import cr0, msrs
 from mtrremu.core.config import VmConfig
@@ -23,22 +24,26 @@ from mtrremu.core.events import (
     WriteCr0,
     WriteMsr,
 )
-from mtrremu.core.units import PAGE_SHIFT
+from mtrremu.core.memtypes import MemType
+from mtrremu.core.units import MIB, PAGE_SHIFT
+from mtrremu.workloads.trace import Trace
 
-MIB = 1 << 20
-GIB = 1 << 30
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
-#: The 28 MTRR MSRs in QEMU's push order: defType, 11 fixed, 8 base/mask pairs.
-QEMU_PUSH_ORDER = msrs.MTRR_MSRS
+
 #: Linux's running CR0 (PE, MP, ET, NE, WP, AM, PG) and its PAT (WB, WC, UC-, UC, WB, WP, UC-, WT).
 LINUX_CR0 = 0x80050033
 LINUX_PAT = 0x0407050600070106
-WB_BYTES = 0x0606060606060606
 
 
 def fixed_value(mtype: int) -> int:
     """A fixed MSR holding ``mtype`` in all eight ranges."""
     return int.from_bytes(bytes([mtype] * 8), "little")
+
+
+WB_BYTES = fixed_value(MemType.WB)
+WP_BYTES = fixed_value(MemType.WP)
 
 
 def var_mask(size: int, maxphyaddr: int) -> int:
@@ -65,9 +70,9 @@ class TraceBuilder:
 
     config: VmConfig
     seed: int = 1
-    items: list[Item] = field(default_factory=list)
-    cr0: list[int] = field(default_factory=list)
-    mtrrs: list[dict[int, int]] = field(default_factory=list)
+    items: list[Item] = field(init=False, default_factory=list)
+    cr0: list[int] = field(init=False)
+    mtrrs: list[dict[int, int]] = field(init=False)
 
     def __post_init__(self) -> None:
         self.cr0 = [cr0.RESET_VALUE] * self.config.vcpus
@@ -129,8 +134,10 @@ class TraceBuilder:
         elif size > 0:
             self.items.append(FaultRange(vcpu, start >> PAGE_SHIFT, (start + size) >> PAGE_SHIFT))
 
-    def build(self) -> list[Item]:
-        return self.items
+    def trace(self, workload: str, params: DataclassInstance) -> Trace:
+        """The recorded trace of ``workload`` built with ``params`` (a parameter dataclass)."""
+        described: dict[str, Any] = {"seed": self.seed, **asdict(params)}
+        return Trace(workload, self.config, tuple(self.items), described)
 
 
 # -- the VMM -------------------------------------------------------------------------------
@@ -140,7 +147,45 @@ def qemu_reset_push(b: TraceBuilder) -> None:
     """QEMU's ``kvm_put_msrs`` on every vCPU: the 28 MTRR MSRs, zero, host-initiated,
     defType first, while CR0 holds its reset value (CD=1, NW=1)."""
     for vcpu in b.vcpus:
-        b.add(b.wrmsr(vcpu, msr, 0, host=True) for msr in QEMU_PUSH_ORDER)
+        # msrs.MTRR_MSRS is QEMU's order too: defType, the 11 fixed MSRs, the 8 pairs.
+        b.add(b.wrmsr(vcpu, msr, 0, host=True) for msr in msrs.MTRR_MSRS)
+
+
+def var_pairs(
+    b: TraceBuilder,
+    vcpu: int,
+    ranges: Iterable[tuple[int, int]],
+    *,
+    first_pair: int = 0,
+    host: bool = False,
+) -> list[VcpuOp]:
+    """Variable pairs from ``first_pair`` on covering power-of-two ``(base, size)`` ranges,
+    base then mask; the bases carry type 0 (UC)."""
+    ops: list[VcpuOp] = []
+    for pair, (base, size) in enumerate(ranges, start=first_pair):
+        ops += [
+            b.wrmsr(vcpu, msrs.PHYSBASE0 + 2 * pair, base, host=host),
+            b.wrmsr(vcpu, msrs.PHYSBASE0 + 2 * pair + 1, var_mask(size, b.maxphyaddr), host=host),
+        ]
+    return ops
+
+
+def mtrr_change(
+    b: TraceBuilder,
+    vcpu: int,
+    writes: Iterable[tuple[int, int]],
+    deftype: int,
+    *,
+    keep_default_type: bool = False,
+) -> list[VcpuOp]:
+    """The sequence every MTRR writer wraps its writes in (SDM 11.11.8): CD 0→1 · defType with
+    E and FE cleared (and its default type too, unless kept) · the writes · defType ←
+    ``deftype`` · CD 1→0."""
+    keep = msrs.DEFTYPE_TYPE_MASK if keep_default_type else 0
+    ops = [*b.set_cd(vcpu, True), b.wrmsr(vcpu, msrs.DEFTYPE, b.mtrrs[vcpu][msrs.DEFTYPE] & keep)]
+    ops += [b.wrmsr(vcpu, msr, value) for msr, value in writes]
+    ops += [b.wrmsr(vcpu, msrs.DEFTYPE, deftype), *b.set_cd(vcpu, False)]
+    return ops
 
 
 # -- Linux ---------------------------------------------------------------------------------
@@ -155,14 +200,13 @@ def linux_cr0(b: TraceBuilder, vcpu: int) -> list[VcpuOp]:
 def linux_cache_cpu_init(b: TraceBuilder, vcpu: int, saved: Mapping[int, int]) -> list[VcpuOp]:
     """``cache_cpu_init`` on one CPU: CD 0→1 · defType ← 0 · range MSRs rewritten where they
     differ from the boot CPU's saved state · defType ← saved · CD 1→0 · PAT ← Linux's."""
-    ops: list[VcpuOp] = [*b.set_cd(vcpu, True), b.wrmsr(vcpu, msrs.DEFTYPE, 0)]
-    for msr in (*msrs.FIXED_MSRS, *msrs.VAR_MSRS):
-        if b.mtrrs[vcpu][msr] != saved[msr]:
-            ops.append(b.wrmsr(vcpu, msr, saved[msr]))
-    ops.append(b.wrmsr(vcpu, msrs.DEFTYPE, saved[msrs.DEFTYPE]))
-    ops += b.set_cd(vcpu, False)
-    ops.append(b.wrmsr(vcpu, msrs.PAT, LINUX_PAT))
-    return ops
+    changed = [
+        (msr, saved[msr])
+        for msr in (*msrs.FIXED_MSRS, *msrs.VAR_MSRS)
+        if b.mtrrs[vcpu][msr] != saved[msr]
+    ]
+    ops = mtrr_change(b, vcpu, changed, saved[msrs.DEFTYPE])
+    return [*ops, b.wrmsr(vcpu, msrs.PAT, LINUX_PAT)]
 
 
 @dataclass(frozen=True)

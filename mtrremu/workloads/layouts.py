@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from mtrremu.core.config import Memslot
+from mtrremu.core.units import GIB, KIB, MIB
 
-KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 FOUR_GIB = 4 * GIB
 
 

@@ -104,35 +104,31 @@ class TraceFormatError(InvalidArgument):
 # -- writing ------------------------------------------------------------------------------
 
 
-def _hex(value: int) -> str:
-    return hex(value)
-
-
 def _op_json(op: VcpuOp | AttachDma | DetachDma) -> dict[str, Any]:
     if isinstance(op, WriteMsr):
         return {
             "op": "wrmsr",
             "vcpu": op.vcpu,
-            "msr": _hex(op.msr),
-            "value": _hex(op.value),
+            "msr": hex(op.msr),
+            "value": hex(op.value),
             "host": op.host,
         }
     if isinstance(op, ReadMsr):
-        return {"op": "rdmsr", "vcpu": op.vcpu, "msr": _hex(op.msr), "host": op.host}
+        return {"op": "rdmsr", "vcpu": op.vcpu, "msr": hex(op.msr), "host": op.host}
     if isinstance(op, WriteCr0):
-        return {"op": "cr0", "vcpu": op.vcpu, "value": _hex(op.value), "host": op.host}
+        return {"op": "cr0", "vcpu": op.vcpu, "value": hex(op.value), "host": op.host}
     if isinstance(op, Reset):
         return {"op": "reset", "vcpu": op.vcpu}
     if isinstance(op, Init):
         return {"op": "init", "vcpu": op.vcpu}
     if isinstance(op, Access):
-        return {"op": "access", "vcpu": op.vcpu, "gpa": _hex(op.gfn << PAGE_SHIFT)}
+        return {"op": "access", "vcpu": op.vcpu, "gpa": hex(op.gfn << PAGE_SHIFT)}
     if isinstance(op, FaultRange):
         return {
             "op": "fault_range",
             "vcpu": op.vcpu,
-            "start": _hex(op.start << PAGE_SHIFT),
-            "end": _hex(op.end << PAGE_SHIFT),
+            "start": hex(op.start << PAGE_SHIFT),
+            "end": hex(op.end << PAGE_SHIFT),
         }
     if isinstance(op, AttachDma):
         return {"op": "attach_dma"}
@@ -158,8 +154,8 @@ def config_json(config: VmConfig) -> dict[str, Any]:
         "precedence": config.precedence.value,
         "memslots": [
             {
-                "base": _hex(slot.base_gfn << PAGE_SHIFT),
-                "size": _hex(slot.pages << PAGE_SHIFT),
+                "base": hex(slot.base_gfn << PAGE_SHIFT),
+                "size": hex(slot.pages << PAGE_SHIFT),
                 "kind": slot.kind.value,
                 "name": slot.name,
             }
@@ -300,7 +296,6 @@ class _Reader:
                     str(slot.get("name", "")),
                 )
             )
-        defaults = VmConfig()
         try:
             level = Level.parse(str(vm.get("max_mapping_level", "1G")))
             precedence = Precedence(vm.get("precedence", "kvm"))
@@ -312,7 +307,7 @@ class _Reader:
             guest_maxphyaddr=(
                 self.number(vm, "guest_maxphyaddr")
                 if "guest_maxphyaddr" in vm
-                else defaults.guest_maxphyaddr
+                else VmConfig.guest_maxphyaddr
             ),
             quirk_cd_nw_cleared=self.flag(vm, "quirk_cd_nw_cleared", True),
             feature_mtrr=self.flag(vm, "feature_mtrr", True),

@@ -35,28 +35,26 @@ writes inside ``cache_cpu_init`` happen with CD=1.)
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from mtrremu.core import msrs
 from mtrremu.core.config import VmConfig
 from mtrremu.core.events import VcpuOp
+from mtrremu.core.units import GIB, MIB
 from mtrremu.workloads.building import (
-    GIB,
-    MIB,
     WB_BYTES,
+    WP_BYTES,
     LinuxParams,
     TraceBuilder,
-    fixed_value,
     linux_boot,
     qemu_reset_push,
-    var_mask,
+    var_pairs,
 )
 from mtrremu.workloads.layouts import q35
 from mtrremu.workloads.trace import Trace
 
 #: CR0 after ``transition32``: PE and ET; PG, CD and NW cleared.
 SEABIOS_CR0 = 0x11
-WP_BYTES = fixed_value(5)
 
 
 @dataclass(frozen=True)
@@ -79,11 +77,8 @@ def mtrr_setup(b: TraceBuilder, vcpu: int, pcimem_start: int) -> list[VcpuOp]:
     fixed = {msrs.FIX64K_00000: WB_BYTES, msrs.FIX16K_80000: WB_BYTES, msrs.FIX16K_A0000: 0}
     ops += [b.wrmsr(vcpu, msr, fixed.get(msr, WP_BYTES)) for msr in msrs.FIXED_MSRS]
     ops += [b.wrmsr(vcpu, msr, 0) for msr in msrs.VAR_MSRS]
-    ops += [
-        b.wrmsr(vcpu, msrs.PHYSBASE0, pcimem_start),
-        b.wrmsr(vcpu, msrs.PHYSBASE0 + 1, var_mask(size, b.maxphyaddr)),
-        b.wrmsr(vcpu, msrs.DEFTYPE, 0xC06),
-    ]
+    ops += var_pairs(b, vcpu, [(pcimem_start, size)])
+    ops.append(b.wrmsr(vcpu, msrs.DEFTYPE, 0xC06))
     return ops
 
 
@@ -104,4 +99,4 @@ def build(params: Params, seed: int = 1) -> Trace:
     for ap in aps:
         b.add(mtrr_setup(b, ap, params.pcimem_start))
     linux_boot(b, params.linux)
-    return Trace("W1", config, tuple(b.build()), {"seed": seed, **asdict(params)})
+    return b.trace("W1", params)

@@ -40,25 +40,23 @@ total (N = 8)                            84              74
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from mtrremu.core import msrs
 from mtrremu.core.config import VmConfig
 from mtrremu.core.events import VcpuOp
+from mtrremu.core.units import GIB, MIB
 from mtrremu.workloads.building import (
-    GIB,
-    MIB,
     WB_BYTES,
     LinuxParams,
     TraceBuilder,
     linux_boot,
+    mtrr_change,
     qemu_reset_push,
     var_mask,
 )
 from mtrremu.workloads.layouts import q35
 from mtrremu.workloads.trace import Trace
-
-DEFTYPE_EFE = 0xC00
 
 
 @dataclass(frozen=True)
@@ -80,29 +78,28 @@ class Params:
     linux: LinuxParams = field(default_factory=LinuxParams)
 
 
-def _change(b: TraceBuilder, vcpu: int, writes: dict[int, int], deftype: int) -> list[VcpuOp]:
-    """MtrrLib's wrapper around an MTRR change (``MtrrLibPreMtrrChange``/``PostMtrrChange``)."""
-    current = b.mtrrs[vcpu][msrs.DEFTYPE]
-    ops = [*b.set_cd(vcpu, True), b.wrmsr(vcpu, msrs.DEFTYPE, current & ~DEFTYPE_EFE)]
-    ops += [b.wrmsr(vcpu, msr, value) for msr, value in writes.items()]
-    ops += [b.wrmsr(vcpu, msrs.DEFTYPE, deftype), *b.set_cd(vcpu, False)]
-    return ops
-
-
 def set_all(b: TraceBuilder, vcpu: int, table: dict[int, int]) -> list[VcpuOp]:
     """``MtrrSetAllMtrrs``: every fixed and variable MSR, changed or not."""
-    writes = {msr: table[msr] for msr in (*msrs.FIXED_MSRS, *msrs.VAR_MSRS)}
+    writes = [(msr, table[msr]) for msr in (*msrs.FIXED_MSRS, *msrs.VAR_MSRS)]
     return _change(b, vcpu, writes, table[msrs.DEFTYPE])
 
 
 def set_attribute(b: TraceBuilder, vcpu: int, table: dict[int, int]) -> list[VcpuOp]:
     """``MtrrSetMemoryAttribute``: only the MSRs whose value changes."""
-    writes = {
-        msr: table[msr]
+    writes = [
+        (msr, table[msr])
         for msr in (*msrs.FIXED_MSRS, *msrs.VAR_MSRS)
         if b.mtrrs[vcpu][msr] != table[msr]
-    }
+    ]
     return _change(b, vcpu, writes, table[msrs.DEFTYPE])
+
+
+def _change(
+    b: TraceBuilder, vcpu: int, writes: list[tuple[int, int]], deftype: int
+) -> list[VcpuOp]:
+    """MtrrLib's wrapper around an MTRR change (``MtrrLibPreMtrrChange``/``PostMtrrChange``
+    clear only E and FE, keeping the default type)."""
+    return mtrr_change(b, vcpu, writes, deftype, keep_default_type=True)
 
 
 def _pairs(table: dict[int, int], ranges: list[tuple[int, int]], maxphyaddr: int) -> None:
@@ -132,25 +129,25 @@ def build(params: Params, seed: int = 1) -> Trace:
     table = {msr: 0 for msr in msrs.MTRR_MSRS}
     table.update({msr: WB_BYTES for msr in msrs.FIXED_MSRS})
     table[msrs.DEFTYPE] = 0xC06
-    b.add(set_all(b, bsp, dict(table)))
+    b.add(set_all(b, bsp, table))
     table[msrs.FIX16K_A0000] = 0
     table.update({msr: 0 for msr in msrs.FIXED_MSRS[3:]})
-    b.add(set_attribute(b, bsp, dict(table)))
+    b.add(set_attribute(b, bsp, table))
     hole = (
         [(0x80000000, 2 * GIB)]
         if params.pci_hole == "current"
         else [(0xB0000000, 256 * MIB), (0xC0000000, GIB)]
     )
     _pairs(table, hole, maxphy)
-    b.add(set_attribute(b, bsp, dict(table)))
+    b.add(set_attribute(b, bsp, table))
     # PEI MP init: APs restore the BSP's CR0, then sync the MTRRs; both at once.
     b.burst({ap: [b.init(ap), b.write_cr0(ap, b.cr0[bsp])] for ap in aps})
-    b.burst({ap: set_all(b, ap, dict(table)) for ap in aps})
+    b.burst({ap: set_all(b, ap, table) for ap in aps})
     # DXE.
     b.touch(bsp, MIB + params.pei_touch, params.dxe_touch)
-    b.burst({ap: set_all(b, ap, dict(table)) for ap in aps})
+    b.burst({ap: set_all(b, ap, table) for ap in aps})
     _pairs(table, [(params.aperture_base, params.aperture_size)], maxphy)
-    b.add(set_attribute(b, bsp, dict(table)))
-    b.burst({ap: set_all(b, ap, dict(table)) for ap in aps})
+    b.add(set_attribute(b, bsp, table))
+    b.burst({ap: set_all(b, ap, table) for ap in aps})
     linux_boot(b, params.linux)
-    return Trace("W2", config, tuple(b.build()), {"seed": seed, **asdict(params)})
+    return b.trace("W2", params)

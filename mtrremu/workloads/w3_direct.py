@@ -25,19 +25,18 @@ So with the defaults (``linux``, MSRs first, N = 2): Base1 2 + 6 = 8, Base2 2 + 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from mtrremu.core import cr0, msrs
 from mtrremu.core.config import VmConfig
 from mtrremu.core.events import VcpuOp
+from mtrremu.core.units import GIB, MIB
 from mtrremu.workloads.building import (
-    GIB,
-    MIB,
     LinuxParams,
     TraceBuilder,
     linux_boot,
     power_of_two_ranges,
-    var_mask,
+    var_pairs,
 )
 from mtrremu.workloads.layouts import direct
 from mtrremu.workloads.trace import Trace
@@ -72,16 +71,10 @@ def build(params: Params, seed: int = 1) -> Trace:
     for vcpu in b.vcpus:
         msr_ops: list[VcpuOp] = []
         if params.vmm == "crosvm":
-            for pair, (base, size) in enumerate(power_of_two_ranges(params.pci_start, 1 << 32)):
-                msr_ops += [
-                    b.wrmsr(vcpu, msrs.PHYSBASE0 + 2 * pair, base, host=True),
-                    b.wrmsr(
-                        vcpu, msrs.PHYSBASE0 + 2 * pair + 1, var_mask(size, b.maxphyaddr), host=True
-                    ),
-                ]
+            msr_ops += var_pairs(b, vcpu, power_of_two_ranges(params.pci_start, 1 << 32), host=True)
         msr_ops.append(b.wrmsr(vcpu, msrs.DEFTYPE, 0x806, host=True))
         cr0_op: list[VcpuOp] = [b.write_cr0(vcpu, boot_cr0, host=True)]
         b.add(msr_ops + cr0_op if params.msrs_first else cr0_op + msr_ops)
     b.touch(0, MIB, params.decompress_touch)
     linux_boot(b, params.linux)
-    return Trace("W3", config, tuple(b.build()), {"seed": seed, **asdict(params)})
+    return b.trace("W3", params)

@@ -24,24 +24,24 @@ Sizes from the issue: 416 vCPUs on 1.5 TiB at 2 MiB leaves, and on 12 TiB at 1 G
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from mtrremu.core import msrs
 from mtrremu.core.config import VmConfig
 from mtrremu.core.events import VcpuOp
-from mtrremu.core.units import Level
+from mtrremu.core.memtypes import MemType
+from mtrremu.core.units import GIB, MIB, PAGE_SHIFT, TIB, Level
 from mtrremu.workloads.building import (
-    GIB,
     LINUX_CR0,
     WB_BYTES,
+    WP_BYTES,
     TraceBuilder,
     linux_cache_cpu_init,
+    mtrr_change,
     var_mask,
 )
 from mtrremu.workloads.layouts import q35
 from mtrremu.workloads.trace import Trace
-
-TIB = 1 << 40
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ def booted_table(maxphyaddr: int) -> dict[int, int]:
     table = dict.fromkeys(msrs.MTRR_MSRS, 0)
     table.update(dict.fromkeys(msrs.FIXED_MSRS, WB_BYTES))
     table[msrs.FIX16K_A0000] = 0
-    table.update(dict.fromkeys(msrs.FIXED_MSRS[3:], 0x0505050505050505))
+    table.update(dict.fromkeys(msrs.FIXED_MSRS[3:], WP_BYTES))
     table[msrs.PHYSBASE0] = 0x80000000
     table[msrs.PHYSBASE0 + 1] = var_mask(2 * GIB, maxphyaddr)
     table[msrs.DEFTYPE] = 0xC06
@@ -87,8 +87,9 @@ def ram_shares(b: TraceBuilder, fraction: float) -> list[tuple[int, int, int]]:
     for slot in b.config.sorted_memslots():
         if slot.name == "flash":
             continue
-        start, size = slot.base_gfn << 12, int((slot.pages << 12) * fraction) & ~(2 * (1 << 20) - 1)
-        per = max(size // len(b.vcpus) & ~(2 * (1 << 20) - 1), 2 * (1 << 20))
+        start = slot.base_gfn << PAGE_SHIFT
+        size = int((slot.pages << PAGE_SHIFT) * fraction) & ~(2 * MIB - 1)
+        per = max(size // len(b.vcpus) & ~(2 * MIB - 1), 2 * MIB)
         offset = 0
         for vcpu in b.vcpus:
             if offset >= size:
@@ -103,13 +104,9 @@ def mtrr_add_on(
 ) -> list[VcpuOp]:
     """``set_mtrr`` on one CPU: disable caches and MTRRs, write the pair (a zero mask: only
     the mask, as ``mtrr_del`` does), enable."""
-    saved = b.mtrrs[vcpu][msrs.DEFTYPE]
-    ops = [*b.set_cd(vcpu, True), b.wrmsr(vcpu, msrs.DEFTYPE, saved & ~0xCFF)]
-    if mask:
-        ops.append(b.wrmsr(vcpu, msrs.PHYSBASE0 + 2 * pair, base | mtype))
-    ops.append(b.wrmsr(vcpu, msrs.PHYSBASE0 + 2 * pair + 1, mask))
-    ops += [b.wrmsr(vcpu, msrs.DEFTYPE, saved), *b.set_cd(vcpu, False)]
-    return ops
+    writes = [(msrs.PHYSBASE0 + 2 * pair, base | mtype)] if mask else []
+    writes.append((msrs.PHYSBASE0 + 2 * pair + 1, mask))
+    return mtrr_change(b, vcpu, writes, b.mtrrs[vcpu][msrs.DEFTYPE])
 
 
 def build(params: Params, seed: int = 1) -> Trace:
@@ -134,7 +131,7 @@ def build(params: Params, seed: int = 1) -> Trace:
     else:
         mask = var_mask(params.mtrr_add_size, config.guest_maxphyaddr)
         for vcpu in b.vcpus:
-            b.add(mtrr_add_on(b, vcpu, 1, base=params.mtrr_add_base, mask=mask, mtype=1))
+            b.add(mtrr_add_on(b, vcpu, 1, base=params.mtrr_add_base, mask=mask, mtype=MemType.WC))
     for vcpu, start, size in ram_shares(b, params.working_set):
         b.touch(vcpu, start, size)
-    return Trace("W4", config, tuple(b.build()), {"seed": seed, **asdict(params)})
+    return b.trace("W4", params)

@@ -16,15 +16,15 @@ under either rule set (defType pairs under Base1, CD flips under Base2).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from mtrremu.core.config import Memslot, VmConfig
-from mtrremu.workloads.building import GIB, MIB, TraceBuilder, var_mask
+from mtrremu.core.memtypes import MemType
+from mtrremu.core.units import GIB, MIB
+from mtrremu.workloads.building import TraceBuilder, var_mask
 from mtrremu.workloads.layouts import q35
 from mtrremu.workloads.trace import Trace
 from mtrremu.workloads.w4_large import booted_table, mtrr_add_on, ram_shares, restore_booted
-
-WC = 1
 
 
 @dataclass(frozen=True)
@@ -65,9 +65,9 @@ def build(params: Params, seed: int = 1) -> Trace:
     mask = var_mask(size, config.guest_maxphyaddr)
     touch_all()
     for vcpu in b.vcpus:
-        b.add(mtrr_add_on(b, vcpu, 1, base=bar, mask=mask, mtype=WC))
+        b.add(mtrr_add_on(b, vcpu, 1, base=bar, mask=mask, mtype=MemType.WC))
     touch_all()
     for vcpu in b.vcpus:
-        b.add(mtrr_add_on(b, vcpu, 1, base=bar, mask=0, mtype=WC))
+        b.add(mtrr_add_on(b, vcpu, 1, base=bar, mask=0, mtype=MemType.WC))
     touch_all()
-    return Trace("W5", config, tuple(b.build()), {"seed": seed, **asdict(params)})
+    return b.trace("W5", params)

@@ -19,21 +19,21 @@ Base2 1 (BSP) + N-1 (``cd0``) or 1 (``kvm``, plus N-1 CD flips at Linux's entry)
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from mtrremu.core import cr0, msrs
 from mtrremu.core.config import VmConfig
 from mtrremu.core.events import VcpuOp
+from mtrremu.core.memtypes import MemType
+from mtrremu.core.units import GIB, MIB
 from mtrremu.workloads.building import (
-    GIB,
-    MIB,
     WB_BYTES,
     LinuxParams,
     TraceBuilder,
     fixed_value,
     linux_boot,
     power_of_two_ranges,
-    var_mask,
+    var_pairs,
 )
 from mtrremu.workloads.layouts import q35
 from mtrremu.workloads.trace import Trace
@@ -54,13 +54,9 @@ class Params:
 def program(b: TraceBuilder, vcpu: int, hole: int) -> list[VcpuOp]:
     """``cacheattr.c``: fixed ranges, UC pairs over the hole, then defType."""
     fixed = {msr: WB_BYTES for msr in msrs.FIXED_MSRS}
-    fixed[msrs.FIX16K_A0000] = fixed_value(1)
+    fixed[msrs.FIX16K_A0000] = fixed_value(MemType.WC)
     ops: list[VcpuOp] = [b.wrmsr(vcpu, msr, value) for msr, value in fixed.items()]
-    for pair, (base, size) in enumerate(power_of_two_ranges(hole, 1 << 32)):
-        ops += [
-            b.wrmsr(vcpu, msrs.PHYSBASE0 + 2 * pair, base),
-            b.wrmsr(vcpu, msrs.PHYSBASE0 + 2 * pair + 1, var_mask(size, b.maxphyaddr)),
-        ]
+    ops += var_pairs(b, vcpu, power_of_two_ranges(hole, 1 << 32))
     ops.append(b.wrmsr(vcpu, msrs.DEFTYPE, 0xC06))
     return ops
 
@@ -77,4 +73,4 @@ def build(params: Params, seed: int = 1) -> Trace:
     for vcpu in b.vcpus:
         b.add(program(b, vcpu, params.pci_hole_start))
     linux_boot(b, params.linux)
-    return Trace("W6", config, tuple(b.build()), {"seed": seed, **asdict(params)})
+    return b.trace("W6", params)
