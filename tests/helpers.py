@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-from mtrremu.core import cr0, msrs
+import pytest
+
+from mtrremu.core import cr0, events, msrs
 from mtrremu.core.config import Memslot, MemslotKind, VmConfig
-from mtrremu.core.units import Level
+from mtrremu.core.memtypes import MemType
+from mtrremu.core.units import GIB, KIB, MIB, Level
 from mtrremu.core.vm import Vm
 from mtrremu.plugin.manager import PluginManager
+from mtrremu.server.app import EmulatorServer, ServerSettings
 
-KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 ALL_STRATEGIES = (
     "kvm-6.5",
     "kvm-6.7",
@@ -31,10 +38,15 @@ CD1 = cr0.ET | cr0.PE | cr0.CD
 _MANAGER = PluginManager(entry_points=False)
 
 
+def create_vm(config: VmConfig, strategy: str) -> Vm:
+    """A VM built by the real plugin manager (built-in strategies only)."""
+    return _MANAGER.create_vm(config, strategy)
+
+
 def make_vm(strategy: str = "fine-grained", **config: object) -> Vm:
     """A VM with one non-coherent DMA device attached at creation unless told otherwise."""
     config.setdefault("noncoherent_dma", 1)
-    return _MANAGER.create_vm(VmConfig(**config), strategy)  # type: ignore[arg-type]
+    return create_vm(VmConfig(**config), strategy)  # type: ignore[arg-type]
 
 
 def q35_slots(ram_gib: int = 4) -> tuple[Memslot, ...]:
@@ -73,6 +85,25 @@ def set_deftype(vm: Vm, vcpu: int, value: int, host: bool = True) -> None:
     assert vm.write_msr(vcpu, msrs.DEFTYPE, value, host=host).gp is None
 
 
+def programmed(strategy: str, vcpus: int, fixed: MemType = MemType.WB) -> Vm:
+    """Every vCPU: ``fixed`` below 1 MiB, UC over [3 GiB, 4 GiB), WT over [2 GiB, 2 GiB + 256
+    MiB), WB default; then vCPU 0 faults [0, 4 GiB)."""
+    vm = make_vm(strategy, vcpus=vcpus)
+    for vcpu in range(vcpus):
+        set_fixed_all(vm, vcpu, fixed)
+        set_var(vm, vcpu, 0, 3 * GIB, GIB, MemType.UC)
+        set_var(vm, vcpu, 1, 2 * GIB, 256 * MIB, MemType.WT)
+        set_deftype(vm, vcpu, 0xC06)
+    vm.fault_range(0, 0, gfn(4 * GIB))
+    return vm
+
+
+def mapping(result: events.EventResult) -> events.Mapping:
+    """The leaf an access was served by (it must have been served by one)."""
+    assert result.access is not None and result.access.mapping is not None
+    return result.access.mapping
+
+
 def leaves(vm: Vm) -> list[tuple[int, int, int]]:
     """Every present leaf as ``(base gfn, level, byte)``, sorted."""
     return sorted(
@@ -96,9 +127,12 @@ __all__ = [
     "SERIES",
     "Level",
     "MemslotKind",
+    "create_vm",
     "gfn",
     "leaves",
     "make_vm",
+    "mapping",
+    "programmed",
     "q35_slots",
     "set_deftype",
     "set_fixed_all",
@@ -126,6 +160,67 @@ def run_command(
     )
 
 
-def run_mtrremu(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def run_mtrremu(
+    *args: str, timeout: float = 300, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """``mtrremu ARGS`` through this interpreter."""
-    return run_command(sys.executable, "-m", "mtrremu.cli", *args, timeout=timeout)
+    return run_command(sys.executable, "-m", "mtrremu.cli", *args, timeout=timeout, env=env)
+
+
+def run_ab(
+    *args: str, out: Path, charts: bool = False, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """``mtrremu ab ARGS --out OUT --no-progress`` (and ``--no-charts`` unless asked)."""
+    flags = ["--out", str(out), "--no-progress"] + ([] if charts else ["--no-charts"])
+    return run_mtrremu("ab", *args, *flags, timeout=timeout)
+
+
+def require_node_toolchain(*needed: Path) -> str:
+    """The ``node`` executable, once every path in ``needed`` (under clients/node) exists; skip
+    without them, or fail with ``MTRREMU_REQUIRE_NODE=1`` (CI)."""
+    node = shutil.which("node")
+    missing = [] if node is not None else ["`node` is not on PATH"]
+    missing += [
+        f"{path.relative_to(ROOT)} is missing (run `npm ci --prefix clients/node`)"
+        for path in needed
+        if not path.exists()
+    ]
+    if missing:
+        reason = "; ".join(missing)
+        if os.environ.get("MTRREMU_REQUIRE_NODE") == "1":
+            pytest.fail(f"MTRREMU_REQUIRE_NODE=1 but {reason}", pytrace=False)
+        pytest.skip(reason)
+    assert node is not None
+    return node
+
+
+@contextmanager
+def serving(*listen: str, **settings: Any) -> Iterator[EmulatorServer]:
+    """A started in-process server on ``listen`` (default ``127.0.0.1:0``), stopped on exit."""
+    server = EmulatorServer(ServerSettings(listen=listen or ("127.0.0.1:0",), **settings))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop(0)
+
+
+def run_threads(count: int, body: Callable[[int], None], timeout: float = 30.0) -> None:
+    """Run ``body(0)`` .. ``body(count - 1)`` on their own threads; re-raise the first error and
+    fail if a thread is still running after ``timeout``."""
+    errors: list[BaseException] = []
+
+    def guarded(index: int) -> None:
+        try:
+            body(index)
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=guarded, args=(i,), daemon=True) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+        assert not thread.is_alive(), "a vCPU thread never returned (deadlock?)"
+    if errors:
+        raise errors[0]

@@ -10,7 +10,6 @@ import importlib.metadata
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +23,8 @@ from mtrremu.core.counters import Counters
 from mtrremu.workloads import WORKLOADS, build
 from mtrremu.workloads.building import LinuxParams
 from mtrremu.workloads.trace import load, save
-from tests.helpers import run_command
+from tests.helpers import GIB, run_ab, run_mtrremu
 
-GIB = 1 << 30
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 #: The cross product most tests share: 2 vCPU counts x 2 seeds x 2 strategies on W3.
 CROSS = ["-w", "W3", "--vcpus", "2", "--vcpus", "3", "--seed", "1", "--seed", "2"]
@@ -64,13 +62,6 @@ CONFIG_FIELDS = {
 COUNTERS = {f.name for f in dataclasses.fields(Counters)} | {"leaves_removed", "entries_visited"}
 
 
-def ab(*args: str, out: Path, charts: bool = False) -> subprocess.CompletedProcess[str]:
-    """``mtrremu ab ARGS --out OUT --no-progress`` (and ``--no-charts`` unless asked)."""
-    command = [sys.executable, "-m", "mtrremu.cli", "ab", *args, "--out", str(out)]
-    command += ["--no-progress"] + ([] if charts else ["--no-charts"])
-    return run_command(*command)
-
-
 def records_of(out: Path) -> list[dict[str, Any]]:
     with (out / "ab.jsonl").open() as source:
         return [json.loads(line) for line in source]
@@ -78,7 +69,7 @@ def records_of(out: Path) -> list[dict[str, Any]]:
 
 def ab_ok(*args: str, out: Path, charts: bool = False) -> list[dict[str, Any]]:
     """Run ``mtrremu ab``, insist it succeeded, and return its records."""
-    done = ab(*args, out=out, charts=charts)
+    done = run_ab(*args, out=out, charts=charts)
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr
     return records_of(out)
@@ -104,7 +95,7 @@ class Run:
 def cross(tmp_path_factory: pytest.TempPathFactory) -> Run:
     """The shared cross product, inline, with charts."""
     out = tmp_path_factory.mktemp("cross")
-    done = ab(*CROSS, out=out, charts=True)
+    done = run_ab(*CROSS, out=out, charts=True)
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr
     return Run(out, done, records_of(out))
@@ -127,9 +118,8 @@ def ab_parser() -> argparse.ArgumentParser:
 
 
 def test_help_documents_every_option() -> None:
-    done = run_command(  # COLUMNS: no wrapping, help strings stay whole
-        sys.executable, "-m", "mtrremu.cli", "ab", "--help", timeout=120, env={"COLUMNS": "1000"}
-    )
+    # COLUMNS: no wrapping, help strings stay whole
+    done = run_mtrremu("ab", "--help", timeout=120, env={"COLUMNS": "1000"})
     assert done.returncode == 0, done.stderr
     text = " ".join(done.stdout.split())
     actions = ab_parser()._actions
@@ -242,7 +232,7 @@ def test_charts_are_one_real_png_per_workload_and_configuration(cross: Run) -> N
 
 
 def test_charts_are_skipped_with_no_charts(tmp_path: Path) -> None:
-    done = ab("-w", "W3", "--vcpus", "2", "-s", "zap-all", out=tmp_path)
+    done = run_ab("-w", "W3", "--vcpus", "2", "-s", "zap-all", out=tmp_path)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "ab.jsonl").is_file()
     assert (tmp_path / "ab.csv").is_file()
@@ -333,7 +323,7 @@ def test_a_param_changes_the_params(cross: Run, tmp_path: Path) -> None:
 
 
 def test_an_unknown_param_is_refused_listing_the_known_ones(tmp_path: Path) -> None:
-    done = ab("-w", "W3", "-s", "zap-all", "--param", "bogus=1", out=tmp_path)
+    done = run_ab("-w", "W3", "-s", "zap-all", "--param", "bogus=1", out=tmp_path)
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     known = [f.name for f in dataclasses.fields(WORKLOADS["W3"].params) if f.name != "linux"]
@@ -343,7 +333,7 @@ def test_an_unknown_param_is_refused_listing_the_known_ones(tmp_path: Path) -> N
 
 
 def test_an_unknown_workload_is_refused_listing_the_known_ones(tmp_path: Path) -> None:
-    done = ab("-w", "W9", "-s", "zap-all", out=tmp_path)
+    done = run_ab("-w", "W9", "-s", "zap-all", out=tmp_path)
     assert done.returncode == 2
     assert done.stderr.splitlines() == [
         "mtrremu: unknown workload 'W9'; known: W1, W2, W3, W4, W5, W6"
@@ -382,7 +372,7 @@ def test_a_spawned_server_gives_the_same_counts_and_saves_traces(
     w1_inline: list[dict[str, Any]], tmp_path: Path
 ) -> None:
     saved = tmp_path / "traces"
-    done = ab(*W1_SMALL, "--target", "spawn", "--save-traces", str(saved), out=tmp_path / "o")
+    done = run_ab(*W1_SMALL, "--target", "spawn", "--save-traces", str(saved), out=tmp_path / "o")
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr
     assert f"traces written to {saved}/" in done.stdout
@@ -421,7 +411,7 @@ def test_a_trace_file_replays_under_its_stem(cross: Run, tmp_path: Path) -> None
 
 def test_a_missing_trace_file_is_a_clear_error(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-trace.jsonl"
-    done = ab("--trace", str(missing), "-s", "zap-all", out=tmp_path / "o")
+    done = run_ab("--trace", str(missing), "-s", "zap-all", out=tmp_path / "o")
     assert "Traceback" not in done.stderr
     assert done.returncode == 2
     assert str(missing) in done.stderr

@@ -18,23 +18,11 @@ from mtrremu.core.events import (
     WriteCr0,
     WriteMsr,
 )
-from mtrremu.core.memtypes import MemType
 from mtrremu.core.vm import Vm
 from mtrremu.core.zap_list import Role
-from tests.helpers import CD0, GIB, MIB, gfn, make_vm, set_deftype, set_fixed_all, set_var
+from tests.helpers import CD0, GIB, gfn, make_vm, programmed
 
 VCPUS = 8
-
-
-def programmed(strategy: str) -> Vm:
-    vm = make_vm(strategy, vcpus=VCPUS)
-    for vcpu in range(VCPUS):
-        set_fixed_all(vm, vcpu, MemType.WB)
-        set_var(vm, vcpu, 0, 3 * GIB, GIB, MemType.UC)
-        set_var(vm, vcpu, 1, 2 * GIB, 256 * MIB, MemType.WT)
-        set_deftype(vm, vcpu, 0xC06)
-    vm.fault_range(0, 0, gfn(4 * GIB))
-    return vm
 
 
 def burst(lanes: dict[int, list[VcpuOp]], seed: int = 1) -> Burst:
@@ -63,7 +51,7 @@ def cd_clear_burst(vm: Vm, seed: int = 1) -> BurstResult:
 def test_a_cd_clear_burst_deduplicates_through_the_list(
     strategy: str, queued: int, dropped: int, zaps: int
 ) -> None:
-    vm = programmed(strategy)
+    vm = programmed(strategy, VCPUS)
     before = vm.counters_snapshot()
     cd_clear_burst(vm)
     c = vm.counters
@@ -79,7 +67,7 @@ def test_a_cd_clear_burst_deduplicates_through_the_list(
 def test_the_first_requester_in_seeded_order_drains_and_others_wait() -> None:
     drainers = set()
     for seed in range(6):
-        done = cd_clear_burst(programmed("zap-all-serialized"), seed)
+        done = cd_clear_burst(programmed("zap-all-serialized", VCPUS), seed)
         roles = {v: results(done, v)[0].zap for v in range(VCPUS)}
         assert sorted(z.role.value for z in roles.values() if z and z.role) == ["drained"] + [
             "waited"
@@ -90,7 +78,7 @@ def test_the_first_requester_in_seeded_order_drains_and_others_wait() -> None:
 
 def test_the_same_seed_gives_the_same_counts_and_store() -> None:
     def run(seed: int) -> tuple[dict[str, int], list[tuple[int, int]]]:
-        vm = programmed("fine-grained")
+        vm = programmed("fine-grained", VCPUS)
         lanes: dict[int, list[VcpuOp]] = {
             v: [WriteCr0(v, CD0), Access(v, gfn(3 * GIB) + v), WriteMsr(v, msrs.DEFTYPE, 0xC00)]
             for v in range(VCPUS)

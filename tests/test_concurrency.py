@@ -13,9 +13,18 @@ from mtrremu.core import msrs
 from mtrremu.core.events import EventResult
 from mtrremu.core.memtypes import MemType
 from mtrremu.core.units import ZAP_ALL
-from mtrremu.core.vm import Vm
 from mtrremu.core.zap_list import Role
-from tests.helpers import CD0, CD1, GIB, MIB, gfn, make_vm, set_deftype, set_fixed_all, set_var
+from tests.helpers import (
+    CD0,
+    CD1,
+    GIB,
+    gfn,
+    make_vm,
+    programmed,
+    run_threads,
+    set_deftype,
+    set_var,
+)
 
 VCPUS = 8
 TIMEOUT = 30.0
@@ -31,25 +40,6 @@ def _switch_often() -> Iterator[None]:
     sys.setswitchinterval(before)
 
 
-def run_threads(count: int, body: Callable[[int], None]) -> None:
-    errors: list[BaseException] = []
-
-    def guarded(index: int) -> None:
-        try:
-            body(index)
-        except BaseException as error:
-            errors.append(error)
-
-    threads = [threading.Thread(target=guarded, args=(i,), daemon=True) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(TIMEOUT)
-        assert not thread.is_alive(), "a vCPU thread never returned (deadlock?)"
-    if errors:
-        raise errors[0]
-
-
 def wait_until(predicate: Callable[[], bool]) -> None:
     deadline = time.monotonic() + TIMEOUT
     while not predicate():
@@ -57,21 +47,9 @@ def wait_until(predicate: Callable[[], bool]) -> None:
         time.sleep(0.0005)
 
 
-def programmed(strategy: str, **config: object) -> Vm:
-    """Every vCPU: WB default, UC fixed area below 1 MiB, UC and WT variable ranges."""
-    vm = make_vm(strategy, vcpus=VCPUS, **config)
-    for vcpu in range(VCPUS):
-        set_fixed_all(vm, vcpu, MemType.UC)
-        set_var(vm, vcpu, 0, 3 * GIB, GIB, MemType.UC)
-        set_var(vm, vcpu, 1, 2 * GIB, 256 * MIB, MemType.WT)
-        set_deftype(vm, vcpu, 0xC06)
-    return vm
-
-
 @pytest.mark.parametrize("strategy", ["zap-all-serialized", "fine-grained", "fine-grained-split"])
 def test_toggling_vcpus_never_return_while_their_range_is_queued(strategy: str) -> None:
-    vm = programmed(strategy)
-    vm.fault_range(0, 0, gfn(4 * GIB))
+    vm = programmed(strategy, VCPUS, MemType.UC)
     start = threading.Barrier(VCPUS)
     early: list[str] = []
 
@@ -85,7 +63,7 @@ def test_toggling_vcpus_never_return_while_their_range_is_queued(strategy: str) 
                     early.append(f"vCPU {index} returned with {ticket.range} queued")
             vm.access(index, gfn(3 * GIB) + round_)
 
-    run_threads(VCPUS, vcpu_thread)
+    run_threads(VCPUS, vcpu_thread, TIMEOUT)
     assert early == []
     counters = vm.counters
     assert counters.zap_events == VCPUS * ROUNDS
@@ -114,7 +92,7 @@ def test_held_drainer_makes_every_other_request_a_duplicate() -> None:
         start.wait(TIMEOUT)
         results[index] = vm.write_cr0(index, CD0)
 
-    run_threads(VCPUS, vcpu_thread)
+    run_threads(VCPUS, vcpu_thread, TIMEOUT)
     assert held.is_set()
     roles = sorted(r.zap.role.value for r in results.values() if r.zap and r.zap.role)
     assert roles == ["drained"] + ["waited"] * (VCPUS - 1)

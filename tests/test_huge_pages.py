@@ -8,13 +8,23 @@ from mtrremu.core.config import Memslot, MemslotKind
 from mtrremu.core.memtypes import MemType
 from mtrremu.core.units import Level
 from mtrremu.core.vm import Vm
-from tests.helpers import CD0, CD1, GIB, KIB, MIB, gfn, make_vm, set_deftype, set_fixed_all, set_var
+from tests.helpers import (
+    CD0,
+    CD1,
+    GIB,
+    KIB,
+    MIB,
+    gfn,
+    make_vm,
+    mapping,
+    set_deftype,
+    set_fixed_all,
+    set_var,
+)
 
 
-def level_at(vm: Vm, gpa: int, vcpu: int = 0) -> Level:
-    result = vm.access(vcpu, gfn(gpa))
-    assert result.access is not None and result.access.mapping is not None
-    return result.access.mapping.level
+def level_at(vm: Vm, gpa: int) -> Level:
+    return mapping(vm.access(0, gfn(gpa))).level
 
 
 # -- memslot edges (MTRRs disabled: consistent everywhere) -----------------------------------
@@ -49,10 +59,9 @@ def test_a_device_slot_next_to_ram_gets_its_own_leaves() -> None:
             Memslot.from_bytes(GIB + 4 * MIB, 4 * MIB, MemslotKind.DEVICE),
         ),
     )
-    device = vm.access(0, gfn(GIB + 4 * MIB))
-    assert device.access is not None and device.access.mapping is not None
-    assert device.access.mapping.level is Level.M2
-    assert device.access.mapping.memtype.type is MemType.UC
+    device = mapping(vm.access(0, gfn(GIB + 4 * MIB)))
+    assert device.level is Level.M2
+    assert device.memtype.type is MemType.UC
     assert level_at(vm, GIB) is Level.M2
     assert level_at(vm, 0) is Level.G1
 
@@ -86,9 +95,8 @@ def test_a_4k_range_forces_4k_leaves_in_its_2m_region() -> None:
     vm = enabled_wb()
     set_var(vm, 0, 0, 3 * GIB + 8 * KIB, 4 * KIB, MemType.UC)
     assert level_at(vm, 3 * GIB) is Level.K4
-    uc = vm.access(0, gfn(3 * GIB + 8 * KIB))
-    assert uc.access is not None and uc.access.mapping is not None
-    assert (uc.access.mapping.level, uc.access.mapping.memtype.type) == (Level.K4, MemType.UC)
+    uc = mapping(vm.access(0, gfn(3 * GIB + 8 * KIB)))
+    assert (uc.level, uc.memtype.type) == (Level.K4, MemType.UC)
     assert level_at(vm, 3 * GIB + 2 * MIB) is Level.M2
 
 
@@ -98,12 +106,8 @@ def test_overlapping_types_reduce_even_where_the_result_is_uniform() -> None:
     vm = enabled_wb(guest_maxphyaddr=40)
     set_var(vm, 0, 0, 0, 32 * GIB, MemType.WB)
     set_var(vm, 0, 1, 3 * GIB, GIB, MemType.UC)
-    result = vm.access(0, gfn(3 * GIB + 4 * MIB))
-    assert result.access is not None and result.access.mapping is not None
-    assert (result.access.mapping.level, result.access.mapping.memtype.type) == (
-        Level.K4,
-        MemType.WB,
-    )
+    leaf = mapping(vm.access(0, gfn(3 * GIB + 4 * MIB)))
+    assert (leaf.level, leaf.memtype.type) == (Level.K4, MemType.WB)
 
 
 def test_fixed_ranges_are_walked_for_the_first_2m_region() -> None:
@@ -121,10 +125,9 @@ def test_reduction_applies_while_cd_is_set() -> None:
     vm = enabled_wb()
     set_var(vm, 0, 0, 3 * GIB, 2 * MIB, MemType.UC)
     vm.write_cr0(0, CD1, host=True)
-    result = vm.access(0, gfn(3 * GIB + 2 * MIB))
-    assert result.access is not None and result.access.mapping is not None
-    assert result.access.mapping.level is Level.M2
-    assert result.access.mapping.memtype.type is MemType.WB  # CD=1 under the quirk
+    leaf = mapping(vm.access(0, gfn(3 * GIB + 2 * MIB)))
+    assert leaf.level is Level.M2
+    assert leaf.memtype.type is MemType.WB  # CD=1 under the quirk
 
 
 @pytest.mark.parametrize(("strategy", "dma"), [("zap-all", 0), ("kvm-6.11", 1)])

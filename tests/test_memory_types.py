@@ -32,6 +32,7 @@ from tests.helpers import (
     Level,
     MemslotKind,
     make_vm,
+    mapping,
     set_deftype,
     set_fixed_all,
     set_var,
@@ -74,10 +75,10 @@ def _fixed_byte(state: MtrrState, index: int, mtype: int) -> None:
     state.write(msr, int.from_bytes(data, "little"))
 
 
-def _overlap_state(first: int, second: int, maxphyaddr: int = 36) -> MtrrState:
+def _overlap_state(first: int, second: int) -> MtrrState:
     """``first`` over [3 GiB, 4 GiB) (higher base: first in KVM's list), ``second`` over
-    [0, 32 GiB); default type UC."""
-    state = _state(E | UC, maxphyaddr)
+    [0, 32 GiB); default type UC; MAXPHYADDR 36."""
+    state = _state(E | UC, 36)
     _var(state, 0, 0, 32 * GIB, second)
     _var(state, 1, 3 * GIB, GIB, first)
     assert state.order == [1, 0]
@@ -107,10 +108,7 @@ def test_disabled_mtrrs_fault_path(feature_mtrr: bool, expected: MemType, strate
     set_var(vm, 0, 0, 0, 4 * GIB, WT)
     set_deftype(vm, 0, WT)
     vm.write_cr0(0, CD0, host=True)
-    result = vm.access(0, GFN_1G + 7)
-    assert result.access is not None
-    assert result.access.mapping is not None
-    assert result.access.mapping.memtype == EptMemtype(expected, ipat=False)
+    assert mapping(vm.access(0, GFN_1G + 7)).memtype == EptMemtype(expected, ipat=False)
 
 
 # -- §4 step 2: fixed ranges -------------------------------------------------------------------
@@ -160,11 +158,9 @@ def test_fixed_type_fault_path() -> None:
     set_var(vm, 0, 0, 0, GIB, UC)
     set_deftype(vm, 0, E | FE | WB)
     vm.write_cr0(0, CD0, host=True)
-    result = vm.access(0, 0xC3)
-    assert result.access is not None
-    assert result.access.mapping is not None
-    assert result.access.mapping.memtype == EptMemtype(WT, ipat=False)
-    assert result.access.mapping.level is Level.K4
+    leaf = mapping(vm.access(0, 0xC3))
+    assert leaf.memtype == EptMemtype(WT, ipat=False)
+    assert leaf.level is Level.K4
 
 
 # -- §4 step 4: default type -------------------------------------------------------------------
@@ -220,12 +216,10 @@ def test_wb_32g_with_uc_3g_to_4g_fault_path(
     set_deftype(vm, 0, E | UC)
     vm.write_cr0(0, CD0, host=True)
     assert vm.vcpus[0].mtrr.order == [1, 0]
-    result = vm.access(0, GFN_3G + 0x123)
-    assert result.access is not None
-    assert result.access.mapping is not None
-    assert result.access.mapping.memtype == EptMemtype(expected, ipat=False)
-    assert result.access.mapping.level is Level.K4
-    assert result.access.mapping.base_gfn == GFN_3G + 0x123
+    leaf = mapping(vm.access(0, GFN_3G + 0x123))
+    assert leaf.memtype == EptMemtype(expected, ipat=False)
+    assert leaf.level is Level.K4
+    assert leaf.base_gfn == GFN_3G + 0x123
 
 
 @pytest.mark.parametrize("precedence", BOTH, ids=lambda p: p.value)
@@ -295,8 +289,8 @@ def test_undefined_combination_gives_wb(
 
 THREE_RANGE_CASES = [
     # (first, second, third) in KVM's list order: KVM's answer, SDM's answer
-    ((UC, WT, WB), WB, UC),
-    ((WT, WB, UC), UC, UC),
+    ((UC, WT, WB), WB, UC),  # the same types as the next row in another order: KVM's answer
+    ((WT, WB, UC), UC, UC),  # differs, the SDM's does not
     ((WB, WT, UC), UC, UC),
     ((WB, UC, WT), UC, UC),
     ((UC, UC, WB), WB, UC),
@@ -330,15 +324,6 @@ def test_three_ranges(types: tuple[MemType, MemType, MemType], kvm: MemType, sdm
     state = _three_state(types)
     assert guest_memory_type(state, GFN_3G, True, Precedence.KVM) == kvm
     assert guest_memory_type(state, GFN_3G, True, Precedence.SDM) == sdm
-
-
-def test_three_ranges_same_types_different_order_different_kvm_answer() -> None:
-    uc_first = _three_state((UC, WT, WB))
-    uc_last = _three_state((WT, WB, UC))
-    assert guest_memory_type(uc_first, GFN_3G, True, Precedence.KVM) == WB
-    assert guest_memory_type(uc_last, GFN_3G, True, Precedence.KVM) == UC
-    assert guest_memory_type(uc_first, GFN_3G, True, Precedence.SDM) == UC
-    assert guest_memory_type(uc_last, GFN_3G, True, Precedence.SDM) == UC
 
 
 # -- §5 huge-page consistency ------------------------------------------------------------------
@@ -423,11 +408,9 @@ def test_abutting_ranges_fault_path_is_conservative(
         set_var(vm, 0, pair, base, size, WT)
     set_deftype(vm, 0, E | UC)
     vm.write_cr0(0, CD0, host=True)
-    result = vm.access(0, GFN_2M + 0x1F)
-    assert result.access is not None
-    assert result.access.mapping is not None
-    assert result.access.mapping.level is level
-    assert result.access.mapping.memtype == EptMemtype(WT, ipat=False)
+    leaf = mapping(vm.access(0, GFN_2M + 0x1F))
+    assert leaf.level is level
+    assert leaf.memtype == EptMemtype(WT, ipat=False)
 
 
 def test_fixed_walk_2mib_at_0_walks_all_88_then_variable_list() -> None:
@@ -545,30 +528,26 @@ def test_table_tdp_off_is_wb_ipat(profile: Profile, cd: bool) -> None:
     assert _mt(profile, tdp=False, cd=cd) == EptMemtype(WB, ipat=True)
 
 
-@pytest.mark.parametrize(
-    ("profile", "expected"),
-    [
-        (Profile.KVM_6_5, EptMemtype(WB, ipat=True)),
-        (Profile.KVM_6_7, EptMemtype(WB, ipat=False)),
-        (Profile.KVM_6_11, EptMemtype(WB, ipat=False)),
-    ],
-    ids=["6.5", "6.7", "6.11"],
-)
-def test_table_cd1_quirk_on(profile: Profile, expected: EptMemtype) -> None:
-    assert _mt(profile, cd=True, quirk=True, guest_type=UC) == expected
+CD1_TABLE = [
+    # quirk, the guest's MTRR type, profile, expected
+    (True, UC, Profile.KVM_6_5, EptMemtype(WB, ipat=True)),
+    (True, UC, Profile.KVM_6_7, EptMemtype(WB, ipat=False)),
+    (True, UC, Profile.KVM_6_11, EptMemtype(WB, ipat=False)),
+    (False, WT, Profile.KVM_6_5, EptMemtype(UC, ipat=True)),
+    (False, WT, Profile.KVM_6_7, EptMemtype(UC, ipat=True)),
+    (False, WT, Profile.KVM_6_11, EptMemtype(WB, ipat=False)),
+]
 
 
 @pytest.mark.parametrize(
-    ("profile", "expected"),
-    [
-        (Profile.KVM_6_5, EptMemtype(UC, ipat=True)),
-        (Profile.KVM_6_7, EptMemtype(UC, ipat=True)),
-        (Profile.KVM_6_11, EptMemtype(WB, ipat=False)),
-    ],
-    ids=["6.5", "6.7", "6.11"],
+    ("quirk", "guest_type", "profile", "expected"),
+    CD1_TABLE,
+    ids=[f"quirk_{'on' if q else 'off'}-{p.value}" for q, _, p, _ in CD1_TABLE],
 )
-def test_table_cd1_quirk_off(profile: Profile, expected: EptMemtype) -> None:
-    assert _mt(profile, cd=True, quirk=False, guest_type=WT) == expected
+def test_table_cd1(
+    quirk: bool, guest_type: MemType, profile: Profile, expected: EptMemtype
+) -> None:
+    assert _mt(profile, cd=True, quirk=quirk, guest_type=guest_type) == expected
 
 
 @pytest.mark.parametrize("quirk", (True, False), ids=["quirk", "noquirk"])
@@ -615,14 +594,8 @@ def test_device_memslot_faults_uc_without_ipat(strategy: str, dma: int, cr0: int
     set_var(vm, 0, 0, 0, 4 * GIB, WB)
     set_deftype(vm, 0, E | WB)
     vm.write_cr0(0, cr0, host=True)
-    result = vm.access(0, GFN_3G + 5)
-    assert result.access is not None
-    assert result.access.mapping is not None
-    assert result.access.mapping.memtype == EptMemtype(UC, ipat=False)
-    ram = vm.access(0, GFN_1G + 5)
-    assert ram.access is not None
-    assert ram.access.mapping is not None
-    assert ram.access.mapping.memtype.type is WB
+    assert mapping(vm.access(0, GFN_3G + 5)).memtype == EptMemtype(UC, ipat=False)
+    assert mapping(vm.access(0, GFN_1G + 5)).memtype.type is WB
 
 
 VM_TABLE = [
@@ -663,7 +636,4 @@ def test_table_through_fault_path(
     set_var(vm, 0, 0, GIB, GIB, UC)
     set_deftype(vm, 0, E | WB)
     vm.write_cr0(0, cr0, host=True)
-    result = vm.access(0, GFN_1G + 0x42)
-    assert result.access is not None
-    assert result.access.mapping is not None
-    assert result.access.mapping.memtype == expected
+    assert mapping(vm.access(0, GFN_1G + 0x42)).memtype == expected

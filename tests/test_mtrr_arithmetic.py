@@ -15,7 +15,7 @@ import pytest
 from mtrremu.core.mtrr_state import MtrrState
 from mtrremu.core.units import GfnRange
 from mtrremu.core.vm import Vm
-from tests.helpers import CD0, GIB, MIB, make_vm, set_deftype, var_mask
+from tests.helpers import CD0, GIB, MIB, make_vm, mapping, set_deftype, var_mask
 
 UC, WC, WT, WP, WB = 0, 1, 4, 5, 6
 E, FE = 1 << 11, 1 << 10
@@ -164,9 +164,7 @@ def test_never_written_mask_base_write_zaps_an_empty_range() -> None:
     vm = _vm()
     set_deftype(vm, 0, E | WB)
     assert vm.write_cr0(0, CD0, host=True).gp is None
-    fault = vm.access(0, 0x40000)
-    assert fault.access is not None
-    assert fault.access.mapping is not None
+    mapping(vm.access(0, 0x40000))  # a leaf at 1 GiB
     result = vm.write_msr(0, 0x20A, 0x4000_0000 | UC)
     assert result.zap is not None
     assert result.zap.requested == [GfnRange(0x40000, 0)]

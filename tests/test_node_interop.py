@@ -13,8 +13,6 @@ Needs ``node`` on PATH and ``npm ci --prefix clients/node``; skipped without the
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,31 +28,13 @@ from grpc_status import rpc_status
 from mtrremu.client import Client, RemoteVm
 from mtrremu.core.config import Memslot, VmConfig
 from mtrremu.core.errors import MtrremuError
-from mtrremu.server.app import EmulatorServer, ServerSettings
 from mtrremu.v1 import emulator_pb2 as pb
-from tests.helpers import GIB, KIB, MIB, ROOT, run_command
+from tests.helpers import GIB, KIB, MIB, ROOT, require_node_toolchain, run_command, serving
 
 NODE_CLIENT = ROOT / "clients" / "node"
 SCENARIO_SCRIPT = NODE_CLIENT / "scenario.mjs"
 
 Json = dict[str, Any]
-
-
-def require_node_toolchain() -> str:
-    """The ``node`` executable; skip (or fail with ``MTRREMU_REQUIRE_NODE=1``) without it."""
-    node = shutil.which("node")
-    missing = []
-    if node is None:
-        missing.append("`node` is not on PATH")
-    if not (NODE_CLIENT / "node_modules").is_dir():
-        missing.append("clients/node/node_modules is missing (run `npm ci --prefix clients/node`)")
-    if missing:
-        reason = "; ".join(missing)
-        if os.environ.get("MTRREMU_REQUIRE_NODE") == "1":
-            pytest.fail(f"MTRREMU_REQUIRE_NODE=1 but {reason}", pytrace=False)
-        pytest.skip(reason)
-    assert node is not None
-    return node
 
 
 # -- the scenario (mirrors SCENARIO in clients/node/scenario.mjs) --------------------------------
@@ -262,14 +242,13 @@ def normalise_node_document(document: Json) -> Json:
 def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A real server, in-process, on 127.0.0.1:0 or on a unix socket in ``tmp_path``."""
     listen = "127.0.0.1:0" if request.param == "tcp" else f"unix:{tmp_path / 'mtrremu.sock'}"
-    server = EmulatorServer(ServerSettings(listen=(listen,)))
-    (address,) = server.start()
-    yield address
-    server.stop(0)
+    with serving(listen) as server:
+        (address,) = server.addresses
+        yield address
 
 
 def test_node_and_python_clients_agree(target: str) -> None:
-    node = require_node_toolchain()
+    node = require_node_toolchain(NODE_CLIENT / "node_modules")
     from_node = normalise_node_document(run_node(node, target))
     from_python = run_python(target)
 

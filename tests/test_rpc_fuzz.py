@@ -58,10 +58,11 @@ from grpc_status import rpc_status
 
 from mtrremu.core import msrs
 from mtrremu.core.config import MAX_DMA_DEVICES as MAX_DMA
-from mtrremu.server.app import SERVICE_NAME, EmulatorServer, ServerSettings
+from mtrremu.server.app import SERVICE_NAME
 from mtrremu.server.limits import Limits
 from mtrremu.v1 import emulator_pb2 as pb
 from mtrremu.v1 import emulator_pb2_grpc as pb_grpc
+from tests.helpers import GIB, KIB, MIB, serving, var_mask
 
 SEED = 0x6D747272
 MIN_REQUESTS = 10_000
@@ -69,7 +70,6 @@ CALL_TIMEOUT = 10.0
 #: The share of mutating requests to the fuzz's own VMs (and of CreateVm requests) whose
 #: effect is probed.
 SCRATCH_PROBES = 0.25
-KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 PAGE = 4 * KIB
 U32, U64 = (1 << 32) - 1, (1 << 64) - 1
 
@@ -639,10 +639,6 @@ def slot_kind(value: int) -> pb.MemslotKind.ValueType:
     return cast(pb.MemslotKind.ValueType, value)
 
 
-def valid_mask(size: int, maxphyaddr: int) -> int:
-    return (~(size - 1) & ((1 << maxphyaddr) - 1) & ~0xFFF) | msrs.PHYSMASK_VALID
-
-
 def reference_config() -> pb.VmConfig:
     bars = [
         pb.Memslot(
@@ -750,7 +746,7 @@ class Campaign(Fuzzer):
                     return base | rng.choice(MTRR_TYPES)
                 reserved = base | 0x100 << rng.randrange(4)
                 return rng.choice((base | rng.choice(BAD_TYPES), reserved, base | high))
-            mask = valid_mask(size, maxphyaddr)
+            mask = var_mask(size, maxphyaddr)
             if valid:
                 return rng.choice((mask, mask & ~msrs.PHYSMASK_VALID, 0))
             return rng.choice((mask | 1 << rng.randrange(11), mask | high, U64))
@@ -1528,9 +1524,9 @@ class Campaign(Fuzzer):
             for index, msr in enumerate(msrs.FIXED_MSRS):
                 write(vcpu, msr, int.from_bytes(bytes([MTRR_TYPES[index % 5]] * 8), "little"))
             write(vcpu, msrs.PHYSBASE0, 3 * GIB)
-            write(vcpu, msrs.PHYSBASE0 + 1, valid_mask(GIB, ref.maxphyaddr))
+            write(vcpu, msrs.PHYSBASE0 + 1, var_mask(GIB, ref.maxphyaddr))
             write(vcpu, msrs.PHYSBASE0 + 2, 2 * GIB | 4)
-            write(vcpu, msrs.PHYSBASE0 + 3, valid_mask(256 * MIB, ref.maxphyaddr))
+            write(vcpu, msrs.PHYSBASE0 + 3, var_mask(256 * MIB, ref.maxphyaddr))
             write(vcpu, msrs.DEFTYPE, 0xC06)
             if vcpu < REF_VCPUS - 1:
                 cr0 = pb.WriteCr0Operation(vcpu=vcpu, value=ET | PE, initiator=GUEST)
@@ -1739,26 +1735,23 @@ class Run:
 
 @pytest.fixture(scope="module")
 def run() -> Iterator[Run]:
-    settings = ServerSettings(listen=("127.0.0.1:0",), limits=LIMITS, max_workers=16)
-    server = EmulatorServer(settings)
-    address = server.start()[0]
-    channel = grpc.insecure_channel(
-        address,
-        options=[
-            ("grpc.max_send_message_length", CLIENT_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", CLIENT_MESSAGE_BYTES),
-        ],
-    )
-    try:
-        grpc.channel_ready_future(channel).result(timeout=CALL_TIMEOUT)
-        stub = pb_grpc.EmulatorServiceStub(channel)
-        campaign = Campaign(stub, random.Random(SEED))
-        campaign.run()
-        print(campaign.report.summary())
-        yield Run(campaign.report, channel, stub, campaign.ref.vm_id)
-    finally:
-        channel.close()
-        server.stop(0)
+    with serving(limits=LIMITS, max_workers=16) as server:
+        channel = grpc.insecure_channel(
+            server.addresses[0],
+            options=[
+                ("grpc.max_send_message_length", CLIENT_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", CLIENT_MESSAGE_BYTES),
+            ],
+        )
+        try:
+            grpc.channel_ready_future(channel).result(timeout=CALL_TIMEOUT)
+            stub = pb_grpc.EmulatorServiceStub(channel)
+            campaign = Campaign(stub, random.Random(SEED))
+            campaign.run()
+            print(campaign.report.summary())
+            yield Run(campaign.report, channel, stub, campaign.ref.vm_id)
+        finally:
+            channel.close()
 
 
 def test_every_answer_is_ok_a_guest_fault_or_a_documented_status(run: Run) -> None:

@@ -29,10 +29,8 @@ from mtrremu.core.events import (
     WriteCr0,
     WriteMsr,
 )
-from mtrremu.plugin.manager import PluginManager
-from mtrremu.server.app import EmulatorServer, ServerSettings
 from mtrremu.v1 import emulator_pb2 as pb
-from tests.helpers import ALL_STRATEGIES, CD0, CD1, GIB, KIB, MIB, var_mask
+from tests.helpers import ALL_STRATEGIES, CD0, CD1, GIB, KIB, MIB, create_vm, serving, var_mask
 
 CONFIG = VmConfig(
     vcpus=4,
@@ -48,10 +46,9 @@ MSRS = [msrs.DEFTYPE, 0x250, 0x259, 0x26F, 0x200, 0x201, 0x202, 0x203, msrs.PAT,
 
 @pytest.fixture(scope="module")
 def target() -> Iterator[str]:
-    server = EmulatorServer(ServerSettings(listen=("127.0.0.1:0",)))
-    (address,) = server.start()
-    yield address
-    server.stop(0)
+    with serving() as server:
+        (address,) = server.addresses
+        yield address
 
 
 def vcpu_op(rng: random.Random, vcpu: int) -> VcpuOp:
@@ -75,10 +72,10 @@ def vcpu_op(rng: random.Random, vcpu: int) -> VcpuOp:
     return rng.choice(lifecycle)
 
 
-def trace(seed: int, length: int = 300) -> list[Item]:
+def trace(seed: int) -> list[Item]:
     rng = random.Random(seed)
     items: list[Item] = []
-    for _ in range(length):
+    for _ in range(300):
         roll = rng.random()
         if roll < 0.1:
             lanes = tuple(
@@ -129,7 +126,7 @@ def test_a_trace_replayed_over_grpc_counts_exactly_as_in_process(
     target: str, strategy: str, seed: int
 ) -> None:
     items = trace(seed)
-    local = PluginManager(entry_points=False).create_vm(CONFIG, strategy)
+    local = create_vm(CONFIG, strategy)
     local_results = execute(local, items)
     with Client(target) as client:
         remote = client.create_vm(CONFIG, strategy)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import grpc
 import pytest
@@ -30,7 +31,7 @@ from mtrremu.rpc.status import from_rpc_error
 from mtrremu.server.app import EmulatorServer, ServerSettings
 from mtrremu.server.limits import Limits
 from mtrremu.v1 import emulator_pb2 as pb
-from tests.helpers import CD0, CD1, GIB, KIB, MIB, var_mask
+from tests.helpers import CD0, CD1, GIB, KIB, MIB, run_threads, serving, var_mask
 
 SLOTS = (
     Memslot.from_bytes(0, 640 * KIB),
@@ -44,10 +45,8 @@ CONFIG = VmConfig(vcpus=4, noncoherent_dma=1, memslots=SLOTS)
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmulatorServer]:
     sock = tmp_path_factory.mktemp("sock") / "mtrremu.sock"
-    running = EmulatorServer(ServerSettings(listen=("127.0.0.1:0", f"unix:{sock}")))
-    running.start()
-    yield running
-    running.stop(0)
+    with serving("127.0.0.1:0", f"unix:{sock}") as running:
+        yield running
 
 
 @pytest.fixture(scope="module", params=["tcp", "unix"])
@@ -294,49 +293,44 @@ def test_reflection_lists_the_services(client: Client) -> None:
 # -- limits ------------------------------------------------------------------------------
 
 
-def limited(**limits: int) -> EmulatorServer:
-    server = EmulatorServer(ServerSettings(listen=("127.0.0.1:0",), limits=Limits(**limits)))
-    server.start()
-    return server
+@contextmanager
+def limited(**limits: int) -> Iterator[Client]:
+    """A client of a server of its own with these limits."""
+    with serving(limits=Limits(**limits)) as server, Client(server.addresses[0]) as client:
+        yield client
 
 
 def test_the_vm_limit() -> None:
-    server = limited(max_vms=2)
-    with Client(server.addresses[0]) as client:
+    with limited(max_vms=2) as client:
         first = client.create_vm()
         client.create_vm()
         with pytest.raises(ResourceExhausted, match="2 VMs"):
             client.create_vm()
         first.delete()
         client.create_vm()
-    server.stop(0)
 
 
 def test_the_memory_limits_per_vm_and_in_total() -> None:
-    server = limited(max_vm_memory_bytes=8 * GIB, max_total_memory_bytes=12 * GIB)
-    with Client(server.addresses[0]) as client:
+    with limited(max_vm_memory_bytes=8 * GIB, max_total_memory_bytes=12 * GIB) as client:
         with pytest.raises(ResourceExhausted, match="per VM"):
             client.create_vm(VmConfig(memslots=(Memslot.from_bytes(0, 9 * GIB),)))
         client.create_vm(VmConfig(memslots=(Memslot.from_bytes(0, 8 * GIB),)))
         with pytest.raises(ResourceExhausted, match="all VMs"):
             client.create_vm(VmConfig(memslots=(Memslot.from_bytes(0, 5 * GIB),)))
-    server.stop(0)
 
 
 def test_a_vm_that_would_make_listing_unsendable_is_not_created() -> None:
-    server = limited(max_batch_operations=10, max_message_bytes=64 * KIB)
     named = tuple(
         Memslot.from_bytes(i * 2 * MIB, MIB, name=f"{i:03}" + "n" * (MAX_MEMSLOT_NAME - 3))
         for i in range(150)
     )
-    with Client(server.addresses[0]) as client:
+    with limited(max_batch_operations=10, max_message_bytes=64 * KIB) as client:
         first = client.create_vm(VmConfig(memslots=named))
         with pytest.raises(ResourceExhausted, match="nothing was created"):
             client.create_vm(VmConfig(memslots=named))
         assert [vm.vm_id for vm in client.list_vms()] == [first.vm_id]
         first.delete()
         client.create_vm(VmConfig(memslots=named))
-    server.stop(0)
 
 
 def test_memslot_count_and_name_limits(client: Client) -> None:
@@ -368,8 +362,7 @@ def test_gpas_beyond_a_4_level_ept_are_refused(client: Client) -> None:
 
 
 def test_the_batch_and_message_limits() -> None:
-    server = limited(max_batch_operations=10, max_message_bytes=64 * KIB)
-    with Client(server.addresses[0]) as client:
+    with limited(max_batch_operations=10, max_message_bytes=64 * KIB) as client:
         vm = client.create_vm()
         ops = [WriteMsr(0, msrs.PAT, msrs.PAT_DEFAULT)] * 11
         with pytest.raises(ResourceExhausted, match="limit is 10"):
@@ -380,7 +373,6 @@ def test_the_batch_and_message_limits() -> None:
             client.stub.CreateVm(huge)
         assert isinstance(caught.value, grpc.Call)
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    server.stop(0)
 
 
 # -- shutdown ----------------------------------------------------------------------------
@@ -453,25 +445,16 @@ def test_vcpu_threads_toggling_cd_at_once_meet_in_the_zap_list(server: EmulatorS
         vm.fault_range(0, 0, 2 * GIB)
     start = threading.Barrier(CONFIG.vcpus)
     roles: list[int] = []
-    errors: list[BaseException] = []
 
     def vcpu_thread(index: int) -> None:
-        try:
-            with Client(target) as own:
-                mine = own.vm(vm_id)
-                start.wait(10)
-                for round_ in range(21):
-                    result = mine.write_cr0(index, CD1 if round_ % 2 else CD0)
-                    roles.append(result.zap.role)
-        except BaseException as error:
-            errors.append(error)
+        with Client(target) as own:
+            mine = own.vm(vm_id)
+            start.wait(10)
+            for round_ in range(21):
+                result = mine.write_cr0(index, CD1 if round_ % 2 else CD0)
+                roles.append(result.zap.role)
 
-    threads = [threading.Thread(target=vcpu_thread, args=(i,)) for i in range(CONFIG.vcpus)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert not errors
+    run_threads(CONFIG.vcpus, vcpu_thread, timeout=60)
     assert len(roles) == CONFIG.vcpus * 21
     assert set(roles) <= {pb.ZAP_ROLE_DRAINED, pb.ZAP_ROLE_WAITED}
     with Client(target) as check:

@@ -18,12 +18,22 @@ from __future__ import annotations
 import pytest
 
 from mtrremu.core import msrs
-from mtrremu.core.events import EventResult, Mapping
 from mtrremu.core.memtype import WB_IPAT, WB_NO_IPAT, EptMemtype
 from mtrremu.core.memtypes import MemType
 from mtrremu.core.units import Level
 from mtrremu.core.vm import Vm
-from tests.helpers import ALL_STRATEGIES, CD0, CD1, GIB, SERIES, gfn, make_vm, set_deftype, set_var
+from tests.helpers import (
+    ALL_STRATEGIES,
+    CD0,
+    CD1,
+    GIB,
+    SERIES,
+    gfn,
+    make_vm,
+    mapping,
+    set_deftype,
+    set_var,
+)
 
 UC = EptMemtype(MemType.UC, ipat=False)
 PAGE = gfn(3 * GIB + 0x5000)
@@ -37,11 +47,6 @@ def uc_hole(strategy: str, *, cd0: bool = True) -> Vm:
     if cd0:
         vm.write_cr0(0, CD0, host=True)
     return vm
-
-
-def mapping(result: EventResult) -> Mapping:
-    assert result.access is not None and result.access.mapping is not None
-    return result.access.mapping
 
 
 @pytest.mark.parametrize("strategy", [s for s in ALL_STRATEGIES if s != "kvm-6.11"])

@@ -94,8 +94,6 @@ class MemtypeMachine(RuleBasedStateMachine):
     strategy: ClassVar[str] = "fine-grained"
     vcpus: ClassVar[int] = 1
     protocol: ClassVar[bool] = True
-    #: Causes of new staleness seen outside the protocol, per strategy (for the report).
-    seen_causes: ClassVar[dict[str, set[str]]] = {}
 
     def __init__(self) -> None:
         super().__init__()
@@ -122,7 +120,6 @@ class MemtypeMachine(RuleBasedStateMachine):
         if before is not None:
             new = np.setdiff1d(self._stale(), before)
             if len(new):
-                self.seen_causes.setdefault(self.strategy, set()).add(cause)
                 assert cause != "unknown", f"{self.strategy}: unexplained stale leaves {new}"
 
     def _vcpu(self, index: int) -> int:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import pickle
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,13 +27,9 @@ from mtrremu.core.events import (
     WriteMsr,
 )
 from mtrremu.core.units import Level
-from mtrremu.plugin.manager import PluginManager
 from mtrremu.workloads import WORKLOADS, build
 from mtrremu.workloads.trace import Trace, TraceFormatError, lines, load, parse, save
-from tests.helpers import run_command
-
-GIB = 1 << 30
-MANAGER = PluginManager(entry_points=False)
+from tests.helpers import GIB, create_vm, run_ab
 
 #: Small parameters for every workload: a few vCPUs, a few GiB.
 SMALL: dict[str, dict[str, Any]] = {
@@ -49,7 +44,7 @@ SMALL: dict[str, dict[str, Any]] = {
 
 def replay(trace: Trace) -> dict[str, int]:
     """The counters of an in-process fine-grained replay of ``trace``."""
-    vm = MANAGER.create_vm(trace.config, "fine-grained")
+    vm = create_vm(trace.config, "fine-grained")
     execute(vm, trace.items)
     return vm.counters_snapshot().as_dict()
 
@@ -516,11 +511,8 @@ def test_a_trace_format_error_survives_pickling() -> None:
 @pytest.mark.parametrize("executor", [None, "local:2"], ids=["inline", "local-2"])
 def test_the_cli_rejects_a_malformed_trace_file(executor: str | None, tmp_path: Path) -> None:
     bad = write(tmp_path, [header(), "", OP, '{"op": "init", "vcpu": 7}'])
-    command = [sys.executable, "-m", "mtrremu.cli", "ab", "--trace", str(bad)]
-    command += ["--out", str(tmp_path / "out"), "--no-progress", "--no-charts"]
-    if executor is not None:
-        command += ["--executor", executor, "-s", "zap-all"]
-    done = run_command(*command, timeout=120)
+    extra = [] if executor is None else ["--executor", executor, "-s", "zap-all"]
+    done = run_ab("--trace", str(bad), *extra, out=tmp_path / "out", timeout=120)
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr
     why = "vCPU 7 does not exist (the trace's VM has 2)"

@@ -17,17 +17,13 @@ from mtrremu.core.burst import execute
 from mtrremu.core.counters import Counters
 from mtrremu.core.events import Burst, WriteCr0
 from mtrremu.core.vm import Vm
-from mtrremu.plugin.manager import PluginManager
-from mtrremu.server.app import EmulatorServer, ServerSettings
 from mtrremu.workloads import WORKLOADS, build
 from mtrremu.workloads.trace import Trace
-
-SERIES_ROWS = ("zap-all", "zap-all-serialized", "fine-grained", "fine-grained-split")
-MANAGER = PluginManager(entry_points=False)
+from tests.helpers import SERIES, create_vm, serving
 
 
 def replay(trace: Trace, strategy: str) -> tuple[Counters, Vm]:
-    vm = MANAGER.create_vm(dataclasses.replace(trace.config, track_staleness=True), strategy)
+    vm = create_vm(dataclasses.replace(trace.config, track_staleness=True), strategy)
     execute(vm, trace.items)
     return vm.counters_snapshot(), vm
 
@@ -38,7 +34,7 @@ def replay(trace: Trace, strategy: str) -> tuple[Counters, Vm]:
 def test_the_published_zap_counts(workload: str, base1: int, base2: int) -> None:
     trace = build(workload)  # defaults: 8 vCPUs, 16 GiB
     assert replay(trace, "kvm-6.5")[0].zap_events == base1
-    for strategy in SERIES_ROWS:
+    for strategy in SERIES:
         assert replay(trace, strategy)[0].zap_events == base2, strategy
 
 
@@ -90,7 +86,7 @@ def test_w4_w5_w6_zap_counts() -> None:
 @pytest.mark.parametrize("workload", ["W1", "W2"])
 def test_counted_work_orders_the_rows_as_the_published_cycles(workload: str) -> None:
     trace = build(workload)
-    rows = [replay(trace, strategy)[0] for strategy in SERIES_ROWS]
+    rows = [replay(trace, strategy)[0] for strategy in SERIES]
     for metric in ("leaves_removed", "entries_visited", "refaults"):
         values = [getattr(c, metric) for c in rows]
         assert values == sorted(values, reverse=True), (metric, values)
@@ -118,7 +114,7 @@ def test_w1s_ap_cd_clear_burst_is_where_its_duplicates_come_from() -> None:
 def test_every_workload_ends_quiescent_and_clean_under_the_series(workload: str) -> None:
     small = {"vcpus": 4, "ram": 8 << 30} if workload != "W4" else {"vcpus": 4, "ram": 64 << 30}
     trace = build(workload, small)
-    for strategy in SERIES_ROWS:
+    for strategy in SERIES:
         counters, vm = replay(trace, strategy)
         report = vm.stale_at_quiescence()
         assert report is not None and report.clean, (strategy, report)
@@ -141,14 +137,13 @@ def test_the_same_seed_gives_the_same_trace_and_counts() -> None:
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
-    running = EmulatorServer(ServerSettings(listen=("127.0.0.1:0",)))
-    (address,) = running.start()
-    yield address
-    running.stop(0)
+    with serving() as running:
+        (address,) = running.addresses
+        yield address
 
 
 @pytest.mark.parametrize("workload", ["W1", "W2"])
-@pytest.mark.parametrize("strategy", ["kvm-6.5", *SERIES_ROWS])
+@pytest.mark.parametrize("strategy", ["kvm-6.5", *SERIES])
 def test_the_default_job_counts_the_same_in_process_and_over_grpc(
     server: str, workload: str, strategy: str
 ) -> None:
