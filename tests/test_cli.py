@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import sys
-
-from tests.helpers import run_command, run_mtrremu
+from tests.helpers import run_mtrremu
 
 run = run_mtrremu
 
@@ -30,14 +28,3 @@ def test_an_unknown_strategy_is_a_clear_error_not_a_traceback() -> None:
     assert done.returncode == 2
     assert "unknown strategy 'no-such-thing'" in done.stderr
     assert "Traceback" not in done.stderr
-
-
-def test_starting_the_cli_loads_neither_grpc_nor_matplotlib() -> None:
-    """Only ``serve``, runs against a server and charts pay for those imports."""
-    code = (
-        "import sys, mtrremu.cli; "
-        "print(sorted({m.split('.')[0] for m in sys.modules} & {'grpc', 'matplotlib'}))"
-    )
-    done = run_command(sys.executable, "-c", code, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[]"

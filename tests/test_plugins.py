@@ -467,10 +467,20 @@ def test_host_cr0_write_reports_no_zap() -> None:
 # -- dependency direction --------------------------------------------------------------------
 
 
-def test_import_pulls_in_no_grpc() -> None:
+@pytest.mark.parametrize(
+    ("statement", "absent"),
+    [
+        # The core and its plugins never need grpc.
+        ("import mtrremu; mtrremu.create_vm()", ("grpc",)),
+        # Only ``serve``, runs against a server and charts pay for these imports.
+        ("import mtrremu.cli", ("grpc", "matplotlib")),
+    ],
+    ids=["core", "cli"],
+)
+def test_imports_stay_light(statement: str, absent: tuple[str, ...]) -> None:
     code = (
-        "import sys, mtrremu; mtrremu.create_vm(); "
-        'print(sorted(m for m in sys.modules if "grpc" in m))'
+        f"import sys; {statement}; "
+        f"print(sorted(m for m in sys.modules if m.startswith({absent!r})))"
     )
     done = run_command(sys.executable, "-c", code, timeout=120)
     assert done.returncode == 0, done.stderr
