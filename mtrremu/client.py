@@ -222,3 +222,13 @@ class RemoteVm:
                 yield from response.results
         except grpc.RpcError as error:
             raise_domain(error)
+
+
+def operation_results(results: Iterable[pb.OperationResult]) -> Iterator[pb.OperationResult]:
+    """Every operation's result, bursts opened lane by lane."""
+    for result in results:
+        if result.lanes:
+            for lane in result.lanes:
+                yield from lane.results
+        else:
+            yield result

@@ -21,6 +21,8 @@ class Counters:
     * ``leaves_removed_*`` / ``entries_visited_*`` — per level; visited counts every entry of a
       present table whose span overlaps the zapped range.
     * ``faults`` — leaves installed; ``refaults`` — faults on a gfn whose leaf a zap removed.
+    * ``strategy_failures`` — strategy calls that raised or returned something other than a
+      decision; each was replaced by a zap of everything (counted like any zap).
     """
 
     zap_events: int = 0
@@ -45,6 +47,7 @@ class Counters:
     hits: int = 0
     mmio_exits: int = 0
     guest_gp: int = 0
+    strategy_failures: int = 0
 
     @property
     def leaves_removed(self) -> int:

@@ -217,6 +217,16 @@ class _Block:
     first_gfns: Int64Array
 
 
+def _overlapping(
+    starts: Int64Array, pages: int, ranges: tuple[Int64Array, Int64Array]
+) -> npt.NDArray[np.bool_]:
+    """Whether each ``[s, s + pages)`` overlaps one of the sorted, disjoint ``ranges``."""
+    range_starts, range_ends = ranges
+    # The last range starting before each span's end overlaps it iff it ends after its start.
+    last = np.searchsorted(range_starts, starts + pages, side="left") - 1
+    return (last >= 0) & (range_ends[np.maximum(last, 0)] > starts)
+
+
 def _as_block(ids: npt.NDArray[np.int32]) -> slice | npt.NDArray[np.int32]:
     """A slice when the ids are one ascending run (views, no copies), else the ids themselves."""
     if len(ids) and int(ids[-1]) - int(ids[0]) + 1 == len(ids) and bool(np.all(np.diff(ids) == 1)):
@@ -562,22 +572,26 @@ class EptStore:
             yield Level(int(levels[first])), int(gfns[first]), stop - first, int(values[first])
 
     def mismatches(
-        self, expected: IntervalMap
+        self, expected: IntervalMap, within: tuple[Int64Array, Int64Array] | None = None
     ) -> Iterator[tuple[Level, Int64Array, UInt8Array, npt.NDArray[np.bool_], UInt8Array]]:
         """Leaves disagreeing with ``expected`` (the byte a fresh fault would write per gfn).
 
         Per leaf level: base gfns, bytes, whether the expected byte is uniform over the leaf,
         and the expected byte at its first page. A table whose whole span lies in one segment
         of ``expected`` is compared in one pass (the common case), so the cost is a few passes
-        over the entry bytes.
+        over the entry bytes. With ``within`` (sorted, disjoint ``(starts, ends)`` gfn ranges)
+        only the tables overlapping those ranges are looked at: every leaf overlapping them is
+        reported if it disagrees, and some others may be.
         """
         for level in LEAF_LEVELS_DESCENDING:
             pool = self._pools[level]
             ids = pool.live_ids()
+            span = level.pages * ENTRIES_PER_TABLE
+            if within is not None and len(ids):
+                ids = ids[_overlapping(pool.base[ids], span, within)]
             if not len(ids):
                 continue
             base = pool.base[ids]
-            span = level.pages * ENTRIES_PER_TABLE
             same, row_value = expected.uniform(base, span)
             entries = pool.ent[ids]
             leaves = entries >= LEAF

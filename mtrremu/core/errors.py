@@ -1,19 +1,50 @@
 """Domain errors. A guest mistake is never one of these: it is a #GP in the event's result.
 
-Each class names the gRPC-style status a front end should map it to, so the servicer stays a
-table lookup and the core never imports grpc.
+Each class names the gRPC-style status a front end should map it to and a stable reason, and
+registers itself in :data:`BY_REASON` when it is defined, so the servicer and the client stay
+table lookups and the core never imports grpc.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import ClassVar
 
 
 class MtrremuError(Exception):
     """Base of every error the emulator raises on purpose."""
 
     #: The canonical status name a front end reports this as.
-    status = "INTERNAL"
+    status: ClassVar[str] = "INTERNAL"
     #: A stable machine-readable reason (google.rpc.ErrorInfo.reason).
-    reason = "MTRREMU_ERROR"
+    reason: ClassVar[str] = "MTRREMU_ERROR"
+
+    def __init_subclass__(cls) -> None:
+        super().__init_subclass__()
+        known = BY_REASON.setdefault(cls.reason, cls)
+        if known is not cls and not issubclass(cls, known):
+            raise TypeError(f"{cls.__name__} reuses reason {cls.reason!r} of {known.__name__}")
+
+    def metadata(self) -> dict[str, str]:
+        """Machine-readable details a front end attaches (google.rpc.ErrorInfo.metadata)."""
+        return {}
+
+    @classmethod
+    def from_metadata(cls, message: str, metadata: Mapping[str, str]) -> MtrremuError | None:
+        """The error a front end received, rebuilt from its message and :meth:`metadata`, or
+        ``None`` if the metadata does not fit this class."""
+        try:
+            return cls._rebuild(message, metadata)
+        except (KeyError, ValueError, TypeError):
+            return None
+
+    @classmethod
+    def _rebuild(cls, message: str, metadata: Mapping[str, str]) -> MtrremuError:
+        return cls(message)
+
+
+#: Every error class by its reason (a subclass that keeps its base's reason does not replace it).
+BY_REASON: dict[str, type[MtrremuError]] = {MtrremuError.reason: MtrremuError}
 
 
 class InvalidArgument(MtrremuError):
@@ -42,6 +73,13 @@ class RejectedHostWrite(InvalidArgument):
 
     def __reduce__(self) -> tuple[type[RejectedHostWrite], tuple[str, int, str]]:
         return (RejectedHostWrite, (self.register, self.value, self.why))
+
+    def metadata(self) -> dict[str, str]:
+        return {"register": self.register, "value": hex(self.value), "why": self.why}
+
+    @classmethod
+    def _rebuild(cls, message: str, metadata: Mapping[str, str]) -> MtrremuError:
+        return cls(metadata["register"], int(metadata["value"], 16), metadata["why"])
 
 
 class NotFound(MtrremuError):
@@ -76,3 +114,27 @@ class PluginConflict(MtrremuError):
 
     status = "FAILED_PRECONDITION"
     reason = "PLUGIN_CONFLICT"
+
+
+class BrokenStrategy(FailedPrecondition):
+    """A strategy plugin could not build a usable strategy object (its factory raised, or what
+    it built lacks a method of the strategy protocol). The message names the plugin's
+    distribution and what went wrong."""
+
+    reason = "STRATEGY_BROKEN"
+
+    def __init__(self, strategy: str, origin: str, why: str) -> None:
+        super().__init__(f"strategy {strategy!r} ({origin}) is broken: {why}")
+        self.strategy = strategy
+        self.origin = origin
+        self.why = why
+
+    def __reduce__(self) -> tuple[type[BrokenStrategy], tuple[str, str, str]]:
+        return (BrokenStrategy, (self.strategy, self.origin, self.why))
+
+    def metadata(self) -> dict[str, str]:
+        return {"strategy": self.strategy, "origin": self.origin, "why": self.why}
+
+    @classmethod
+    def _rebuild(cls, message: str, metadata: Mapping[str, str]) -> MtrremuError:
+        return cls(metadata["strategy"], metadata["origin"], metadata["why"])

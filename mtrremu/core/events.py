@@ -8,11 +8,13 @@ them as immutable) so workloads, traces, batches and bursts can carry them;
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from mtrremu.core.counters import Counters
 from mtrremu.core.ept import PopulateOutcome
 from mtrremu.core.memtype import EptMemtype
+from mtrremu.core.strategy import StrategyFailure
 from mtrremu.core.units import Level
 from mtrremu.core.zap_engine import ZapReport
 
@@ -161,6 +163,8 @@ class EventResult:
     access: AccessInfo | None = None
     populate: PopulateInfo | None = None
     cd_toggled: bool = False
+    #: The strategy failed on this event (the VM zapped everything in its place).
+    strategy_failure: StrategyFailure | None = None
     own_counters: Counters | None = field(default=None, repr=False)
 
     @property
@@ -183,3 +187,13 @@ class BurstResult:
 
 
 ItemResult = EventResult | Refused | BurstResult
+
+
+def operation_results(results: Iterable[ItemResult]) -> Iterator[EventResult | Refused]:
+    """Every operation's result, bursts opened lane by lane."""
+    for result in results:
+        if isinstance(result, BurstResult):
+            for lane in result.lanes.values():
+                yield from lane
+        else:
+            yield result

@@ -53,3 +53,18 @@ class IntervalMap:
         first = self.segment_of(starts)
         last = self.segment_of(starts + (pages - 1))
         return first == last, self.values[first]
+
+    def same_as(self, other: IntervalMap) -> bool:
+        """Whether both maps give every gfn the same value (segments are kept merged, so equal
+        maps have equal arrays)."""
+        return np.array_equal(self.starts, other.starts) and np.array_equal(
+            self.values, other.values
+        )
+
+    def differences(self, other: IntervalMap) -> tuple[Int64Array, Int64Array]:
+        """``(starts, ends)`` of the gfn ranges where ``other`` holds a different value, sorted
+        and disjoint (ranges abutting each other are not merged)."""
+        points = np.union1d(self.starts, other.starts)
+        differ = self.values[self.segment_of(points)] != other.values[other.segment_of(points)]
+        ends = np.append(points[1:], np.int64(EPT_GFN_LIMIT))
+        return points[differ], ends[differ]

@@ -1,13 +1,24 @@
-"""The staleness oracle (semantics.md §9).
+"""The staleness oracle.
 
 A leaf is stale for a vCPU when a fault by that vCPU now would give at least one of its pages a
 different memory type or IPAT. A huge leaf that a fresh fault would split, but whose pages would
 all keep its type, is not stale. The expected answer per page comes from the vCPU's
 :class:`~mtrremu.core.fault.FaultPlan`, i.e. from the same functions the fault path uses.
+
+Two questions are asked of it:
+
+* **at quiescence** (every vCPU holds the same MTRRs and CR0.CD): is any leaf stale? The EPT is
+  shared and vCPUs may disagree while they boot, so this is when "stale" is unambiguous.
+* **after a vCPU's own memtype event** (an MTRR write or a CR0.CD toggle the strategy was asked
+  about, or a DMA transition): did the event leave leaves stale for that vCPU which were not
+  stale for it before (:func:`newly_stale`)? A zap on an event exists to prevent exactly that,
+  so this catches a missing zap even when a later zap hides it before the vCPUs agree. Faithful
+  strategies declare the KVM behaviour that does this on purpose as a :class:`Gap`.
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -93,3 +104,47 @@ def find_stale(
         tuple(listed[:examples]),
         np.sort(np.concatenate(keys)),
     )
+
+
+class Gap(enum.Enum):
+    """A documented way a faithful strategy leaves a vCPU's own view stale after its event.
+
+    A strategy declares the gaps it reproduces on purpose (``StrategySpec.known_gaps``); the
+    oracle then counts what a gap explains as excused, by name, instead of as stale. What a gap
+    does not explain stays stale.
+    """
+
+    #: No zap on a guest CR0.CD toggle (released KVM with KVM_X86_QUIRK_CD_NW_CLEARED on):
+    #: excuses every leaf the toggle left stale for the toggling vCPU.
+    CD_TOGGLE = "cd-toggle"
+    #: A variable range rewritten while MTRRs are enabled is zapped at its new span only (KVM
+    #: computes the span after the write): excuses the leaves overlapping the pair's old span.
+    MOVED_RANGE = "moved-range"
+
+
+def leaf_key_ranges(keys: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.int64], ...]:
+    """``(base gfns, pages)`` of the leaves ``keys`` (as :attr:`StaleReport.keys` encodes them)."""
+    levels = (keys >> 8) & 0xFF
+    return keys >> 16, np.left_shift(np.int64(1), (levels - 1) * 9)
+
+
+def _keys(
+    store: EptStore, expected: IntervalMap, within: tuple[npt.NDArray[np.int64], ...]
+) -> npt.NDArray[np.int64]:
+    parts = [_no_keys()]
+    for level, gfns, have, _, _ in store.mismatches(expected, (within[0], within[1])):
+        parts.append((gfns << 16) | (int(level) << 8) | have.astype(np.int64))
+    return np.concatenate(parts)
+
+
+def newly_stale(store: EptStore, before: IntervalMap, after: IntervalMap) -> npt.NDArray[np.int64]:
+    """Keys (sorted) of the leaves that agree with ``before`` and disagree with ``after``.
+
+    ``before`` and ``after`` are one vCPU's expected bytes around its event: these are the
+    leaves the event left mapped with a type that vCPU no longer gets. Only the gfns where the
+    two maps differ are looked at, so an event that changes little costs little.
+    """
+    within = before.differences(after)
+    if not len(within[0]):
+        return _no_keys()
+    return np.setdiff1d(_keys(store, after, within), _keys(store, before, within))

@@ -25,7 +25,7 @@ from mtrremu.core import msrs
 from mtrremu.core.config import Memslot, VmConfig
 from mtrremu.core.memtype import EptMemtype, Profile, disabled_type
 from mtrremu.core.mtrr_state import MtrrState
-from mtrremu.core.units import ZAP_ALL, GfnRange, gpa_to_gfn
+from mtrremu.core.units import U64_MASK, ZAP_ALL, GfnRange, gpa_to_gfn
 
 
 class Route(enum.Enum):
@@ -61,6 +61,23 @@ class ZapDecision:
     route: Route = Route.DIRECT
     split_by_memslot: bool = False
     on_alloc_failure: AllocFailure = AllocFailure.ZAP_REQUEST
+
+    def __post_init__(self) -> None:
+        # Plugins build decisions: a malformed one fails here, inside the plugin's own call,
+        # where the VM reports it as that strategy's failure instead of crashing later.
+        if type(self.ranges) is not tuple:
+            raise TypeError(f"ZapDecision.ranges must be a tuple of GfnRange, not {self.ranges!r}")
+        for rng in self.ranges:
+            if not (
+                isinstance(rng, GfnRange)
+                and type(rng.start) is int
+                and type(rng.end) is int
+                and 0 <= rng.start <= U64_MASK
+                and 0 <= rng.end <= U64_MASK
+            ):
+                raise TypeError(f"ZapDecision.ranges holds {rng!r}, not a GfnRange of u64 gfns")
+        if not isinstance(self.route, Route) or not isinstance(self.on_alloc_failure, AllocFailure):
+            raise TypeError("ZapDecision.route and on_alloc_failure must be Route and AllocFailure")
 
 
 #: Not a zap path: nothing counted, nothing zapped.
@@ -165,6 +182,32 @@ class ZapStrategy(Protocol):
     def on_cd_toggle(self, vm: VmView, vcpu: VcpuView) -> ZapDecision: ...
 
     def on_dma_transition(self, vm: VmView, attached: bool) -> ZapDecision: ...
+
+
+#: The methods of :class:`ZapStrategy`, in the order the module docstring lists them.
+STRATEGY_HOOKS = ("on_mtrr_write", "on_cd_toggle", "on_dma_transition")
+
+
+def protocol_gaps(strategy: object) -> list[str]:
+    """What ``strategy`` lacks of :class:`ZapStrategy`: the missing or non-callable methods."""
+    return [name for name in STRATEGY_HOOKS if not callable(getattr(strategy, name, None))]
+
+
+@dataclass(frozen=True)
+class StrategyFailure:
+    """A strategy call that raised or returned something other than a :class:`ZapDecision`.
+
+    The event itself still took effect; the VM replaced the strategy's answer with a zap of
+    everything (never wrong, only costly), so the EPT stays consistent with the guest state.
+    """
+
+    #: The strategy method that failed (one of :data:`STRATEGY_HOOKS`).
+    hook: str
+    #: What went wrong, e.g. ``"raised KeyError: 3"`` or ``"returned None, not a ZapDecision"``.
+    error: str
+
+    def __str__(self) -> str:
+        return f"{self.hook} {self.error}"
 
 
 def kvm_mtrr_write_range(vcpu: VcpuView, msr: int) -> GfnRange | None:

@@ -8,13 +8,16 @@ list has its own lock and never calls out while holding it.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import numpy.typing as npt
 
 from mtrremu.core import cr0 as cr0_bits
 from mtrremu.core import msrs
 from mtrremu.core.config import MAX_DMA_DEVICES, VmConfig
 from mtrremu.core.counters import Counters
-from mtrremu.core.ept import Entry, EptStore, encode_leaf
+from mtrremu.core.ept import Entry, EptStore, decode_leaf, encode_leaf
 from mtrremu.core.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -40,11 +43,20 @@ from mtrremu.core.events import (
     WriteMsr,
 )
 from mtrremu.core.fault import FaultPlan, FaultView, Memslots
+from mtrremu.core.interval_map import IntervalMap
 from mtrremu.core.memtype import Profile
 from mtrremu.core.observer import NULL_OBSERVER, Observer
-from mtrremu.core.oracle import EXAMPLES, StaleReport, find_stale
-from mtrremu.core.strategy import NO_ZAP, VmView, ZapDecision, ZapStrategy
-from mtrremu.core.units import EPT_GFN_LIMIT, PAGE_SHIFT, U64_MASK, GfnRange, Level
+from mtrremu.core.oracle import (
+    EXAMPLES,
+    Gap,
+    StaleLeaf,
+    StaleReport,
+    find_stale,
+    leaf_key_ranges,
+    newly_stale,
+)
+from mtrremu.core.strategy import NO_ZAP, StrategyFailure, VmView, ZapDecision, ZapStrategy
+from mtrremu.core.units import EPT_GFN_LIMIT, PAGE_SHIFT, U64_MASK, ZAP_ALL, GfnRange, Level
 from mtrremu.core.vcpu import VCpu
 from mtrremu.core.zap_engine import ZapEngine
 from mtrremu.core.zap_list import Role, ZapList
@@ -54,19 +66,67 @@ _PAT = msrs.PAT
 
 @dataclass
 class StalenessLog:
-    """The oracle at quiescent points (``VmConfig.track_staleness``).
+    """What the oracle found while ``VmConfig.track_staleness`` is on (see :mod:`.oracle`).
 
-    After an event that may change memory types (an accepted MTRR write, a CR0.CD flip, a DMA
-    transition), the next time every vCPU holds the same MTRRs and CR0.CD the oracle runs:
-    ``checks`` counts those points, ``stale_points`` the ones with stale leaves, and
-    ``stale_leaves_max`` the most stale leaves seen at one. A fault never adds a stale leaf, so
-    checking only after such changes is exact. Inside a burst the check waits for the round's
-    drain.
+    **At quiescent points.** After an event that may change memory types (an accepted MTRR
+    write, a CR0.CD flip, a DMA transition), the next time every vCPU holds the same MTRRs and
+    CR0.CD the oracle runs: ``checks`` counts those points, ``stale_points`` the ones with stale
+    leaves, and ``stale_leaves_max`` the most stale leaves seen at one. A fault never adds a
+    stale leaf, so checking only after such changes is exact. Inside a burst the check waits for
+    the round's drain.
+
+    **After each event.** For every event the strategy was asked about, and every DMA transition,
+    once its zaps have run (in a burst: after the round's drain): ``event_checks`` counts the
+    events that changed what the acting vCPU expects; ``stale_events`` those that left leaves
+    newly stale for that vCPU beyond what the strategy's declared gaps explain;
+    ``stale_event_leaves_max`` the most such leaves after one event; ``excused`` the events a
+    declared gap explained, by gap; ``first_stale_event`` describes the first stale event.
     """
 
     checks: int = 0
     stale_points: int = 0
     stale_leaves_max: int = 0
+    event_checks: int = 0
+    stale_events: int = 0
+    stale_event_leaves_max: int = 0
+    excused: dict[str, int] = field(default_factory=dict)
+    first_stale_event: str = ""
+
+
+@dataclass(frozen=True)
+class _EventCheck:
+    """An event whose effect on its vCPU's view the oracle checks once its zaps have run."""
+
+    vcpu: VCpu
+    #: What the vCPU expected before the event.
+    before: IntervalMap
+    hook: str
+    #: The event, for reports.
+    what: str
+    #: A variable pair's span before the write (what :attr:`Gap.MOVED_RANGE` excuses).
+    old_span: GfnRange | None = None
+
+
+#: How much of a failing strategy's error or return value a report quotes.
+_QUOTE = 300
+
+
+def _brief(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= _QUOTE else text[: _QUOTE - 1] + "…"
+
+
+def _raised(hook: str, error: Exception) -> StrategyFailure:
+    text = f"{type(error).__name__}: {error}"
+    return StrategyFailure(hook, "raised " + (text if len(text) <= _QUOTE else text[:_QUOTE] + "…"))
+
+
+def _leaf(key: int, expected: IntervalMap) -> StaleLeaf:
+    gfn, level = key >> 16, Level((key >> 8) & 0xFF)
+    want = expected.value_at(gfn)
+    return StaleLeaf(
+        level, gfn, decode_leaf(key & 0xFF), decode_leaf(want) if want else None, False
+    )
 
 
 class Vm:
@@ -81,9 +141,14 @@ class Vm:
         vm_id: str = "vm",
         strategy_name: str = "",
         observer: Observer = NULL_OBSERVER,
+        known_gaps: frozenset[Gap] = frozenset(),
     ) -> None:
         self.config = config
         self.strategy = strategy
+        # Resolved once: the hot paths call these directly.
+        self._on_mtrr_write = strategy.on_mtrr_write
+        self._on_cd_toggle = strategy.on_cd_toggle
+        self._on_dma_transition = strategy.on_dma_transition
         self.profile = profile
         self.vm_id = vm_id
         self.strategy_name = strategy_name
@@ -103,8 +168,10 @@ class Vm:
         self._gfn_limit = min(1 << (config.guest_maxphyaddr - PAGE_SHIFT), EPT_GFN_LIMIT)
         self._rules = msrs.write_rules(config.guest_maxphyaddr)
         self.staleness = StalenessLog()
+        self.known_gaps = known_gaps
         self._track = config.track_staleness
         self._dirty = False
+        self._event_checks: list[_EventCheck] = []
         self._bursting = 0
         self._refresh_view()
 
@@ -168,7 +235,7 @@ class Vm:
         if result.counted:
             with self._vm_lock:
                 self.counters.add(result.counters)
-        if self._dirty and not self._bursting:
+        if (self._dirty or self._event_checks) and not self._bursting:
             self.checkpoint()
         if self._observer.active:
             if faulted_vcpu is not None:
@@ -176,10 +243,22 @@ class Vm:
             self._observer.event_handled(self.vm_id, result)
         return result
 
-    def _decide(self, result: EventResult, decision: ZapDecision, defer_drain: bool) -> None:
-        """Anything but :data:`NO_ZAP` goes to the engine and into the result."""
-        if decision is not NO_ZAP and decision != NO_ZAP:
+    def _decide(self, result: EventResult, decision: object, hook: str, defer_drain: bool) -> None:
+        """Anything but :data:`NO_ZAP` goes to the engine and into the result; what is not a
+        :class:`ZapDecision` at all is the strategy's failure (:meth:`_fail_safe`)."""
+        if type(decision) is not ZapDecision and not isinstance(decision, ZapDecision):
+            if not isinstance(decision, StrategyFailure):
+                decision = StrategyFailure(hook, f"returned {_brief(decision)}, not a ZapDecision")
+            self._fail_safe(result, decision)
+        elif decision is not NO_ZAP and decision != NO_ZAP:
             result.zap = self._engine.execute(decision, result.counters, defer_drain=defer_drain)
+
+    def _fail_safe(self, result: EventResult, failure: StrategyFailure) -> None:
+        """A strategy call failed: report it and zap everything in its place, so the EPT stays
+        consistent with the guest state the event already changed."""
+        result.strategy_failure = failure
+        result.counters.strategy_failures += 1
+        self._zap(ZAP_ALL, result.counters)
 
     def fault_view(self, vcpu: VCpu) -> FaultView:
         return FaultView(
@@ -225,11 +304,27 @@ class Vm:
             if msr == _PAT:
                 vc.pat = value
             else:
+                if self._track and self._honours:
+                    old_span = (
+                        vc.mtrr.var_range_gfns(msrs.var_pair(msr)[0])
+                        if msrs.is_var_msr(msr)
+                        else None
+                    )
+                    who = "host" if op.host else "guest"
+                    self._expect_event(
+                        vc,
+                        "on_mtrr_write",
+                        f"{who} write of {value:#x} to {msrs.msr_name(msr)}",
+                        old_span,
+                    )
                 vc.mtrr.write(msr, value)
                 self._dirty = self._track
                 if self._honours:
-                    decision = self.strategy.on_mtrr_write(self._view, vc.view, msr)
-                    self._decide(result, decision, defer_drain)
+                    try:
+                        decision: object = self._on_mtrr_write(self._view, vc.view, msr)
+                    except Exception as error:  # a plugin's bug: reported, never fatal
+                        decision = _raised("on_mtrr_write", error)
+                    self._decide(result, decision, "on_mtrr_write", defer_drain)
         if result.own_counters is None and not self._observer.active and not self._dirty:
             return result
         return self._finish(result)
@@ -280,13 +375,18 @@ class Vm:
                 result.counters.guest_gp += 1
                 return self._finish(result)
             old = vc.cr0
-            vc.cr0 = value if op.host else cr0_bits.guest_value(value)
-            result.value = vc.cr0
-            result.cd_toggled = bool((old ^ vc.cr0) & cr0_bits.CD)
+            new = value if op.host else cr0_bits.guest_value(value)
+            result.cd_toggled = bool((old ^ new) & cr0_bits.CD)
+            if result.cd_toggled and not op.host and self._honours and self._track:
+                self._expect_event(vc, "on_cd_toggle", f"guest CR0 write of {value:#x}")
+            vc.cr0 = result.value = new
             self._dirty |= self._track and result.cd_toggled
             if result.cd_toggled and not op.host and self._honours:
-                decision = self.strategy.on_cd_toggle(self._view, vc.view)
-                self._decide(result, decision, defer_drain)
+                try:
+                    decision: object = self._on_cd_toggle(self._view, vc.view)
+                except Exception as error:  # a plugin's bug: reported, never fatal
+                    decision = _raised("on_cd_toggle", error)
+                self._decide(result, decision, "on_cd_toggle", defer_drain)
         return self._finish(result)
 
     def reset(self, vcpu: int) -> EventResult:
@@ -388,16 +488,27 @@ class Vm:
                 raise ResourceExhausted(
                     f"the VM already has {MAX_DMA_DEVICES} non-coherent DMA devices attached"
                 )
+            transition = self._dma + delta == (1 if delta > 0 else 0)
+            if transition and self._track and self.config.tdp:
+                # Every vCPU's view changes: check one vCPU per distinct MTRR/CD state.
+                views = {vc.signature(): vc for vc in self.vcpus}
+                what = "non-coherent DMA " + ("attach (0->1)" if delta > 0 else "detach (1->0)")
+                for vc in views.values():
+                    self._expect_event(vc, "on_dma_transition", what)
             self._dma += delta
-            transition = self._dma == (1 if delta > 0 else 0)
             result.value = self._dma
             self._refresh_view()
             self._dirty |= self._track and transition
         if transition and self.config.tdp:
             result.counters.dma_zap_events += 1
-            decision = self.strategy.on_dma_transition(self._view, delta > 0)
-            # DMA transitions are counted apart from the cover letter's "zap cnt" events.
-            self._decide(result, replace(decision, zap_event=False), defer_drain=False)
+            try:
+                decision: object = self._on_dma_transition(self._view, delta > 0)
+            except Exception as error:  # a plugin's bug: reported, never fatal
+                decision = _raised("on_dma_transition", error)
+            if isinstance(decision, ZapDecision):
+                # DMA transitions are counted apart from the cover letter's "zap cnt" events.
+                decision = replace(decision, zap_event=False)
+            self._decide(result, decision, "on_dma_transition", defer_drain=False)
         return self._finish(result)
 
     # -- dispatch and bursts ---------------------------------------------------------------
@@ -455,8 +566,59 @@ class Vm:
         state = self.vcpus[0].signature()
         return all(vc.signature() == state for vc in self.vcpus[1:])
 
+    def _expect_event(
+        self, vc: VCpu, hook: str, what: str, old_span: GfnRange | None = None
+    ) -> None:
+        """Remember what ``vc`` expects before an event, to check it after the event's zaps."""
+        self._event_checks.append(_EventCheck(vc, self.plan(vc).values, hook, what, old_span))
+
+    def _check_events(self) -> None:
+        """The oracle after events (see :class:`StalenessLog`): leaves each event left newly
+        stale for its vCPU, less what the strategy's declared gaps explain."""
+        checks, self._event_checks = self._event_checks, []
+        log = self.staleness
+        for check in checks:
+            with check.vcpu.lock:
+                after = self.plan(check.vcpu).values
+                if check.before.same_as(after):
+                    continue
+                with self._mmu_lock:
+                    keys = newly_stale(self.store, check.before, after)
+            log.event_checks += 1
+            if not len(keys):
+                continue
+            gap, keys = self._excuse(check, keys)
+            if gap is not None:
+                log.excused[gap.value] = log.excused.get(gap.value, 0) + 1
+            if not len(keys):
+                continue
+            log.stale_events += 1
+            log.stale_event_leaves_max = max(log.stale_event_leaves_max, len(keys))
+            if not log.first_stale_event:
+                log.first_stale_event = (
+                    f"{check.what} on vCPU {check.vcpu.index} left {len(keys)} leaves stale "
+                    f"for it, e.g. {_leaf(int(keys[0]), after)}"
+                )
+
+    def _excuse(
+        self, check: _EventCheck, keys: npt.NDArray[np.int64]
+    ) -> tuple[Gap | None, npt.NDArray[np.int64]]:
+        """The declared gap that explains some of ``keys``, and the keys it leaves."""
+        if check.hook == "on_cd_toggle" and Gap.CD_TOGGLE in self.known_gaps:
+            return Gap.CD_TOGGLE, keys[:0]
+        span = check.old_span
+        if span is not None and Gap.MOVED_RANGE in self.known_gaps:
+            gfns, pages = leaf_key_ranges(keys)
+            inside = (gfns < span.end) & (gfns + pages > span.start)
+            if inside.any():
+                return Gap.MOVED_RANGE, keys[~inside]
+        return None, keys
+
     def checkpoint(self) -> None:
-        """With ``track_staleness``: run the oracle if the VM is quiescent (see StalenessLog)."""
+        """With ``track_staleness``: check the events that ran since the last checkpoint, then
+        run the oracle if the VM is quiescent (see :class:`StalenessLog`)."""
+        if self._event_checks:
+            self._check_events()
         if not (self._dirty and self.quiescent()):
             return
         self._dirty = False

@@ -17,6 +17,7 @@ from mtrremu.core.config import Memslot, MemslotKind, VmConfig
 from mtrremu.core.memtype import EptMemtype, Profile
 from mtrremu.core.memtypes import MemType
 from mtrremu.core.msrs import msr_name
+from mtrremu.core.oracle import Gap
 from mtrremu.core.strategy import (
     NO_ZAP,
     AllocFailure,
@@ -39,6 +40,7 @@ __all__ = [
     "ZAP_ALL",
     "AllocFailure",
     "EptMemtype",
+    "Gap",
     "GfnRange",
     "MemType",
     "Memslot",

@@ -20,9 +20,10 @@ import pluggy
 
 from mtrremu.core.config import VmConfig
 from mtrremu.core.ept import ZapOutcome
-from mtrremu.core.errors import InvalidArgument, PluginConflict, UnknownStrategy
+from mtrremu.core.errors import BrokenStrategy, InvalidArgument, PluginConflict, UnknownStrategy
 from mtrremu.core.events import EventResult
 from mtrremu.core.observer import NULL_OBSERVER, Observer
+from mtrremu.core.strategy import ZapStrategy, protocol_gaps
 from mtrremu.core.units import GfnRange
 from mtrremu.core.vm import Vm
 from mtrremu.plugin import hookspecs
@@ -89,12 +90,17 @@ class _PluggyObserver:
 class PluginManager:
     """The registry of strategies and observers for one process (or one test).
 
-    ``plugins`` are registered after the built-ins and before entry points; they are credited
-    to no distribution (``(unpackaged)``).
+    ``modules`` (import paths, e.g. ``mtrremu.testing.mutants``) and then ``plugins`` (objects)
+    are registered after the built-ins and before entry points. A module is credited to the
+    distribution that installed it, if any; a plugin object to none (``(unpackaged)``).
     """
 
     def __init__(
-        self, *, entry_points: bool = True, plugins: Sequence[object | ModuleType] = ()
+        self,
+        *,
+        entry_points: bool = True,
+        plugins: Sequence[object | ModuleType] = (),
+        modules: Sequence[str] = (),
     ) -> None:
         self._pm = pluggy.PluginManager("mtrremu")
         self._pm.add_hookspecs(hookspecs)
@@ -102,6 +108,9 @@ class PluginManager:
         for module in BUILTIN_PLUGINS:
             self._pm.register(importlib.import_module(module), name=module)
             self._origin[module] = ("mtrremu", own_version())
+        for module in modules:
+            self._pm.register(_import_plugin(module), name=module)
+            self._origin[module] = _distribution_of(module)
         for plugin in plugins:
             name = self._pm.register(plugin)
             if name is not None:
@@ -195,15 +204,61 @@ class PluginManager:
             )
         return Vm(
             config or VmConfig(),
-            registered.spec.factory(options),
+            build_strategy(registered, options),
             registered.spec.profile,
             vm_id=f"vm-{next(self._ids)}" if vm_id is None else vm_id,
             strategy_name=strategy,
             observer=self.observer(),
+            known_gaps=registered.spec.known_gaps,
         )
+
+
+def build_strategy(registered: RegisteredStrategy, options: Mapping[str, str]) -> ZapStrategy:
+    """One VM's strategy object from ``registered``'s factory, checked against the protocol.
+
+    A factory that raises, or builds an object lacking a :class:`ZapStrategy` method, is the
+    plugin's bug: :class:`BrokenStrategy` names the strategy, its distribution and the cause.
+    """
+    origin = f"{registered.distribution} {registered.version}".strip()
+    origin += f", plugin {registered.plugin}"
+    try:
+        strategy = registered.spec.factory(options)
+    except Exception as error:
+        why = f"its factory raised {type(error).__name__}: {error}"
+        raise BrokenStrategy(registered.name, origin, why) from error
+    missing = protocol_gaps(strategy)
+    if missing:
+        raise BrokenStrategy(
+            registered.name,
+            origin,
+            f"its factory built {type(strategy).__name__}, which lacks {', '.join(missing)} "
+            "(a zap strategy implements on_mtrr_write, on_cd_toggle and on_dma_transition)",
+        )
+    return strategy
 
 
 @lru_cache(maxsize=1)
 def default_manager() -> PluginManager:
     """The process-wide manager: built-ins plus installed entry-point plugins."""
     return PluginManager()
+
+
+@lru_cache(maxsize=8)
+def manager_for(modules: tuple[str, ...] = ()) -> PluginManager:
+    """The process-wide manager, with the plugin ``modules`` (import paths) registered too:
+    how a command line loads a plugin that is not installed (``--plugin``)."""
+    return PluginManager(modules=modules) if modules else default_manager()
+
+
+def _import_plugin(module: str) -> ModuleType:
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise InvalidArgument(f"cannot import plugin module {module!r}: {error}") from None
+
+
+def _distribution_of(module: str) -> tuple[str, str]:
+    """(distribution, version) that installed ``module``'s top-level package, if one did."""
+    for name in importlib.metadata.packages_distributions().get(module.partition(".")[0], []):
+        return name, importlib.metadata.version(name)
+    return "(unpackaged)", ""

@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from mtrremu.core.memtype import Profile
+from mtrremu.core.oracle import Gap
 from mtrremu.core.strategy import ZapStrategy
 
 #: Builds one VM's strategy object from its (already validated) options.
@@ -21,7 +22,10 @@ class StrategySpec:
 
     ``profile`` is the memory-type profile VMs using the strategy get (semantics.md §5).
     ``options`` documents the option names the factory accepts (name → help); a VM asking for
-    any other option is refused before the factory runs.
+    any other option is refused before the factory runs. ``known_gaps`` declares the KVM
+    behaviour the strategy reproduces on purpose that leaves a vCPU's own view stale after its
+    event (:class:`~mtrremu.core.oracle.Gap`): the oracle reports what a declared gap explains
+    as excused, by name, not as stale. A strategy meant to be correct declares none.
     """
 
     name: str
@@ -29,6 +33,7 @@ class StrategySpec:
     profile: Profile
     factory: StrategyFactory
     options: Mapping[str, str] = field(default_factory=dict)
+    known_gaps: frozenset[Gap] = frozenset()
 
     def __post_init__(self) -> None:
         if not _NAME.fullmatch(self.name):

@@ -330,6 +330,9 @@ def outcome_message(result: EventResult, into: pb.EventOutcome | None = None) ->
         leaf_counts(populate.outcome.installed, fault_range.installed)
     if result.cd_toggled:
         message.cd_toggled = True
+    if result.strategy_failure is not None:
+        message.strategy_failure.hook = result.strategy_failure.hook
+        message.strategy_failure.error = trimmed(result.strategy_failure.error)
     return message
 
 
@@ -360,7 +363,14 @@ def _burst_result(result: BurstResult, into: pb.OperationResult) -> None:
 
 def stale_message(report: StaleReport | None, log: StalenessLog) -> pb.CheckStalenessResponse:
     tracking = pb.StalenessTracking(
-        checks=log.checks, stale_points=log.stale_points, stale_leaves_max=log.stale_leaves_max
+        checks=log.checks,
+        stale_points=log.stale_points,
+        stale_leaves_max=log.stale_leaves_max,
+        event_checks=log.event_checks,
+        stale_events=log.stale_events,
+        stale_event_leaves_max=log.stale_event_leaves_max,
+        excused=log.excused,
+        first_stale_event=trimmed(log.first_stale_event),
     )
     if report is None:
         return pb.CheckStalenessResponse(quiescent=False, tracking=tracking)

@@ -1,8 +1,9 @@
 """Domain errors ↔ gRPC statuses with a ``google.rpc.ErrorInfo`` detail.
 
 The server turns an :class:`MtrremuError` into a status whose code comes from the error class
-and whose ErrorInfo carries the class's stable reason (plus the register, value and cause of a
-refused host write). The client turns such a status back into the same error class.
+and whose ErrorInfo carries the class's stable reason and its metadata (for a refused host write:
+the register, value and cause). The client turns such a status back into the same error class,
+looked up by reason in the registry the error classes fill themselves.
 """
 
 from __future__ import annotations
@@ -15,15 +16,12 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from mtrremu.core.errors import (
+    BY_REASON,
     FailedPrecondition,
     InvalidArgument,
-    InvalidConfig,
     MtrremuError,
     NotFound,
-    PluginConflict,
-    RejectedHostWrite,
     ResourceExhausted,
-    UnknownStrategy,
 )
 
 DOMAIN = "mtrremu.v1"
@@ -39,18 +37,6 @@ _STATUS_CLASSES: tuple[type[MtrremuError], ...] = (
 )
 _CODES = {cls.status: code_pb2.Code.Value(cls.status) for cls in _STATUS_CLASSES}
 _BY_CODE = {grpc.StatusCode[cls.status]: cls for cls in _STATUS_CLASSES}
-_BY_REASON: dict[str, type[MtrremuError]] = {
-    cls.reason: cls
-    for cls in (
-        InvalidArgument,
-        InvalidConfig,
-        NotFound,
-        UnknownStrategy,
-        FailedPrecondition,
-        ResourceExhausted,
-        PluginConflict,
-    )
-}
 
 
 def trimmed(text: str) -> str:
@@ -59,10 +45,8 @@ def trimmed(text: str) -> str:
 
 def error_info(error: MtrremuError) -> error_details_pb2.ErrorInfo:
     info = error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN)
-    if isinstance(error, RejectedHostWrite):
-        info.metadata["register"] = trimmed(error.register)
-        info.metadata["value"] = hex(error.value)
-        info.metadata["why"] = trimmed(error.why)
+    for key, value in error.metadata().items():
+        info.metadata[key] = trimmed(value)
     return info
 
 
@@ -93,14 +77,12 @@ def from_rpc_error(error: grpc.RpcError) -> MtrremuError | None:
                 info = candidate
     message = error.details() or ""
     if info is not None:
-        if info.reason == RejectedHostWrite.reason:
-            meta = info.metadata
-            return RejectedHostWrite(meta["register"], int(meta["value"], 16), meta["why"])
-        cls = _BY_REASON.get(info.reason)
-        if cls is not None:
-            return cls(message)
-    cls = _BY_CODE.get(error.code())
-    return None if cls is None else cls(message)
+        cls = BY_REASON.get(info.reason)
+        rebuilt = None if cls is None else cls.from_metadata(message, dict(info.metadata))
+        if rebuilt is not None:
+            return rebuilt
+    by_code = _BY_CODE.get(error.code())
+    return None if by_code is None else by_code(message)
 
 
 def raise_domain(error: grpc.RpcError) -> NoReturn:

@@ -19,7 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from mtrremu.core.errors import InvalidArgument
-from mtrremu.plugin.manager import PluginManager, default_manager
+from mtrremu.plugin.manager import PluginManager, manager_for
 from mtrremu.rpc.transport import message_size_options
 from mtrremu.server.interceptor import LoggingInterceptor
 from mtrremu.server.limits import Limits, VmTable
@@ -39,6 +39,8 @@ class ServerSettings:
     #: Worker threads: enough for one client thread per vCPU of the VMs driven at once.
     max_workers: int = 256
     grace_seconds: float = 5.0
+    #: Plugin modules to load besides the installed plugins (``--plugin``).
+    plugins: tuple[str, ...] = ()
 
 
 class EmulatorServer:
@@ -53,7 +55,7 @@ class EmulatorServer:
             interceptors=[LoggingInterceptor()],
             options=message_size_options(settings.limits.max_message_bytes),
         )
-        self.table = VmTable(settings.limits, manager or default_manager())
+        self.table = VmTable(settings.limits, manager or manager_for(settings.plugins))
         pb_grpc.add_EmulatorServiceServicer_to_server(Servicer(self.table), self._server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)

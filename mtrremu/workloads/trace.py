@@ -100,6 +100,13 @@ class TraceFormatError(InvalidArgument):
         # Runs on other processes (local:N, Dask) send the error back pickled.
         return (TraceFormatError, (self.source, self.line, self.why))
 
+    def metadata(self) -> dict[str, str]:
+        return {"source": self.source, "line": str(self.line), "why": self.why}
+
+    @classmethod
+    def _rebuild(cls, message: str, metadata: Mapping[str, str]) -> MtrremuError:
+        return cls(metadata["source"], int(metadata["line"]), metadata["why"])
+
 
 # -- writing ------------------------------------------------------------------------------
 
