@@ -1,4 +1,4 @@
-"""Realistic guest workloads (``../shared/spec/workloads.md``), each a parameterised generator
+"""Realistic guest workloads, each a parameterised generator
 of a :class:`~mtrremu.workloads.trace.Trace`.
 
 ========  ===================================================================
@@ -8,6 +8,7 @@ of a :class:`~mtrremu.workloads.trace.Trace`.
 ``W4``    a large VM: pre-populated RAM, a whole-VM MTRR event (:mod:`.w4_large`)
 ``W5``    runtime ``mtrr_add``/``mtrr_del`` over a device BAR (:mod:`.w5_runtime`)
 ``W6``    hvmloader-style serial programming (:mod:`.w6_hvmloader`)
+``W7``    the passthrough device unplugged and plugged back (:mod:`.w7_hotplug`)
 ========  ===================================================================
 
 The same workload, parameters and seed always give the same trace.
@@ -30,8 +31,8 @@ from mtrremu.workloads import (
     w4_large,
     w5_runtime,
     w6_hvmloader,
+    w7_hotplug,
 )
-from mtrremu.workloads.building import LinuxParams
 from mtrremu.workloads.trace import Trace
 
 
@@ -50,6 +51,7 @@ WORKLOADS: dict[str, Workload] = {
     "W4": Workload("W4", "large VM, whole-VM MTRR event", w4_large.Params, w4_large.build),
     "W5": Workload("W5", "runtime mtrr_add/mtrr_del", w5_runtime.Params, w5_runtime.build),
     "W6": Workload("W6", "hvmloader serial programming", w6_hvmloader.Params, w6_hvmloader.build),
+    "W7": Workload("W7", "device unplugged and replugged", w7_hotplug.Params, w7_hotplug.build),
 }
 
 
@@ -84,36 +86,35 @@ def parse_value(text: str, kind: Any) -> Any:
 
 
 def make_params(spec: Workload, overrides: Mapping[str, Any]) -> Any:
-    """The workload's parameters with ``overrides`` (``name`` or ``linux.name``; strings are
-    parsed by the field's type). Unknown names are refused, listing the known ones."""
+    """The workload's parameters with ``overrides`` (``name``, or ``group.name`` for a group of
+    parameters such as ``linux.touch_fraction``; strings are parsed by the field's type).
+    Unknown names are refused, listing the known ones."""
     params = spec.params()
     hints = typing.get_type_hints(spec.params)
-    linux_hints = typing.get_type_hints(LinuxParams)
+    groups = {name: hint for name, hint in hints.items() if dataclasses.is_dataclass(hint)}
+    group_hints = {name: typing.get_type_hints(hint) for name, hint in groups.items()}
     top: dict[str, Any] = {}
-    linux: dict[str, Any] = {}
+    inner: dict[str, dict[str, Any]] = {}
     for key, raw in overrides.items():
-        target, hint_map, name = (
-            (linux, linux_hints, key[6:])
-            if key.startswith("linux.")
-            else (
-                top,
-                hints,
-                key,
-            )
-        )
-        if name not in hint_map or (target is top and name == "linux"):
-            known = [k for k in hints if k != "linux"]
-            if "linux" in hints:
-                known += [f"linux.{k}" for k in linux_hints]
+        group, dot, name = key.partition(".")
+        if dot and name in group_hints.get(group, {}):
+            kind = group_hints[group][name]
+            inner.setdefault(group, {})[name] = _parsed(raw, kind)
+        elif not dot and key in hints and key not in groups:
+            top[key] = _parsed(raw, hints[key])
+        else:
+            known = [k for k in hints if k not in groups]
+            known += [f"{g}.{n}" for g, names in group_hints.items() for n in names]
             raise InvalidArgument(
                 f"{spec.id} has no parameter {key!r}; known: {', '.join(sorted(known))}"
             )
-        target[name] = parse_value(raw, hint_map[name]) if isinstance(raw, str) else raw
-    if linux:
-        if "linux" not in hints:
-            raise InvalidArgument(f"{spec.id} has no Linux phase to configure")
-        top["linux"] = dataclasses.replace(params.linux, **linux)
+    for group, values in inner.items():
+        top[group] = dataclasses.replace(getattr(params, group), **values)
     return dataclasses.replace(params, **top)
+
+
+def _parsed(raw: Any, kind: Any) -> Any:
+    return parse_value(raw, kind) if isinstance(raw, str) else raw
 
 
 def build(name: str, overrides: Mapping[str, Any] | None = None, seed: int = 1) -> Trace:

@@ -1,4 +1,4 @@
-"""Building blocks shared by the workloads (``../shared/spec/workloads.md``).
+"""Building blocks shared by the workloads.
 
 :class:`TraceBuilder` records operations in order and follows each vCPU's CR0 and MTRR values
 as the guest sees them, so steps like "set CD" or "write only the MSRs that change" produce
@@ -25,7 +25,7 @@ from mtrremu.core.events import (
     WriteMsr,
 )
 from mtrremu.core.memtypes import MemType
-from mtrremu.core.units import MIB, PAGE_SHIFT
+from mtrremu.core.units import KIB, MIB, PAGE_SHIFT
 from mtrremu.workloads.trace import Trace
 
 if TYPE_CHECKING:
@@ -117,8 +117,8 @@ class TraceBuilder:
         self.items.extend(ops)
 
     def burst(self, lanes: Mapping[int, Sequence[VcpuOp]]) -> None:
-        """vCPUs acting at the same time (semantics.md §7); the round order comes from the
-        builder's seed, so a whole trace is reproducible from its seed."""
+        """vCPUs acting at the same time (see :mod:`mtrremu.core.burst`); the round order comes
+        from the builder's seed, so a whole trace is reproducible from its seed."""
         kept = tuple((vcpu, tuple(ops)) for vcpu, ops in lanes.items() if ops)
         if kept:
             self.items.append(Burst(kept, self._random.randrange(1 << 32)))
@@ -127,12 +127,24 @@ class TraceBuilder:
         """A seeded order (who takes a lock first), reproducible from the builder's seed."""
         self._random.shuffle(order)
 
+    @staticmethod
+    def touches(vcpu: int, start: int, size: int) -> list[VcpuOp]:
+        """The guest touching every page of ``[start, start+size)`` (gpas; widened to whole
+        pages), as operations to record or put in a burst lane."""
+        first, end = start >> PAGE_SHIFT, -(-(start + size) >> PAGE_SHIFT)
+        if end <= first:
+            return []
+        return [Access(vcpu, first) if end == first + 1 else FaultRange(vcpu, first, end)]
+
+    @staticmethod
+    def pages(vcpu: int, *gpas: int) -> list[VcpuOp]:
+        """The guest touching the page of each gpa, in order (an address outside every memslot
+        is an MMIO access)."""
+        return [Access(vcpu, gpa >> PAGE_SHIFT) for gpa in gpas]
+
     def touch(self, vcpu: int, start: int, size: int) -> None:
-        """The guest touching ``[start, start+size)`` (gpas, 4 KiB aligned)."""
-        if size == 4096:
-            self.items.append(Access(vcpu, start >> PAGE_SHIFT))
-        elif size > 0:
-            self.items.append(FaultRange(vcpu, start >> PAGE_SHIFT, (start + size) >> PAGE_SHIFT))
+        """Record :meth:`touches`."""
+        self.add(self.touches(vcpu, start, size))
 
     def trace(self, workload: str, params: DataclassInstance) -> Trace:
         """The recorded trace of ``workload`` built with ``params`` (a parameter dataclass)."""
@@ -211,7 +223,7 @@ def linux_cache_cpu_init(b: TraceBuilder, vcpu: int, saved: Mapping[int, int]) -
 
 @dataclass(frozen=True)
 class LinuxParams:
-    """Linux's boot on top of any firmware (all sizes in bytes)."""
+    """Linux's boot on top of any firmware (all sizes and addresses in bytes)."""
 
     #: Where the kernel image is loaded and how much of it the BSP touches.
     kernel_base: int = 16 * MIB
@@ -222,6 +234,41 @@ class LinuxParams:
     touch_fraction: float = 0.25
     #: Order in which CPUs take ``cache_aps_init``'s spinlock: "ascending" or "seeded".
     aps_init_order: str = "ascending"
+    #: The real-mode trampoline the APs start in: ``reserve_real_mode`` takes it top-down below
+    #: the EBDA (a few pages; the exact place depends on the e820 map).
+    trampoline: int = 0x99000
+    trampoline_size: int = 24 * KIB
+    #: Bytes of the framebuffer fbcon paints when it takes over (the whole visible screen:
+    #: 1024x768 at 32 bpp, bochs-drm's default mode).
+    framebuffer_bytes: int = 3 * MIB
+
+
+@dataclass(frozen=True)
+class Handover:
+    """What the firmware hands Linux besides its registers.
+
+    ``efi``: booted through UEFI (no legacy table scans); ``rsdp``: a BIOS boot's RSDP, which
+    the decompressor's scan of 0xE0000-0xFFFFF stops at; ``vram``: the std VGA's BAR0 as the
+    firmware assigned it (``None``: no VGA).
+    """
+
+    efi: bool
+    rsdp: int = 0xF5000
+    vram: int | None = None
+
+
+#: The legacy areas Linux reads: the EBDA's page, the option-ROM area, the system ROM.
+EBDA_PAGE = 0x9F000
+ROM_AREA = (0xC0000, 0xF0000)
+SYSTEM_ROM = (0xF0000, 0x100000)
+#: The legacy VGA text buffer (QEMU MMIO in text mode) and the local APIC (MMIO).
+VGA_TEXT = 0xB8000
+LOCAL_APIC = 0xFEE00000
+
+
+def _span(bounds: tuple[int, int]) -> tuple[int, int]:
+    """``(start, size)`` of ``[start, end)``."""
+    return bounds[0], bounds[1] - bounds[0]
 
 
 def _ram_slices(config: VmConfig, fraction: float) -> list[tuple[int, int]]:
@@ -236,28 +283,46 @@ def _ram_slices(config: VmConfig, fraction: float) -> list[tuple[int, int]]:
     return slices
 
 
-def linux_boot(b: TraceBuilder, params: LinuxParams) -> None:
-    """Linux from the firmware handover to a running workload.
+def linux_boot(b: TraceBuilder, params: LinuxParams, handover: Handover) -> None:
+    """Linux from the firmware handover to a running workload [linux arch/x86/boot/compressed,
+    arch/x86/kernel/setup.c ``setup_arch``, init/main.c, arch/x86/kernel/smpboot.c].
 
     * Entry: the BSP's 64-bit entry writes its own CR0 (CD=0): a CD 1→0 if it came with CD=1.
-    * BSP ``cache_cpu_init`` early in boot (2 zap events under either rule set), PAT.
-    * The kernel image touched by the BSP.
-    * SMP bring-up: INIT (CD kept) then the trampoline's CR0 write (CD=0; a flip only for an
-      AP still at CD=1); each CPU touches its per-CPU area and stack.
-    * ``cache_aps_init``: every CPU, BSP included, runs ``cache_cpu_init`` once more, one at
-      a time under a spinlock (2 zap events each).
+    * The kernel image, loaded and decompressed by the BSP. A BIOS boot's decompressor scans
+      the EBDA and 0xE0000-0xFFFFF for the RSDP (``get_rsdp_addr``); UEFI hands it over.
+    * ``setup_arch`` before the cache init: ``dmi_setup`` reads all of 0xF0000-0xFFFFF (BIOS
+      boot only) and ``probe_roms`` reads a signature every 2 KiB of 0xC0000-0xEFFFF.
+    * BSP ``cache_bp_init`` → ``cache_cpu_init`` (2 zap events under either rule set), PAT.
+    * After it: ``find_smp_config`` scans page 0, the EBDA and 0xF0000-0xFFFFF; the BSP
+      copies the real-mode trampoline below 1 MiB; vgacon writes the text buffer (BIOS boot).
+    * SMP bring-up: INIT (CD kept), the trampoline, its CR0 write (CD=0; a flip only for an AP
+      still at CD=1); each CPU touches its per-CPU area and stack.
+    * ``cache_aps_init``: every CPU, BSP included, runs ``cache_cpu_init`` once more; the CD=1
+      windows are serialised by ``cache_disable_lock`` (2 zap events each).
+    * Initcalls: fbcon paints the framebuffer (efifb/simpledrm, or bochs-drm).
     * The workload touches its share of RAM, split over the CPUs.
     """
     bsp = 0
     b.add(linux_cr0(b, bsp))
+    b.touch(bsp, params.kernel_base, params.kernel_size)
+    if not handover.efi:
+        b.add(b.pages(bsp, EBDA_PAGE))
+        b.touch(bsp, 0xE0000, handover.rsdp + 16 - 0xE0000)
+        b.touch(bsp, *_span(SYSTEM_ROM))
+    b.touch(bsp, *_span(ROM_AREA))
     saved = dict(b.mtrrs[bsp])
     b.add(linux_cache_cpu_init(b, bsp, saved))
-    b.touch(bsp, params.kernel_base, params.kernel_size)
+    b.add(b.pages(bsp, 0, EBDA_PAGE))
+    b.touch(bsp, *_span(SYSTEM_ROM))
+    b.touch(bsp, params.trampoline, params.trampoline_size)
+    if not handover.efi:
+        b.add(b.pages(bsp, VGA_TEXT))
     percpu = params.kernel_base + params.kernel_size
     for ap in b.vcpus:
         if ap == bsp:
             continue
-        b.add([b.init(ap), *linux_cr0(b, ap)])
+        trampoline = b.touches(ap, params.trampoline, params.trampoline_size)
+        b.add([b.init(ap), *trampoline, *linux_cr0(b, ap)])
     for cpu in b.vcpus:
         b.touch(cpu, percpu + cpu * params.percpu_size, params.percpu_size)
     order = list(b.vcpus)
@@ -265,6 +330,8 @@ def linux_boot(b: TraceBuilder, params: LinuxParams) -> None:
         b.shuffle(order)
     for cpu in order:
         b.add(linux_cache_cpu_init(b, cpu, saved))
+    if handover.vram is not None:
+        b.touch(bsp, handover.vram, params.framebuffer_bytes)
     slices = _ram_slices(b.config, params.touch_fraction)
     for index, (start, size) in enumerate(slices):
         per_cpu = (size // len(b.vcpus)) & ~(2 * MIB - 1) or size

@@ -8,12 +8,20 @@ from mtrremu.core.units import GIB, KIB, MIB
 FOUR_GIB = 4 * GIB
 
 
-def q35(ram: int, *, flash: int = 256 * KIB, tseg: int = 0) -> tuple[Memslot, ...]:
+#: QEMU's std VGA (the q35 default display): 16 MiB of video RAM behind BAR0.
+VGA_VRAM_SIZE = 16 * MIB
+
+
+def q35(
+    ram: int, *, flash: int = 256 * KIB, tseg: int = 0, vram: int | None = None
+) -> tuple[Memslot, ...]:
     """QEMU q35: with at least 2.75 GiB of RAM, 2 GiB of it below 4 GiB, the rest from 4 GiB.
 
     [0xA0000, 0xC0000) is VGA MMIO (no memslot); the PCI hole [2 GiB, 4 GiB) holds MMCONFIG,
     BARs, the IOAPIC and LAPIC (no memslot); ``flash`` (the firmware image) sits just below
     4 GiB; ``tseg`` bytes at the top of low RAM are SMRAM, not ordinary RAM (OVMF with SMM).
+    ``vram``: where the firmware put the std VGA's BAR0: its video RAM is ordinary host RAM, so
+    QEMU gives it a RAM memslot there (its memory type follows the guest's MTRRs).
     """
     low = 2 * GIB if ram >= 2816 * MIB else ram
     slots = [
@@ -24,6 +32,8 @@ def q35(ram: int, *, flash: int = 256 * KIB, tseg: int = 0) -> tuple[Memslot, ..
         slots.append(Memslot.from_bytes(FOUR_GIB, ram - low, name="ram-high"))
     if flash:
         slots.append(Memslot.from_bytes(FOUR_GIB - flash, flash, name="flash"))
+    if vram is not None:
+        slots.append(Memslot.from_bytes(vram, VGA_VRAM_SIZE, name="vga-vram"))
     return tuple(slots)
 
 

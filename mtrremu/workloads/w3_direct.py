@@ -32,6 +32,7 @@ from mtrremu.core.config import VmConfig
 from mtrremu.core.events import VcpuOp
 from mtrremu.core.units import GIB, MIB
 from mtrremu.workloads.building import (
+    Handover,
     LinuxParams,
     TraceBuilder,
     linux_boot,
@@ -76,5 +77,6 @@ def build(params: Params, seed: int = 1) -> Trace:
         cr0_op: list[VcpuOp] = [b.write_cr0(vcpu, boot_cr0, host=True)]
         b.add(msr_ops + cr0_op if params.msrs_first else cr0_op + msr_ops)
     b.touch(0, MIB, params.decompress_touch)
-    linux_boot(b, params.linux)
+    # No firmware tables: the legacy scans find nothing and read their whole windows.
+    linux_boot(b, params.linux, Handover(efi=False, rsdp=0xFFFF0))
     return b.trace("W3", params)

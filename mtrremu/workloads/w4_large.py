@@ -82,10 +82,11 @@ def restore_booted(b: TraceBuilder, table: dict[int, int]) -> None:
 
 
 def ram_shares(b: TraceBuilder, fraction: float) -> list[tuple[int, int, int]]:
-    """Each vCPU's ``(vcpu, gpa, size)`` shares of ``fraction`` of every RAM slot."""
+    """Each vCPU's ``(vcpu, gpa, size)`` shares of ``fraction`` of every RAM slot (``ram-*``;
+    not the flash or a device's RAM)."""
     shares = []
     for slot in b.config.sorted_memslots():
-        if slot.name == "flash":
+        if not slot.name.startswith("ram"):
             continue
         start = slot.base_gfn << PAGE_SHIFT
         size = int((slot.pages << PAGE_SHIFT) * fraction) & ~(2 * MIB - 1)

@@ -28,6 +28,7 @@ from mtrremu.core.memtypes import MemType
 from mtrremu.core.units import GIB, MIB
 from mtrremu.workloads.building import (
     WB_BYTES,
+    Handover,
     LinuxParams,
     TraceBuilder,
     fixed_value,
@@ -72,5 +73,6 @@ def build(params: Params, seed: int = 1) -> Trace:
     b.touch(0, MIB, params.hvmloader_touch)
     for vcpu in b.vcpus:
         b.add(program(b, vcpu, params.pci_hole_start))
-    linux_boot(b, params.linux)
+    # hvmloader's ROMBIOS/SeaBIOS boots Linux the BIOS way, tables in the F-segment.
+    linux_boot(b, params.linux, Handover(efi=False))
     return b.trace("W6", params)
