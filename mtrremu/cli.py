@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import logging
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from mtrremu.ab.published import ROWS
 from mtrremu.ab.report import print_report, write_charts, write_csv, write_jsonl
 from mtrremu.ab.runner import (
+    DEFAULT_WORKLOADS,
     LAYOUTS,
     Plan,
     default_strategies,
@@ -74,6 +76,7 @@ def _serve(args: argparse.Namespace) -> int:
         limits=limits,
         max_workers=args.max_workers,
         grace_seconds=args.grace,
+        plugins=tuple(args.plugin or ()),
     )
     serve(settings, announce=["mtrremu: serving on {addresses}"])
     return 0
@@ -92,15 +95,28 @@ def _key_value(text: str) -> tuple[str, str]:
     return key, value
 
 
+#: ``mtrremu ab``'s exit statuses (also in its ``--help``).
+EXIT_CLEAN, EXIT_STALE, EXIT_USAGE, EXIT_FAILED = 0, 1, 2, 3
+AB_EXIT_STATUSES = f"""exit status:
+  {EXIT_CLEAN}  every run finished and the oracle found no stale leaf
+  {EXIT_STALE}  some run left stale leaves (STALE; --allow-stale makes this {EXIT_CLEAN})
+  {EXIT_USAGE}  the command line or an input was wrong (unknown workload, strategy or plugin
+     module, malformed trace file); nothing ran
+  {EXIT_FAILED}  some run FAILED: its strategy raised or returned something other than a
+     decision, its factory was broken, --strict-trace saw a refused operation, or the
+     server went away; the other runs finished and every output was written"""
+
+
 def _ab(args: argparse.Namespace) -> int:
     console = Console()
     if console.width < 120:  # a pipe or a narrow terminal: keep the table readable
         console = Console(width=120)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    plugins = tuple(args.plugin or ())
     plan = Plan(
-        workloads=args.workload or ([] if args.trace else ["W1", "W2"]),
-        strategies=args.strategy or default_strategies(),
+        workloads=args.workload or ([] if args.trace else list(DEFAULT_WORKLOADS)),
+        strategies=args.strategy or default_strategies(plugins),
         seeds=args.seed or [1],
         vcpus=args.vcpus or [],
         memory=args.memory or [],
@@ -109,6 +125,8 @@ def _ab(args: argparse.Namespace) -> int:
         layouts=args.layout or [],
         params=dict(args.param or []),
         traces=args.trace or [],
+        plugins=plugins,
+        strict_trace=args.strict_trace,
     )
     planned = plan.specs()
     if args.save_traces:
@@ -122,7 +140,7 @@ def _ab(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         target = args.target
         if target == "spawn":
-            target = stack.enter_context(spawned_server())
+            target = stack.enter_context(spawned_server(plugins))
             console.print(f"started a server on {target}")
         specs = [dataclasses.replace(s, target=target) for s in planned]
         executor = stack.enter_context(executor_for(args.executor))
@@ -153,7 +171,33 @@ def _ab(args: argparse.Namespace) -> int:
     if not args.no_charts:
         charts = write_charts(records, out / "charts")
         console.print(f"charts:     {out / 'charts'}/ ({len(charts)} PNG)")
-    return 0
+    verdicts = Counter(r["verdict"] for r in records)
+    if verdicts["failed"]:
+        code = EXIT_FAILED
+    elif verdicts["stale"] and not args.allow_stale:
+        code = EXIT_STALE
+    else:
+        code = EXIT_CLEAN
+    summary = ", ".join(f"{n} {v}" for v, n in sorted(verdicts.items()))
+    console.print(f"verdict:    {len(records)} runs: {summary} (exit status {code})")
+    return code
+
+
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Shows an option's default once: from the help text when it names one, else appended
+    (options whose default is "not given" show none)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+_PLUGIN_HELP = (
+    "import path of a plugin module to load besides the installed plugins (repeatable), "
+    "e.g. mtrremu.testing.mutants"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="run the gRPC server (mtrremu.v1)",
         description="Serve mtrremu.v1 with health checking and reflection until SIGINT/SIGTERM.",
+        formatter_class=_Help,
     )
     serve.add_argument(
         "--listen",
@@ -193,7 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--grace", type=float, default=5.0, help="seconds in-flight calls get at shutdown"
     )
-    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    serve.add_argument("--plugin", action="append", metavar="MODULE", help=_PLUGIN_HELP)
+    serve.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning"], help="log detail"
+    )
     serve.set_defaults(run=_serve)
 
     ab = commands.add_parser(
@@ -202,11 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Replay workloads under several strategies and configurations, count the work each "
             "strategy does and check it with the staleness oracle. With no arguments: W1 "
-            "(SeaBIOS) and W2 (OVMF) with 8 vCPUs and 16 GiB under the series' five rows, next "
-            "to the cover letter's published numbers. Every list option may be repeated; runs "
-            "are the cross product."
+            "(SeaBIOS) and W2 (OVMF) with 8 vCPUs and 16 GiB, next to the cover letter's "
+            "published numbers, and W7 (the passthrough device unplugged and plugged back), "
+            "under the series' five rows. Every list option may be repeated; runs are the "
+            "cross product."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Help,
+        epilog=AB_EXIT_STATUSES,
     )
     ab.add_argument(
         "-w",
@@ -214,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="ID",
         help=f"a workload: {', '.join(f'{k} ({v.title})' for k, v in WORKLOADS.items())} "
-        "(default W1 and W2)",
+        f"(default: {', '.join(DEFAULT_WORKLOADS)})",
     )
     ab.add_argument(
         "-s",
@@ -223,7 +273,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help=f"a strategy (default: {', '.join(ROWS)}, and every installed non-built-in one)",
     )
-    ab.add_argument("--vcpus", type=int, action="append", help="vCPU count (workload default)")
+    ab.add_argument(
+        "--plugin",
+        action="append",
+        metavar="MODULE",
+        help=_PLUGIN_HELP + " (its strategies join the default set)",
+    )
+    ab.add_argument(
+        "--vcpus", type=int, action="append", help="vCPU count (default: the workload's)"
+    )
     ab.add_argument(
         "--memory", type=_size, action="append", metavar="SIZE", help="guest RAM, e.g. 16G"
     )
@@ -232,22 +290,22 @@ def build_parser() -> argparse.ArgumentParser:
         type=_switch,
         action="append",
         metavar="on|off",
-        help="KVM_X86_QUIRK_CD_NW_CLEARED (default on)",
+        help="KVM_X86_QUIRK_CD_NW_CLEARED (default: on)",
     )
     ab.add_argument(
         "--feature-mtrr",
         type=_switch,
         action="append",
         metavar="on|off",
-        help="guest CPUID MTRR feature (default on)",
+        help="guest CPUID MTRR feature (default: on)",
     )
     ab.add_argument(
         "--layout",
         action="append",
         choices=LAYOUTS,
-        help="memslot layout: the workload's own, or one merged RAM slot",
+        help="memslot layout: the workload's own (default), or one merged RAM slot",
     )
-    ab.add_argument("--seed", type=int, action="append", help="trace seed (default 1)")
+    ab.add_argument("--seed", type=int, action="append", help="trace seed (default: 1)")
     ab.add_argument(
         "--param",
         type=_key_value,
@@ -272,6 +330,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--executor",
         metavar="SPEC",
         help="where runs execute: local:N (N processes) or dask://host:port (default: inline)",
+    )
+    ab.add_argument(
+        "--strict-trace",
+        action="store_true",
+        help="fail a run whose trace has an operation the emulator refuses (an invalid host "
+        "write, detaching DMA with none attached...); otherwise they are counted and shown",
+    )
+    ab.add_argument(
+        "--allow-stale",
+        action="store_true",
+        help=f"exit {EXIT_CLEAN} even if a run is STALE (failed runs still exit {EXIT_FAILED})",
     )
     ab.add_argument("--out", default="results/ab", metavar="DIR", help="output folder")
     ab.add_argument("--no-charts", action="store_true", help="skip the PNG charts")

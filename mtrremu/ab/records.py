@@ -1,8 +1,8 @@
-"""The A/B record: one JSON object per run (JSON Lines), schema ``mtrremu.ab/1``.
+"""The A/B record: one JSON object per run (JSON Lines), schema ``mtrremu.ab/2``.
 
 Fields:
 
-``schema``            ``"mtrremu.ab/1"``
+``schema``            ``"mtrremu.ab/2"``
 ``workload``          ``"W1"``… or a trace file's name; ``params`` its parameters
                       (seed included, sizes in bytes); ``seed``
 ``strategy``          name; ``profile`` (``"6.5"``…); ``plugin``: ``{"name", "distribution",
@@ -13,11 +13,23 @@ Fields:
                       this run stands for in tables
 ``mode``              ``"in-process"`` or ``"grpc"`` (``target`` then names the server)
 ``operations``        operations replayed (bursts counted by their lane operations)
+``verdict``           ``"clean"``, ``"stale"`` (the oracle found stale leaves after an event or
+                      at the end) or ``"failed"`` (see ``failure``)
+``failure``           ``null``, or why the run failed: ``{"kind", "hook", "error"}`` with
+                      ``kind`` ``"strategy"`` (the strategy's factory or one of its methods
+                      raised or returned something other than a decision; ``hook`` names it),
+                      ``"refusals"`` (``--strict-trace`` and the emulator refused operations) or
+                      ``"error"`` (anything else, e.g. the server went away)
+``refused``           operations the emulator refused, by reason (``HOST_WRITE_REJECTED``,
+                      ``FAILED_PRECONDITION``, …); they changed nothing
 ``counters``          every counter of :class:`mtrremu.core.counters.Counters`, plus the totals
-                      ``leaves_removed`` and ``entries_visited``
+                      ``leaves_removed`` and ``entries_visited`` (zeros if the replay never ran)
 ``staleness``         the oracle at quiescent points: ``checks``, ``stale_points``,
                       ``stale_leaves_max``; ``at_end``: stale leaves at the end (``null`` if
-                      the vCPUs disagree then)
+                      the vCPUs disagree then, or the replay never ran); after each event:
+                      ``event_checks``, ``stale_events``, ``stale_event_leaves_max``,
+                      ``excused`` (events a declared gap of the strategy explained, by gap)
+                      and ``first_stale_event`` (see :class:`mtrremu.core.vm.StalenessLog`)
 ``published``         the cover letter's numbers for this setup, or ``null``
 ``wall_seconds``      how long the replay took (the only field that is not reproducible)
 ``mtrremu_version``   the emulator's version
@@ -28,28 +40,36 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from mtrremu.ab.published import published
+from mtrremu.core.counters import Counters
 from mtrremu.core.units import PAGE_SHIFT
 from mtrremu.plugin.manager import RegisteredStrategy, own_version
 from mtrremu.workloads.trace import Trace
 
 if TYPE_CHECKING:
-    from mtrremu.ab.runner import RunSpec
+    from mtrremu.ab.runner import Replay, RunSpec
 
-SCHEMA = "mtrremu.ab/1"
+SCHEMA = "mtrremu.ab/2"
 
 
 def record(
     spec: RunSpec,
     trace: Trace,
     registered: RegisteredStrategy,
+    replay: Replay | None,
+    failure: dict[str, Any] | None,
     *,
-    counters: dict[str, int],
-    staleness: dict[str, int | None],
     seconds: float,
 ) -> dict[str, Any]:
     config = trace.config
     ram = trace.params.get("ram", config.memory_pages << PAGE_SHIFT)
     pub = published(spec.workload, spec.strategy, config.vcpus, int(ram))
+    if replay is None:
+        counters = Counters().as_dict()
+        staleness: dict[str, Any] = dict.fromkeys(STALENESS_COUNTS, 0)
+        staleness |= {"excused": {}, "first_stale_event": "", "at_end": None}
+        refused: dict[str, int] = {}
+    else:
+        counters, staleness, refused = replay.counters, replay.staleness, replay.refused
     return {
         "schema": SCHEMA,
         "workload": spec.workload,
@@ -78,6 +98,9 @@ def record(
         "mode": "in-process" if spec.target is None else "grpc",
         "target": spec.target,
         "operations": trace.operations,
+        "verdict": verdict(staleness, failure),
+        "failure": failure,
+        "refused": refused,
         "counters": counters,
         "staleness": staleness,
         "published": None
@@ -86,3 +109,24 @@ def record(
         "wall_seconds": round(seconds, 4),
         "mtrremu_version": own_version(),
     }
+
+
+#: The oracle's counts in a record's ``staleness`` (besides ``at_end``, ``excused`` and
+#: ``first_stale_event``).
+STALENESS_COUNTS = (
+    "checks",
+    "stale_points",
+    "stale_leaves_max",
+    "event_checks",
+    "stale_events",
+    "stale_event_leaves_max",
+)
+
+
+def verdict(staleness: dict[str, Any], failure: dict[str, Any] | None) -> str:
+    """``failed`` wins over ``stale`` (stale leaves at a quiescent point, at the end, or left
+    by an event for its own vCPU), which wins over ``clean``."""
+    if failure is not None:
+        return "failed"
+    stale = staleness["stale_points"] or staleness["at_end"] or staleness["stale_events"]
+    return "stale" if stale else "clean"

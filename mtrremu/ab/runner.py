@@ -15,29 +15,38 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mtrremu.ab.published import ROWS
-from mtrremu.ab.records import record
+from mtrremu.ab.records import STALENESS_COUNTS, record
 from mtrremu.core.burst import execute
 from mtrremu.core.config import Memslot, MemslotKind
-from mtrremu.core.errors import InvalidArgument
-from mtrremu.plugin.manager import RegisteredStrategy, default_manager
+from mtrremu.core.errors import BrokenStrategy, InvalidArgument
+from mtrremu.core.events import Refused, operation_results
+from mtrremu.core.vm import StalenessLog
+from mtrremu.plugin.manager import BUILTIN_PLUGINS, manager_for
 from mtrremu.workloads import build, workload
 from mtrremu.workloads.trace import Trace, load
 
 LAYOUTS = ("default", "merged")
+#: The default job: the series' two boots (W1 SeaBIOS, W2 OVMF; the cover letter's setups) and
+#: the passthrough device unplugged and plugged back in a running guest (W7), so that every kind
+#: of memtype event a strategy handles happens in it.
+DEFAULT_WORKLOADS = ("W1", "W2", "W7")
 
 
 @dataclass(frozen=True)
 class RunSpec:
     """One run. ``overrides`` are workload parameters; ``vm`` overrides VM flags after the
-    trace is built (``quirk_cd_nw_cleared``, ``feature_mtrr``, ``layout``)."""
+    trace is built (``quirk_cd_nw_cleared``, ``feature_mtrr``, ``layout``); ``plugins`` are
+    plugin modules to load besides the installed ones (``--plugin``); ``strict_trace`` makes any
+    refused operation fail the run."""
 
     workload: str
     strategy: str
@@ -46,6 +55,8 @@ class RunSpec:
     vm: tuple[tuple[str, Any], ...] = ()
     trace_file: str | None = None
     target: str | None = None
+    plugins: tuple[str, ...] = ()
+    strict_trace: bool = False
 
     @property
     def label(self) -> str:
@@ -92,53 +103,121 @@ def merged(slots: Sequence[Memslot]) -> tuple[Memslot, ...]:
     return (Memslot(start, end - start, MemslotKind.RAM, "ram-merged"), *devices)
 
 
-def _registered(strategy: str) -> RegisteredStrategy:
-    return default_manager().strategy(strategy)
+@dataclass
+class Replay:
+    """What replaying a trace produced, in-process or through a server alike."""
+
+    counters: dict[str, int]
+    staleness: dict[str, Any]
+    #: Refused operations by their reason (``HOST_WRITE_REJECTED``, ``FAILED_PRECONDITION``…).
+    refused: dict[str, int]
+    #: The first event the strategy failed on: (hook, error).
+    strategy_failure: tuple[str, str] | None
 
 
 def run(spec: RunSpec) -> dict[str, Any]:
-    """Run one spec and return its record (JSON-ready)."""
+    """Run one spec and return its record (JSON-ready).
+
+    Whatever goes wrong inside the replay — a broken strategy, a lost server — becomes a failed
+    record (``verdict`` ``"failed"`` with its ``failure``), never an exception: the other runs
+    of a job go on and every output is written.
+    """
     trace = trace_for(spec)
-    registered = _registered(spec.strategy)
+    registered = manager_for(spec.plugins).strategy(spec.strategy)
     started = time.perf_counter()
-    if spec.target is None:
-        vm = default_manager().create_vm(trace.config, spec.strategy, vm_id="ab")
-        execute(vm, trace.items)
-        counters = vm.counters_snapshot().as_dict()
-        log = vm.staleness
-        end = vm.stale_at_quiescence()
-        staleness = {
-            "checks": log.checks,
-            "stale_points": log.stale_points,
-            "stale_leaves_max": log.stale_leaves_max,
-            "at_end": None if end is None else end.count,
-        }
+    replay: Replay | None = None
+    failure: dict[str, Any] | None
+    try:
+        replay = _replay(spec, trace) if spec.target is None else _replay_remote(spec, trace)
+    except BrokenStrategy as error:
+        failure = failed("strategy", error.why, hook="factory")
+    except Exception as error:
+        failure = failed("error", f"{type(error).__name__}: {error}")
     else:
-        counters, staleness = _run_remote(spec.target, trace, spec.strategy)
+        failure = verdict_failure(replay, spec.strict_trace)
     elapsed = time.perf_counter() - started
-    return record(spec, trace, registered, counters=counters, staleness=staleness, seconds=elapsed)
+    return record(spec, trace, registered, replay, failure, seconds=elapsed)
 
 
-def _run_remote(
-    target: str, trace: Trace, strategy: str
-) -> tuple[dict[str, int], dict[str, int | None]]:
-    from mtrremu.client import Client  # noqa: PLC0415  (grpc only for runs against a server)
+def failed(kind: str, error: str, *, hook: str | None = None) -> dict[str, Any]:
+    """A record's ``failure``: ``kind`` is ``strategy``, ``refusals`` or ``error``."""
+    return {"kind": kind, "hook": hook, "error": error}
 
-    with Client(target, timeout=600) as client:
-        remote = client.create_vm(trace.config, strategy)
+
+def verdict_failure(replay: Replay, strict_trace: bool) -> dict[str, Any] | None:
+    """Why a replay that finished still failed, if it did."""
+    if replay.strategy_failure is not None:
+        hook, error = replay.strategy_failure
+        return failed("strategy", error, hook=hook)
+    if strict_trace and replay.refused:
+        listed = ", ".join(f"{n} {reason}" for reason, n in sorted(replay.refused.items()))
+        return failed("refusals", f"--strict-trace: refused operations: {listed}")
+    return None
+
+
+def _replay(spec: RunSpec, trace: Trace) -> Replay:
+    vm = manager_for(spec.plugins).create_vm(trace.config, spec.strategy, vm_id="ab")
+    results = operation_results(execute(vm, trace.items))
+    refused, first_failure = _tally(
+        (r.reason, None)
+        if isinstance(r, Refused)
+        else (None, None if r.strategy_failure is None else astuple(r.strategy_failure))
+        for r in results
+    )
+    end = vm.stale_at_quiescence()
+    staleness = _staleness(vm.staleness, None if end is None else end.count)
+    return Replay(vm.counters_snapshot().as_dict(), staleness, refused, first_failure)
+
+
+def _replay_remote(spec: RunSpec, trace: Trace) -> Replay:
+    from mtrremu import client as rpc  # noqa: PLC0415  (grpc only for runs against a server)
+
+    assert spec.target is not None
+    with rpc.Client(spec.target, timeout=600) as connection:
+        remote = connection.create_vm(trace.config, spec.strategy)
         try:
-            remote.execute(trace.items)
+            refused, first_failure = _tally(
+                (r.error.reason, None)
+                if r.HasField("error")
+                else (None, _remote_failure(r.outcome))
+                for r in rpc.operation_results(remote.execute(trace.items))
+            )
             counters = remote.counters().as_dict()
             report = remote.staleness(at_quiescence=True)
         finally:
             remote.delete()
-    tracking = report.tracking
-    return counters, {
-        "checks": tracking.checks,
-        "stale_points": tracking.stale_points,
-        "stale_leaves_max": tracking.stale_leaves_max,
-        "at_end": report.stale_leaves if report.quiescent else None,
-    }
+    at_end = report.stale_leaves if report.quiescent else None
+    return Replay(counters, _staleness(report.tracking, at_end), refused, first_failure)
+
+
+def _remote_failure(outcome: Any) -> tuple[str, str] | None:
+    if not outcome.HasField("strategy_failure"):
+        return None
+    return (outcome.strategy_failure.hook, outcome.strategy_failure.error)
+
+
+def _tally(
+    outcomes: Iterable[tuple[str | None, tuple[str, str] | None]],
+) -> tuple[dict[str, int], tuple[str, str] | None]:
+    """Refusals by reason and the first strategy failure, from (reason, failure) per operation."""
+    refused: Counter[str] = Counter()
+    first: tuple[str, str] | None = None
+    for reason, failure in outcomes:
+        if reason is not None:
+            refused[reason] += 1
+        elif failure is not None and first is None:
+            first = failure
+    return dict(sorted(refused.items())), first
+
+
+def _staleness(log: StalenessLog | Any, at_end: int | None) -> dict[str, Any]:
+    """A record's ``staleness`` from the VM's log, in-process or its message form (the two
+    share their field names)."""
+    found: dict[str, Any] = {name: int(getattr(log, name)) for name in STALENESS_COUNTS}
+    found["excused"] = dict(sorted(log.excused.items()))
+    found["first_stale_event"] = log.first_stale_event
+    found["at_end"] = at_end
+    return found
 
 
 # -- planning -------------------------------------------------------------------------------
@@ -148,7 +227,7 @@ def _run_remote(
 class Plan:
     """The cross product a command line asks for."""
 
-    workloads: Sequence[str] = ("W1", "W2")
+    workloads: Sequence[str] = DEFAULT_WORKLOADS
     strategies: Sequence[str] = ()
     seeds: Sequence[int] = (1,)
     vcpus: Sequence[int] = ()
@@ -158,6 +237,8 @@ class Plan:
     layouts: Sequence[str] = ()
     params: Mapping[str, str] = field(default_factory=dict)
     traces: Sequence[str] = ()
+    plugins: tuple[str, ...] = ()
+    strict_trace: bool = False
 
     def specs(self) -> list[RunSpec]:
         axes: list[list[tuple[str, Any]]] = [
@@ -172,7 +253,7 @@ class Plan:
         configs = list(itertools.product(*(_or_none(axis) for axis in axes)))
         vm_configs = list(itertools.product(*(_or_none(axis) for axis in vm_axes)))
         for strategy in self.strategies:
-            default_manager().strategy(strategy)  # unknown names fail before anything runs
+            manager_for(self.plugins).strategy(strategy)  # unknown names fail before anything runs
         specs = []
         sources = [(w, None) for w in self.workloads] + [("trace", t) for t in self.traces]
         for (name, trace_file), config, vm_config, seed, strategy in itertools.product(
@@ -192,6 +273,8 @@ class Plan:
                     overrides=tuple(overrides),
                     vm=tuple(kv for kv in vm_config if kv is not None),
                     trace_file=trace_file,
+                    plugins=self.plugins,
+                    strict_trace=self.strict_trace,
                 )
             )
         return specs
@@ -202,11 +285,11 @@ def _or_none(axis: list[tuple[str, Any]]) -> list[tuple[str, Any] | None]:
     return list(axis) if axis else [None]
 
 
-def default_strategies() -> list[str]:
-    """The series' rows, then every installed strategy not built in."""
-    builtin = list(ROWS)
-    extras = [s.name for s in default_manager().strategies() if s.distribution != "mtrremu"]
-    return builtin + extras
+def default_strategies(plugins: tuple[str, ...] = ()) -> list[str]:
+    """The series' rows, then every strategy not built in: installed ones and those of the
+    plugin modules ``plugins``."""
+    extras = [s.name for s in manager_for(plugins).strategies() if s.plugin not in BUILTIN_PLUGINS]
+    return [*ROWS, *extras]
 
 
 # -- executing ------------------------------------------------------------------------------
@@ -278,8 +361,9 @@ def run_all(
 
 
 @contextmanager
-def spawned_server() -> Iterator[str]:
-    """Start ``mtrremu serve`` on a unix socket in a temporary directory; stop it after."""
+def spawned_server(plugins: Sequence[str] = ()) -> Iterator[str]:
+    """Start ``mtrremu serve`` (with the plugin modules ``plugins``) on a unix socket in a
+    temporary directory; stop it after."""
     from mtrremu.client import Client  # noqa: PLC0415  (grpc only for runs against a server)
 
     with tempfile.TemporaryDirectory(prefix="mtrremu-ab-") as folder:
@@ -294,6 +378,7 @@ def spawned_server() -> Iterator[str]:
                 target,
                 "--log-level",
                 "warning",
+                *(arg for module in plugins for arg in ("--plugin", module)),
             ],
             stdout=subprocess.DEVNULL,
         )
