@@ -44,6 +44,9 @@ RECORD_FIELDS = {
     "mode",
     "target",
     "operations",
+    "verdict",
+    "failure",
+    "refused",
     "counters",
     "staleness",
     "published",
@@ -156,7 +159,7 @@ def test_the_jsonl_holds_one_full_record_per_run(cross: Run) -> None:
     assert len(cross.records) == 8
     for r in cross.records:
         assert set(r) == RECORD_FIELDS
-        assert r["schema"] == SCHEMA == "mtrremu.ab/1"
+        assert r["schema"] == SCHEMA == "mtrremu.ab/2"
         assert r["workload"] == "W3"
         assert set(r["config"]) == CONFIG_FIELDS
         assert set(r["counters"]) == COUNTERS
@@ -167,7 +170,11 @@ def test_the_jsonl_holds_one_full_record_per_run(cross: Run) -> None:
         assert r["counters"]["entries_visited"] == sum(
             r["counters"][f"entries_visited_{level}"] for level in ("root", "1g", "2m", "4k")
         )
-        assert set(r["staleness"]) == {"checks", "stale_points", "stale_leaves_max", "at_end"}
+        assert set(r["staleness"]) == {
+            *("checks", "stale_points", "stale_leaves_max", "at_end"),
+            *("event_checks", "stale_events", "stale_event_leaves_max", "excused"),
+            "first_stale_event",
+        }
         assert r["plugin"]["distribution"] == "mtrremu"
         assert r["plugin"]["version"] == r["mtrremu_version"] == version
         assert r["plugin"]["name"] == "mtrremu_strategies.series"
@@ -185,8 +192,9 @@ def test_the_csv_has_a_row_per_run_with_the_same_counters(cross: Run) -> None:
     with (cross.out / "ab.csv").open(newline="") as source:
         rows = list(csv.reader(source))
     head = ["workload", "label", "strategy", "profile", "distribution", "version", "seed"]
-    head += ["vcpus", "memory_bytes", "mode", *sorted(COUNTERS)]
-    head += ["stale_checks", "stale_points", "stale_leaves_max", "stale_at_end", "wall_seconds"]
+    head += ["vcpus", "memory_bytes", "mode", "verdict", "failure", "refused", *sorted(COUNTERS)]
+    head += ["stale_checks", "stale_points", "stale_leaves_max", "stale_at_end"]
+    head += ["event_checks", "stale_events", "stale_event_leaves_max", "excused", "wall_seconds"]
     assert rows[0] == head
     assert len(rows) == 1 + len(cross.records)
     for row, r in zip(rows[1:], cross.records, strict=True):
@@ -202,11 +210,15 @@ def test_the_csv_has_a_row_per_run_with_the_same_counters(cross: Run) -> None:
         assert int(cells["vcpus"]) == r["config"]["vcpus"]
         assert int(cells["memory_bytes"]) == r["config"]["memory_bytes"]
         assert cells["mode"] == r["mode"]
+        assert cells["verdict"] == r["verdict"] == "clean"
+        assert cells["failure"] == cells["refused"] == ""
         staleness = r["staleness"]
         assert int(cells["stale_checks"]) == staleness["checks"]
         assert int(cells["stale_points"]) == staleness["stale_points"]
         assert int(cells["stale_leaves_max"]) == staleness["stale_leaves_max"]
         assert cells["stale_at_end"] == str(staleness["at_end"])
+        assert int(cells["event_checks"]) == staleness["event_checks"]
+        assert int(cells["stale_events"]) == staleness["stale_events"] == 0
         assert float(cells["wall_seconds"]) == r["wall_seconds"]
 
 
@@ -224,7 +236,8 @@ def test_charts_are_one_real_png_per_workload_and_configuration(cross: Run) -> N
         assert data[:8] == PNG_SIGNATURE, path.name
         assert len(data) > 10_000, path.name
         image = np.asarray(matplotlib.image.imread(path))
-        assert image.shape[:2] == (605, 1210), path.name  # 11 x 5.5 inches at 110 dpi
+        # 15 inches wide at 100 dpi; two rows of panels, 1.6 + 0.32 inches per strategy each.
+        assert image.shape[:2] == (round(2 * 100 * (1.6 + 0.32 * 2)), 1500), path.name
         # RGBA floats in [0, 1]: pack each pixel's four bytes into one number.
         rgba = np.rint(image * 255).astype(np.uint32)
         packed = (rgba[..., 0] << 24) | (rgba[..., 1] << 16) | (rgba[..., 2] << 8) | rgba[..., 3]
@@ -296,7 +309,8 @@ def test_the_merged_layout_has_one_ram_slot_and_splitting_changes_nothing(
     assert merged == [[0, 6 * GIB, "ram", "ram-merged"]]
     assert by["layout=merged", "fine-grained-split"]["config"]["memslots"] == merged
     default = by["layout=default", "fine-grained"]["config"]["memslots"]
-    assert [slot[3] for slot in default] == ["ram-below-vga", "ram-low", "flash", "ram-high"]
+    names = ["ram-below-vga", "ram-low", "vga-vram", "flash", "ram-high"]
+    assert [slot[3] for slot in default] == names
     assert all(slot[2] == "ram" for slot in default)
 
     def work(layout: str, strategy: str) -> tuple[int, int, int]:
@@ -336,7 +350,7 @@ def test_an_unknown_workload_is_refused_listing_the_known_ones(tmp_path: Path) -
     done = run_ab("-w", "W9", "-s", "zap-all", out=tmp_path)
     assert done.returncode == 2
     assert done.stderr.splitlines() == [
-        "mtrremu: unknown workload 'W9'; known: W1, W2, W3, W4, W5, W6"
+        "mtrremu: unknown workload 'W9'; known: W1, W2, W3, W4, W5, W6, W7"
     ]
     assert not (tmp_path / "ab.jsonl").exists()
 
