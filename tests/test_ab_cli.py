@@ -20,6 +20,7 @@ import pytest
 from mtrremu.ab.records import SCHEMA
 from mtrremu.cli import build_parser
 from mtrremu.core.counters import Counters
+from mtrremu.core.events import DetachDma, WriteMsr
 from mtrremu.workloads import WORKLOADS, build
 from mtrremu.workloads.building import LinuxParams
 from mtrremu.workloads.trace import load, save
@@ -142,6 +143,37 @@ def test_help_documents_every_option() -> None:
             assert re.search(rf"(?<![\w-]){re.escape(option)}(?![\w-])", text), option
     for name in WORKLOADS:
         assert f"{name} ({WORKLOADS[name].title})" in text
+    assert "default: None" not in text and "default: False" not in text
+    for action in actions:
+        shown = ab_parser().formatter_class(prog="mtrremu ab")._get_help_string(action) or ""
+        assert shown.replace("%(default)s", "").count("default") <= 1, action.dest
+    for status in ("0 every run", "1 some run left stale", "2 the command line", "3 some run"):
+        assert status in text
+
+
+def test_refused_operations_are_counted_by_reason_and_strict_trace_fails_the_run(
+    tmp_path: Path,
+) -> None:
+    base = build("W3", {"vcpus": 2})
+    refused = (
+        WriteMsr(0, 0x2FF, 0x300, host=True),  # reserved bits: KVM_SET_MSRS fails
+        DetachDma(),  # 1 -> 0
+        DetachDma(),  # none attached: FAILED_PRECONDITION
+    )
+    path = tmp_path / "refusing.jsonl"
+    save(dataclasses.replace(base, items=(*base.items, *refused)), path)
+    done = run_ab("--trace", str(path), "-s", "zap-all", out=tmp_path / "lenient")
+    assert done.returncode == 0, done.stderr
+    (record,) = records_of(tmp_path / "lenient")
+    assert record["refused"] == {"FAILED_PRECONDITION": 1, "HOST_WRITE_REJECTED": 1}
+    assert record["verdict"] == "clean" and record["failure"] is None
+    assert "1 FAILED_PRECONDITION, 1 HOST_WRITE_REJECTED" in " ".join(done.stdout.split())
+    strict = run_ab("--trace", str(path), "-s", "zap-all", "--strict-trace", out=tmp_path / "s")
+    assert strict.returncode == 3, strict.stderr
+    (record,) = records_of(tmp_path / "s")
+    assert record["verdict"] == "failed"
+    assert record["failure"]["kind"] == "refusals"
+    assert record["counters"] == records_of(tmp_path / "lenient")[0]["counters"]
 
 
 # -- files ----------------------------------------------------------------------------------

@@ -54,3 +54,14 @@ def test_nothing_imports_the_cli() -> None:
 
 def _stdlib(top: str) -> bool:
     return top in sys.stdlib_module_names
+
+
+@pytest.mark.parametrize("path", sources("mtrremu/testing"), ids=lambda p: p.name)
+def test_the_mutants_are_plugins_like_any_other(path: Path) -> None:
+    """They reach the emulator through the plugin API and derive from the built-ins."""
+    for name in imports(path):
+        top = name.split(".")[0]
+        if top == "mtrremu":
+            assert name == "mtrremu.plugin", f"{path} imports {name}"
+        else:
+            assert top in {"mtrremu_strategies", "__future__"} or _stdlib(top), f"{path}: {name}"
