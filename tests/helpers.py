@@ -22,6 +22,11 @@ from mtrremu.core.vm import Vm
 from mtrremu.plugin.manager import PluginManager
 from mtrremu.server.app import EmulatorServer, ServerSettings
 
+#: The test profile (see ``tests/conftest.py``): ``quick`` unless ``MTRREMU_TEST_PROFILE=ci``.
+PROFILE = os.environ.get("MTRREMU_TEST_PROFILE", "quick")
+if PROFILE not in ("quick", "ci"):
+    raise SystemExit(f"MTRREMU_TEST_PROFILE must be quick or ci, not {PROFILE!r}")
+
 ALL_STRATEGIES = (
     "kvm-6.5",
     "kvm-6.7",

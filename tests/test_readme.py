@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from tests.helpers import ROOT
+import sys
+
+from tests.helpers import ROOT, run_command
 
 
 def readme_commands() -> list[str]:
@@ -21,3 +23,8 @@ def test_the_readme_starts_with_exactly_two_commands() -> None:
 def test_ci_runs_the_readme_test_command() -> None:
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert readme_commands()[1] in ci
+
+
+def test_the_readme_results_are_the_default_job_s() -> None:
+    done = run_command(sys.executable, "scripts/readme_results.py", "--check")
+    assert done.returncode == 0, done.stdout + done.stderr
