@@ -14,6 +14,6 @@ _COMMON = settings(
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
-settings.register_profile("quick", _COMMON, max_examples=25, stateful_step_count=30)
+settings.register_profile("quick", _COMMON, max_examples=20, stateful_step_count=25)
 settings.register_profile("ci", _COMMON, max_examples=150, stateful_step_count=50)
 settings.load_profile(PROFILE)
