@@ -19,16 +19,13 @@ from mtrremu.core.events import EventResult
 from mtrremu.core.observer import NULL_OBSERVER
 from mtrremu.core.units import ZAP_ALL, GfnRange
 from mtrremu.plugin import (
-    NO_ZAP,
     Profile,
     StrategySpec,
-    VcpuView,
-    VmView,
-    ZapDecision,
     ZapStrategy,
     hookimpl,
 )
 from mtrremu.plugin.manager import PluginManager
+from mtrremu.testing.mutants import ZapsNothing
 from tests.helpers import ALL_STRATEGIES, CD0, SERIES, leaves, run_command
 
 KVM_RELEASES = "mtrremu_strategies.kvm_releases"
@@ -74,17 +71,8 @@ def mtrremu_strategies():
 # -- test plugins ----------------------------------------------------------------------------
 
 
-class Inert:
-    """A strategy that never zaps."""
-
-    def on_mtrr_write(self, vm: VmView, vcpu: VcpuView, msr: int) -> ZapDecision:
-        return NO_ZAP
-
-    def on_cd_toggle(self, vm: VmView, vcpu: VcpuView) -> ZapDecision:
-        return NO_ZAP
-
-    def on_dma_transition(self, vm: VmView, attached: bool) -> ZapDecision:
-        return NO_ZAP
+#: A strategy that never zaps.
+Inert = ZapsNothing
 
 
 class RecordingFactory:

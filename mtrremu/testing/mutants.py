@@ -48,9 +48,6 @@ from mtrremu.plugin import (
     msr_name,
 )
 
-#: Every mutant's name starts with this.
-PREFIX = "mutant-"
-
 
 class ZapsNothing:
     """Answers every event with "no zap": no zap events, nothing zapped."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mtrremu.core.config import Memslot
-from mtrremu.core.units import GIB, KIB, MIB
+from mtrremu.core.units import GIB, KIB, MIB, PAGE_SHIFT
 
 FOUR_GIB = 4 * GIB
 
@@ -35,6 +35,11 @@ def q35(
     if vram is not None:
         slots.append(Memslot.from_bytes(vram, VGA_VRAM_SIZE, name="vga-vram"))
     return tuple(slots)
+
+
+def low_ram_end(slots: tuple[Memslot, ...]) -> int:
+    """Where q35's RAM below 4 GiB ends (below TSEG): firmware keeps its tables at the top."""
+    return next(s.end_gfn for s in slots if s.name == "ram-low") << PAGE_SHIFT
 
 
 def direct(ram: int, *, mmio_gap_start: int = 0xD0000000) -> tuple[Memslot, ...]:

@@ -75,7 +75,7 @@ from mtrremu.workloads.building import (
     qemu_reset_push,
     var_pairs,
 )
-from mtrremu.workloads.layouts import FOUR_GIB, q35
+from mtrremu.workloads.layouts import FOUR_GIB, low_ram_end, q35
 from mtrremu.workloads.trace import Trace
 
 #: CR0 after ``transition32``: PE and ET; PG, CD and NW cleared.
@@ -182,7 +182,7 @@ def build(params: Params, seed: int = 1) -> Trace:
     layout = params.seabios
     slots = q35(params.ram, flash=layout.image_size, vram=params.vram)
     config = VmConfig(vcpus=params.vcpus, noncoherent_dma=1, memslots=slots)
-    low_top = max(s.end_gfn for s in slots if s.name == "ram-low") << 12
+    low_top = low_ram_end(slots)
     b = TraceBuilder(config, seed)
     qemu_reset_push(b)
     qemu_reset_push(b)

@@ -77,7 +77,7 @@ from mtrremu.workloads.building import (
     qemu_reset_push,
     var_mask,
 )
-from mtrremu.workloads.layouts import FOUR_GIB, q35
+from mtrremu.workloads.layouts import FOUR_GIB, low_ram_end, q35
 from mtrremu.workloads.trace import Trace
 
 
@@ -218,7 +218,7 @@ def build(params: Params, seed: int = 1) -> Trace:
     layout = params.ovmf
     slots = q35(params.ram, flash=4 * MIB, tseg=params.tseg, vram=params.vram)
     config = VmConfig(vcpus=params.vcpus, noncoherent_dma=1, memslots=slots)
-    low_top = max(s.end_gfn for s in slots if s.name == "ram-low") << 12
+    low_top = low_ram_end(slots)
     b = TraceBuilder(config, seed)
     maxphy = config.guest_maxphyaddr
     qemu_reset_push(b)
