@@ -27,6 +27,8 @@ from mtrremu.core.errors import (
     UnknownStrategy,
 )
 from mtrremu.core.events import Access, Burst, WriteCr0, WriteMsr
+from mtrremu.core.memtypes import MemType, is_mtrr_type
+from mtrremu.core.units import Level
 from mtrremu.rpc.status import from_rpc_error
 from mtrremu.server.app import EmulatorServer, ServerSettings
 from mtrremu.server.limits import Limits
@@ -463,3 +465,15 @@ def test_vcpu_threads_toggling_cd_at_once_meet_in_the_zap_list(server: EmulatorS
         stale = check.vm(vm_id).staleness(at_quiescence=True)
         assert stale.quiescent and stale.stale_leaves == 0
     assert server.table.vm(vm_id).zap_list.queued() == []
+
+
+def test_memory_type_values_are_0x100_plus_the_architectural_encoding() -> None:
+    for mtype in (MemType.UC, MemType.WC, MemType.WT, MemType.WP, MemType.WB):
+        value = pb.MemoryType.Value(f"MEMORY_TYPE_{mtype.name}")
+        assert value == 0x100 | mtype and value & 0xFF == mtype
+        assert not is_mtrr_type(value)  # never usable as a register value by mistake
+    assert [pb.Level.Value(f"LEVEL_{lv.label}") for lv in (Level.K4, Level.M2, Level.G1)] == [
+        int(Level.K4),
+        int(Level.M2),
+        int(Level.G1),
+    ]

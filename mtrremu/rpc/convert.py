@@ -40,7 +40,7 @@ from mtrremu.core.events import (
 from mtrremu.core.memtype import EptMemtype, Precedence, Profile
 from mtrremu.core.memtypes import MemType
 from mtrremu.core.oracle import StaleLeaf, StaleReport
-from mtrremu.core.units import PAGE_SHIFT, PAGE_SIZE, Level
+from mtrremu.core.units import LEAF_LEVELS_DESCENDING, PAGE_SHIFT, PAGE_SIZE, Level
 from mtrremu.core.vm import StalenessLog, Vm
 from mtrremu.core.zap_list import Role
 from mtrremu.rpc.status import trimmed
@@ -49,14 +49,12 @@ from mtrremu.v1 import emulator_pb2 as pb
 #: Ranges a ZapSummary lists (the totals count them all): answers stay bounded in size.
 MAX_LISTED_RANGES = 16
 
-_MEMTYPES = {
-    MemType.UC: pb.MEMORY_TYPE_UC,
-    MemType.WC: pb.MEMORY_TYPE_WC,
-    MemType.WT: pb.MEMORY_TYPE_WT,
-    MemType.WP: pb.MEMORY_TYPE_WP,
-    MemType.WB: pb.MEMORY_TYPE_WB,
+#: The API's memory types are 0x100 + the architectural encoding (see emulator.proto).
+MEMORY_TYPE_BASE = 0x100
+_MEMTYPES: dict[MemType, pb.MemoryType.ValueType] = {
+    t: pb.MemoryType.ValueType(MEMORY_TYPE_BASE | t) for t in MemType if t is not MemType.UC_MINUS
 }
-_LEVELS = {Level.K4: pb.LEVEL_4K, Level.M2: pb.LEVEL_2M, Level.G1: pb.LEVEL_1G}
+_LEVELS = {level: pb.Level.Value(f"LEVEL_{level.label}") for level in LEAF_LEVELS_DESCENDING}
 _LEVELS_BACK = {v: k for k, v in _LEVELS.items()}
 _PROFILES = {
     Profile.KVM_6_5: pb.PROFILE_KVM_6_5,
