@@ -86,9 +86,9 @@ CLIENT_MESSAGE_BYTES = 64 * MIB
 
 Code = grpc.StatusCode
 DOCUMENTED_ERRORS = {
-    Code.NOT_FOUND: {"NOT_FOUND", "UNKNOWN_STRATEGY"},
+    Code.NOT_FOUND: {"VM_NOT_FOUND", "VCPU_NOT_FOUND", "UNKNOWN_STRATEGY"},
     Code.INVALID_ARGUMENT: {"INVALID_ARGUMENT", "INVALID_VM_CONFIG", "HOST_WRITE_REJECTED"},
-    Code.FAILED_PRECONDITION: {"FAILED_PRECONDITION"},
+    Code.FAILED_PRECONDITION: {"FAILED_PRECONDITION", "STRATEGY_BROKEN"},
     Code.RESOURCE_EXHAUSTED: {"LIMIT_EXCEEDED"},
 }
 OPERATION_ERRORS = {code.name: reasons for code, reasons in DOCUMENTED_ERRORS.items()}
@@ -433,12 +433,12 @@ class Fuzzer:
             return
         if result.HasField("error"):
             error = result.error
-            self.report.operations[f"error {error.code}"] += 1
-            if error.code == "RESOURCE_EXHAUSTED":
+            self.report.operations[f"error {error.status}"] += 1
+            if error.status == "RESOURCE_EXHAUSTED":
                 self.exhausted.append(f"{path} ({short(op)}): {error.message}")
-            if error.reason not in OPERATION_ERRORS.get(error.code, set()):
+            if error.reason not in OPERATION_ERRORS.get(error.status, set()):
                 self.violation(
-                    "Execute", request, f"operation refused with {error.code}/{error.reason}"
+                    "Execute", request, f"operation refused with {error.status}/{error.reason}"
                 )
             return
         self.report.operations["outcome"] += 1

@@ -103,7 +103,7 @@ def shape(result: ItemResult) -> tuple[object, ...]:
 
 def remote_shape(result: pb.OperationResult) -> tuple[object, ...]:
     if result.HasField("error"):
-        return ("refused", result.error.code, result.error.reason)
+        return ("refused", result.error.status, result.error.reason)
     if result.lanes:
         return (
             "burst",

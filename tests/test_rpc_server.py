@@ -25,6 +25,8 @@ from mtrremu.core.errors import (
     RejectedHostWrite,
     ResourceExhausted,
     UnknownStrategy,
+    UnknownVcpu,
+    UnknownVm,
 )
 from mtrremu.core.events import Access, Burst, WriteCr0, WriteMsr
 from mtrremu.core.memtypes import MemType, is_mtrr_type
@@ -204,8 +206,17 @@ def test_execute_runs_operations_and_bursts_in_order(client: Client) -> None:
     )
     assert len(results) == 4
     assert results[0].HasField("outcome") and not results[0].HasField("error")
-    assert results[1].error.code == "INVALID_ARGUMENT"
-    assert results[1].error.reason == "HOST_WRITE_REJECTED"
+    error = results[1].error
+    assert (error.code, error.status, error.reason) == (
+        3,
+        "INVALID_ARGUMENT",
+        "HOST_WRITE_REJECTED",
+    )
+    assert dict(error.metadata) == {
+        "register": "MTRRdefType",
+        "value": "0x100000",
+        "why": error.metadata["why"],
+    }
     lanes = results[2].lanes
     assert sorted(lane.vcpu for lane in lanes) == [0, 1, 2, 3]
     roles = sorted(lane.results[0].outcome.zap.role for lane in lanes)
@@ -223,12 +234,17 @@ def test_a_malformed_batch_operation_is_an_error_result(client: Client) -> None:
         pb.Operation(read_msr=pb.ReadMsrOperation(vcpu=9, msr=msrs.PAT)),
     ]
     results = list(vm.execute_messages(ops))
-    assert [r.error.code for r in results] == [
+    assert [r.error.status for r in results] == [
         "INVALID_ARGUMENT",
         "INVALID_ARGUMENT",
         "INVALID_ARGUMENT",
         "NOT_FOUND",
     ]
+    assert [r.error.code for r in results] == [3, 3, 3, 5]
+    assert (results[3].error.reason, dict(results[3].error.metadata)) == (
+        "VCPU_NOT_FOUND",
+        {"vcpu": "9", "vcpus": "4"},
+    )
 
 
 # -- errors ------------------------------------------------------------------------------
@@ -252,10 +268,12 @@ def test_each_error_status_with_its_reason(client: Client) -> None:
     refused = from_rpc_error(caught.value)
     assert isinstance(refused, InvalidConfig) and "overlap" in str(refused)
     vm = client.create_vm(CONFIG)
-    with pytest.raises(NotFound, match="vCPU 7"):
+    with pytest.raises(UnknownVcpu, match="vCPU 7") as vcpu:
         vm.write_cr0(7, CD0)
-    with pytest.raises(NotFound, match="does not exist"):
+    assert (vcpu.value.vcpu, vcpu.value.vcpus) == (7, 4)
+    with pytest.raises(UnknownVm, match="does not exist") as unknown:
         client.vm("vm-nope").counters()
+    assert unknown.value.vm_id == "vm-nope"
     with pytest.raises(InvalidArgument, match="4 KiB aligned"):
         vm.fault_range(0, 0x10, 0x2000)
     with pytest.raises(InvalidArgument, match="outside the guest-physical space"):
@@ -271,7 +289,12 @@ def test_raw_statuses_carry_error_info(client: Client) -> None:
         status = rpc_status.from_call(error)
         info = error_details_pb2.ErrorInfo()
         assert status is not None and status.details[0].Unpack(info)
-        assert (info.reason, info.domain) == ("NOT_FOUND", "mtrremu.v1")
+        assert (info.reason, info.domain) == ("VM_NOT_FOUND", "mtrremu.v1")
+        assert dict(info.metadata) == {"vm_id": "missing"}
+        # The same, as plain trailers, for clients without google/rpc/status.proto.
+        trailers = dict(error.trailing_metadata() or ())
+        assert trailers["mtrremu-reason"] == "VM_NOT_FOUND"
+        assert trailers["mtrremu-vm_id"] == "missing"
     else:
         pytest.fail("GetVm of a missing VM succeeded")
 

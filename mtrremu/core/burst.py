@@ -27,7 +27,7 @@ from mtrremu.core.vm import Vm
 
 
 def refusal(item: Item, error: MtrremuError) -> Refused:
-    return Refused(item, error.status, error.reason, str(error))
+    return Refused(item, error.status, error.reason, str(error), error.metadata())
 
 
 def check_burst(vm: Vm, burst: Burst) -> None:

@@ -89,6 +89,47 @@ class NotFound(MtrremuError):
     reason = "NOT_FOUND"
 
 
+class UnknownVm(NotFound):
+    """The request names a VM this server does not hold (ids are never reused)."""
+
+    reason = "VM_NOT_FOUND"
+
+    def __init__(self, vm_id: str) -> None:
+        super().__init__(f"VM {vm_id!r} does not exist")
+        self.vm_id = vm_id
+
+    def __reduce__(self) -> tuple[type[UnknownVm], tuple[str]]:
+        return (UnknownVm, (self.vm_id,))
+
+    def metadata(self) -> dict[str, str]:
+        return {"vm_id": self.vm_id}
+
+    @classmethod
+    def _rebuild(cls, message: str, metadata: Mapping[str, str]) -> MtrremuError:
+        return cls(metadata["vm_id"])
+
+
+class UnknownVcpu(NotFound):
+    """The request names a vCPU index the VM does not have."""
+
+    reason = "VCPU_NOT_FOUND"
+
+    def __init__(self, vcpu: int, vcpus: int) -> None:
+        super().__init__(f"vCPU {vcpu} does not exist (the VM has {vcpus})")
+        self.vcpu = vcpu
+        self.vcpus = vcpus
+
+    def __reduce__(self) -> tuple[type[UnknownVcpu], tuple[int, int]]:
+        return (UnknownVcpu, (self.vcpu, self.vcpus))
+
+    def metadata(self) -> dict[str, str]:
+        return {"vcpu": str(self.vcpu), "vcpus": str(self.vcpus)}
+
+    @classmethod
+    def _rebuild(cls, message: str, metadata: Mapping[str, str]) -> MtrremuError:
+        return cls(int(metadata["vcpu"]), int(metadata["vcpus"]))
+
+
 class UnknownStrategy(NotFound):
     """No installed plugin provides the requested strategy name."""
 

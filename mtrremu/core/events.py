@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable, Iterator
+from collections.abc import Mapping as MappingOf
 from dataclasses import dataclass, field
 
 from mtrremu.core.counters import Counters
@@ -138,13 +139,15 @@ class PopulateInfo:
 class Refused:
     """An operation or burst the emulator refused (a request error, not a guest #GP).
 
-    Nothing changed. ``status`` and ``reason`` come from the error's class.
+    Nothing changed. ``status``, ``reason`` and ``metadata`` come from the error (see
+    :mod:`mtrremu.core.errors`).
     """
 
     item: Item
     status: str
     reason: str
     message: str
+    metadata: MappingOf[str, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True)

@@ -21,9 +21,9 @@ from mtrremu.core.ept import Entry, EptStore, decode_leaf, encode_leaf
 from mtrremu.core.errors import (
     FailedPrecondition,
     InvalidArgument,
-    NotFound,
     RejectedHostWrite,
     ResourceExhausted,
+    UnknownVcpu,
 )
 from mtrremu.core.events import (
     Access,
@@ -193,7 +193,7 @@ class Vm:
 
     def vcpu(self, index: int) -> VCpu:
         if not 0 <= index < len(self.vcpus):
-            raise NotFound(f"vCPU {index} does not exist (the VM has {len(self.vcpus)})")
+            raise UnknownVcpu(index, len(self.vcpus))
         return self.vcpus[index]
 
     def view(self) -> VmView:

@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterator, Sequence
 from collections.abc import Mapping as MappingOf
 from typing import Any, Literal
 
+from google.rpc import code_pb2
+
 from mtrremu.core.config import Memslot, MemslotKind, VmConfig
 from mtrremu.core.counters import COUNTER_NAMES, Counters
 from mtrremu.core.ept import Entry, decode_leaf
@@ -337,9 +339,13 @@ def outcome_message(result: EventResult, into: pb.EventOutcome | None = None) ->
 def error_message(refused: Refused | MtrremuError, into: pb.OperationError) -> None:
     """Fill ``into``; the message is trimmed as a status message would be, so every result
     stays within the size the server's limits assume."""
-    into.code = refused.status
+    into.status = refused.status
+    into.code = code_pb2.Code.Value(refused.status)
     into.reason = refused.reason
     into.message = trimmed(refused.message if isinstance(refused, Refused) else str(refused))
+    metadata = refused.metadata if isinstance(refused, Refused) else refused.metadata()
+    for key, value in metadata.items():
+        into.metadata[key] = trimmed(value)
 
 
 def result_message(result: ItemResult, into: pb.OperationResult) -> None:

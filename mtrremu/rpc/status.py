@@ -8,7 +8,8 @@ looked up by reason in the registry the error classes fill themselves.
 
 from __future__ import annotations
 
-from typing import NoReturn
+from typing import NamedTuple, NoReturn, cast
+from urllib.parse import quote
 
 import grpc
 from google.protobuf import any_pb2
@@ -50,14 +51,35 @@ def error_info(error: MtrremuError) -> error_details_pb2.ErrorInfo:
     return info
 
 
+#: Plain trailing-metadata keys that repeat the ErrorInfo, for clients that cannot decode
+#: ``grpc-status-details-bin`` (it needs google/rpc/status.proto): ``mtrremu-reason`` and one
+#: ``mtrremu-<key>`` per metadata entry, values percent-encoded UTF-8.
+TRAILER_PREFIX = "mtrremu-"
+
+
+class _Status(NamedTuple):
+    """What grpc.ServicerContext.abort_with_status reads of a grpc.Status."""
+
+    code: grpc.StatusCode
+    details: str
+    trailing_metadata: tuple[tuple[str, str | bytes], ...]
+
+
 def to_status(error: MtrremuError) -> grpc.Status:
-    """The status a server aborts with for ``error``."""
+    """The status a server aborts with for ``error``: its code, its message, a
+    ``google.rpc.ErrorInfo`` detail, and the same information as plain trailers."""
     code = _CODES.get(error.status, code_pb2.INVALID_ARGUMENT)
     detail = any_pb2.Any()
-    detail.Pack(error_info(error))
+    info = error_info(error)
+    detail.Pack(info)
     message = status_pb2.Status(code=code, message=trimmed(str(error)), details=[detail])
-    status: grpc.Status = rpc_status.to_status(message)
-    return status
+    plain = [(f"{TRAILER_PREFIX}reason", info.reason)]
+    plain += [(TRAILER_PREFIX + key, quote(value)) for key, value in sorted(info.metadata.items())]
+    packed: grpc.Status = rpc_status.to_status(message)
+    # abort_with_status only reads the three attributes: a plain tuple of them will do.
+    return cast(
+        grpc.Status, _Status(packed.code, packed.details, (*packed.trailing_metadata, *plain))
+    )
 
 
 def abort(context: grpc.ServicerContext, error: MtrremuError) -> NoReturn:

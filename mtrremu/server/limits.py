@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import itertools
 import threading
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from mtrremu.core.config import VmConfig
-from mtrremu.core.errors import InvalidArgument, NotFound, ResourceExhausted
+from mtrremu.core.errors import InvalidArgument, ResourceExhausted, UnknownVm
 from mtrremu.core.units import PAGE_SHIFT, TIB
 from mtrremu.core.vm import Vm
 from mtrremu.plugin.manager import PluginManager
@@ -64,7 +64,6 @@ class VmTable:
         self.manager = manager
         self._vms: dict[str, Entry] = {}
         self._lock = threading.Lock()
-        self._ids = itertools.count(1)
 
     def create(
         self,
@@ -92,7 +91,7 @@ class VmTable:
                     f"limit of {self.limits.max_total_memory_bytes}"
                 )
             vm = self.manager.create_vm(
-                config, strategy or "fine-grained", options, vm_id=f"vm-{next(self._ids)}"
+                config, strategy or "fine-grained", options, vm_id=f"vm-{uuid.uuid4().hex}"
             )
             entry = Entry(vm, dict(options), memory)
             if not fits(entry, tuple(self._vms.values())):
@@ -107,7 +106,7 @@ class VmTable:
         with self._lock:
             entry = self._vms.get(vm_id)
         if entry is None:
-            raise NotFound(f"VM {vm_id!r} does not exist")
+            raise UnknownVm(vm_id)
         return entry
 
     def vm(self, vm_id: str) -> Vm:
@@ -116,9 +115,9 @@ class VmTable:
     def delete(self, vm_id: str) -> None:
         with self._lock:
             if self._vms.pop(vm_id, None) is None:
-                raise NotFound(f"VM {vm_id!r} does not exist")
+                raise UnknownVm(vm_id)
 
     def all(self) -> list[Entry]:
         with self._lock:
-            # Ids are drawn and inserted under this lock: insertion order is creation order.
+            # VMs are inserted under this lock: insertion order is creation order.
             return list(self._vms.values())
