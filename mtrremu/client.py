@@ -13,6 +13,7 @@ refused host write. A guest #GP is not an error: ``outcome.guest_fault.reason`` 
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import TracebackType
@@ -23,10 +24,29 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mtrremu.core.config import VmConfig
 from mtrremu.core.counters import Counters
-from mtrremu.core.events import Item
+from mtrremu.core.events import (
+    Access,
+    AttachDma,
+    CheckStaleness,
+    DetachDma,
+    FaultRange,
+    Init,
+    Item,
+    LookupGpa,
+    MsrValue,
+    Op,
+    ReadCounters,
+    ReadMsr,
+    ReadVcpuState,
+    Reset,
+    WriteCr0,
+    WriteMsr,
+    WriteMsrs,
+)
+from mtrremu.core.operations import BY_TYPE
 from mtrremu.rpc import convert
 from mtrremu.rpc.status import raise_domain
-from mtrremu.rpc.transport import DEFAULT_MAX_MESSAGE_BYTES, message_size_options
+from mtrremu.rpc.transport import DEFAULT_MAX_MESSAGE_BYTES, client_options
 from mtrremu.v1 import emulator_pb2 as pb
 from mtrremu.v1 import emulator_pb2_grpc as pb_grpc
 
@@ -48,8 +68,7 @@ class Client:
         self.target = target
         self.timeout = timeout
         self.channel = grpc.insecure_channel(
-            target,
-            options=message_size_options(DEFAULT_MAX_MESSAGE_BYTES),
+            target, options=client_options(DEFAULT_MAX_MESSAGE_BYTES)
         )
         self.stub = pb_grpc.EmulatorServiceStub(self.channel)
 
@@ -96,7 +115,18 @@ class Client:
         return RemoteVm(self, vm_id)
 
     def list_vms(self) -> list[pb.Vm]:
-        return list(_call(lambda: self.stub.ListVms(pb.ListVmsRequest(), timeout=self.timeout)).vms)
+        """Every VM (without memslots), oldest first, fetched page by page."""
+        vms: list[pb.Vm] = []
+        token = ""
+        while True:
+            request = pb.ListVmsRequest(page_token=token)
+            page: pb.ListVmsResponse = _call(
+                functools.partial(self.stub.ListVms, request, timeout=self.timeout)
+            )
+            vms.extend(page.vms)
+            token = page.next_page_token
+            if not token:
+                return vms
 
     def list_strategies(self) -> list[pb.Strategy]:
         request = pb.ListStrategiesRequest()
@@ -124,81 +154,75 @@ class RemoteVm:
 
     # -- operations ---------------------------------------------------------------------
 
+    def apply(self, op: Op) -> pb.EventOutcome:
+        """Run any operation through its unary RPC (see :mod:`mtrremu.core.operations`)."""
+        kind = BY_TYPE[type(op)]
+        request = getattr(pb, f"{kind.rpc}Request")(vm_id=self.vm_id)
+        convert.fill_operation(op, request.operation)
+        request.operation.SetInParent()
+        call = getattr(self._stub, kind.rpc)
+        outcome: pb.EventOutcome = _call(lambda: call(request, timeout=self._timeout)).outcome
+        return outcome
+
     def write_msr(self, vcpu: int, msr: int, value: int, *, host: bool = False) -> pb.EventOutcome:
-        op = pb.WriteMsrOperation(
-            vcpu=vcpu, msr=msr, value=value, initiator=convert.initiator_message(host)
-        )
-        request = pb.WriteMsrRequest(vm_id=self.vm_id, operation=op)
-        return _call(lambda: self._stub.WriteMsr(request, timeout=self._timeout)).outcome
+        return self.apply(WriteMsr(vcpu, msr, value, host))
+
+    def write_msrs(self, vcpu: int, values: Iterable[tuple[int, int]]) -> pb.EventOutcome:
+        """KVM_SET_MSRS: ``(msr, value)`` pairs in order; ``value`` says how many were written."""
+        return self.apply(WriteMsrs(vcpu, tuple(MsrValue(m, v) for m, v in values)))
 
     def read_msr(self, vcpu: int, msr: int, *, host: bool = False) -> pb.EventOutcome:
-        op = pb.ReadMsrOperation(vcpu=vcpu, msr=msr, initiator=convert.initiator_message(host))
-        request = pb.ReadMsrRequest(vm_id=self.vm_id, operation=op)
-        return _call(lambda: self._stub.ReadMsr(request, timeout=self._timeout)).outcome
+        return self.apply(ReadMsr(vcpu, msr, host))
 
     def write_cr0(self, vcpu: int, value: int, *, host: bool = False) -> pb.EventOutcome:
-        op = pb.WriteCr0Operation(vcpu=vcpu, value=value, initiator=convert.initiator_message(host))
-        request = pb.WriteCr0Request(vm_id=self.vm_id, operation=op)
-        return _call(lambda: self._stub.WriteCr0(request, timeout=self._timeout)).outcome
-
-    def read_cr0(self, vcpu: int) -> int:
-        request = pb.ReadCr0Request(vm_id=self.vm_id, vcpu=vcpu)
-        return _call(lambda: self._stub.ReadCr0(request, timeout=self._timeout)).value
+        return self.apply(WriteCr0(vcpu, value, host))
 
     def reset(self, vcpu: int) -> pb.EventOutcome:
-        request = pb.ResetVcpuRequest(vm_id=self.vm_id, operation=pb.ResetVcpuOperation(vcpu=vcpu))
-        return _call(lambda: self._stub.ResetVcpu(request, timeout=self._timeout)).outcome
+        return self.apply(Reset(vcpu))
 
     def init(self, vcpu: int) -> pb.EventOutcome:
-        request = pb.InitVcpuRequest(vm_id=self.vm_id, operation=pb.InitVcpuOperation(vcpu=vcpu))
-        return _call(lambda: self._stub.InitVcpu(request, timeout=self._timeout)).outcome
+        return self.apply(Init(vcpu))
 
     def access(self, vcpu: int, gpa: int) -> pb.EventOutcome:
-        op = pb.AccessGpaOperation(vcpu=vcpu, gpa=gpa)
-        request = pb.AccessGpaRequest(vm_id=self.vm_id, operation=op)
-        return _call(lambda: self._stub.AccessGpa(request, timeout=self._timeout)).outcome
+        return self.apply(Access(vcpu, gpa))
 
     def fault_range(self, vcpu: int, start_gpa: int, end_gpa: int) -> pb.EventOutcome:
-        op = pb.FaultRangeOperation(vcpu=vcpu, start_gpa=start_gpa, end_gpa=end_gpa)
-        request = pb.FaultRangeRequest(vm_id=self.vm_id, operation=op)
-        return _call(lambda: self._stub.FaultRange(request, timeout=self._timeout)).outcome
+        return self.apply(FaultRange(vcpu, start_gpa, end_gpa))
+
+    def vcpu_state(self, vcpu: int) -> pb.VcpuState:
+        return self.apply(ReadVcpuState(vcpu)).vcpu_state
 
     def attach_dma(self) -> pb.EventOutcome:
-        request = pb.AttachDmaDeviceRequest(vm_id=self.vm_id)
-        return _call(lambda: self._stub.AttachDmaDevice(request, timeout=self._timeout)).outcome
+        return self.apply(AttachDma())
 
     def detach_dma(self) -> pb.EventOutcome:
-        request = pb.DetachDmaDeviceRequest(vm_id=self.vm_id)
-        return _call(lambda: self._stub.DetachDmaDevice(request, timeout=self._timeout)).outcome
+        return self.apply(DetachDma())
 
-    # -- the EPT and observability -----------------------------------------------------------
+    def lookup(self, gpa: int) -> pb.LookupOutcome:
+        return self.apply(LookupGpa(gpa)).lookup
 
-    def lookup(self, gpa: int) -> pb.LookupGpaResponse:
-        request = pb.LookupGpaRequest(vm_id=self.vm_id, gpa=gpa)
-        return _call(lambda: self._stub.LookupGpa(request, timeout=self._timeout))
+    def counters(self) -> Counters:
+        return convert.counters(self.apply(ReadCounters()).vm_counters)
+
+    def staleness(self, vcpu: int = 0, *, at_quiescence: bool = False) -> pb.StalenessOutcome:
+        return self.apply(CheckStaleness(vcpu, at_quiescence)).staleness
 
     def dump_leaves(self, runs_per_message: int = 0) -> Iterator[pb.LeafRun]:
         request = pb.DumpLeavesRequest(vm_id=self.vm_id, runs_per_message=runs_per_message)
-        responses = _call(lambda: list(self._stub.DumpLeaves(request, timeout=self._timeout)))
-        for response in responses:
-            yield from response.runs
-
-    def counters(self) -> Counters:
-        request = pb.GetCountersRequest(vm_id=self.vm_id)
-        response = _call(lambda: self._stub.GetCounters(request, timeout=self._timeout))
-        return convert.counters(response.counters)
-
-    def staleness(self, vcpu: int = 0, *, at_quiescence: bool = False) -> pb.CheckStalenessResponse:
-        request = pb.CheckStalenessRequest(vm_id=self.vm_id, vcpu=vcpu, at_quiescence=at_quiescence)
-        return _call(lambda: self._stub.CheckStaleness(request, timeout=self._timeout))
+        try:
+            for response in self._stub.DumpLeaves(request, timeout=self._timeout):
+                yield from response.runs
+        except grpc.RpcError as error:
+            raise_domain(error)
 
     # -- the high-rate path ----------------------------------------------------------------
 
     def execute(
         self, items: Iterable[Item], batch_size: int = DEFAULT_BATCH
     ) -> list[pb.OperationResult]:
-        """Replay operations and bursts through the batch stream; one result per item, in
-        order (a refused item carries ``error``)."""
+        """Replay operations and bursts through the batch stream: every result in order, each
+        with the index of its item (``entry``, counted across batches) and, for a burst's
+        operations, its lane (a refused item or operation carries ``error``)."""
         return list(
             self.execute_messages((convert.operation_message(i) for i in items), batch_size)
         )
@@ -219,16 +243,8 @@ class RemoteVm:
         responses = self._stub.Execute(batches())
         try:
             for response in responses:
-                yield from response.results
+                for result in response.results:
+                    result.entry += response.batch_id * batch_size
+                    yield result
         except grpc.RpcError as error:
             raise_domain(error)
-
-
-def operation_results(results: Iterable[pb.OperationResult]) -> Iterator[pb.OperationResult]:
-    """Every operation's result, bursts opened lane by lane."""
-    for result in results:
-        if result.lanes:
-            for lane in result.lanes:
-                yield from lane.results
-        else:
-            yield result

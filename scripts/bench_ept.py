@@ -38,7 +38,7 @@ def main() -> None:
     for _ in range(args.repeat):
         vm = manager.create_vm(config, "zap-all")
         started = time.perf_counter()
-        result = vm.fault_range(0, 0, pages)
+        result = vm.fault_range(0, 0, args.gib * GIB)
         fault_s.append(time.perf_counter() - started)
         assert result.counters.faults == pages == vm.store.leaf_total
         bytes_per_leaf = vm.store.nbytes / vm.store.leaf_total

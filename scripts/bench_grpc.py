@@ -45,10 +45,10 @@ class NoOp(pb_grpc.EmulatorServiceServicer):
         self, request_iterator: Iterator[pb.ExecuteRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.ExecuteResponse]:
         for request in request_iterator:
-            response = pb.ExecuteResponse(batch_id=request.batch_id)
+            response = pb.ExecuteResponse(batch_id=request.batch_id, last=True)
             results = response.results
-            for _ in request.operations:
-                results.add().outcome.counters.SetInParent()
+            for entry in range(len(request.operations)):
+                results.add(entry=entry).outcome.counters.SetInParent()
             yield response
 
 

@@ -99,7 +99,7 @@ def programmed(strategy: str, vcpus: int, fixed: MemType = MemType.WB) -> Vm:
         set_var(vm, vcpu, 0, 3 * GIB, GIB, MemType.UC)
         set_var(vm, vcpu, 1, 2 * GIB, 256 * MIB, MemType.WT)
         set_deftype(vm, vcpu, 0xC06)
-    vm.fault_range(0, 0, gfn(4 * GIB))
+    vm.fault_range(0, 0, 4 * GIB)
     return vm
 
 
@@ -119,7 +119,13 @@ def leaves(vm: Vm) -> list[tuple[int, int, int]]:
 
 
 def gfn(gpa: int) -> int:
+    """The guest frame number holding byte address ``gpa``."""
     return gpa >> 12
+
+
+def gpa(gfn: int) -> int:
+    """The byte address of the first byte of guest frame ``gfn``."""
+    return gfn << 12
 
 
 __all__ = [
@@ -134,6 +140,7 @@ __all__ = [
     "MemslotKind",
     "create_vm",
     "gfn",
+    "gpa",
     "leaves",
     "make_vm",
     "mapping",

@@ -20,7 +20,7 @@ from mtrremu.core.events import (
 )
 from mtrremu.core.vm import Vm
 from mtrremu.core.zap_list import Role
-from tests.helpers import CD0, GIB, gfn, make_vm, programmed
+from tests.helpers import CD0, GIB, gpa, make_vm, programmed
 
 VCPUS = 8
 
@@ -80,7 +80,11 @@ def test_the_same_seed_gives_the_same_counts_and_store() -> None:
     def run(seed: int) -> tuple[dict[str, int], list[tuple[int, int]]]:
         vm = programmed("fine-grained", VCPUS)
         lanes: dict[int, list[VcpuOp]] = {
-            v: [WriteCr0(v, CD0), Access(v, gfn(3 * GIB) + v), WriteMsr(v, msrs.DEFTYPE, 0xC00)]
+            v: [
+                WriteCr0(v, CD0),
+                Access(v, 3 * GIB + gpa(v)),
+                WriteMsr(v, msrs.DEFTYPE, 0xC00),
+            ]
             for v in range(VCPUS)
         }
         run_burst(vm, burst(lanes, seed))
@@ -94,7 +98,13 @@ def test_lanes_of_different_lengths_run_round_by_round() -> None:
     vm = make_vm("zap-all-serialized", vcpus=3)
     done = run_burst(
         vm,
-        burst({0: [WriteCr0(0, CD0), Access(0, 1), Access(0, 2)], 1: [WriteCr0(1, CD0)], 2: []}),
+        burst(
+            {
+                0: [WriteCr0(0, CD0), Access(0, 0x1000), Access(0, 0x2000)],
+                1: [WriteCr0(1, CD0)],
+                2: [],
+            }
+        ),
     )
     assert [len(done.lanes[v]) for v in range(3)] == [3, 1, 0]
     assert vm.counters.drains == 1 and vm.counters.waits == 1
@@ -105,8 +115,9 @@ def test_lanes_of_different_lengths_run_round_by_round() -> None:
     [
         ((0, (WriteCr0(1, CD0),)),),  # an operation of another vCPU
         ((0, (AttachDma(),)),),  # not a per-vCPU operation
-        ((0, ()), (0, ())),  # two lanes for one vCPU
-        ((5, ()),),  # no such vCPU
+        ((0, (WriteCr0(0, CD0),)), (0, ())),  # two lanes for one vCPU
+        ((5, (WriteCr0(5, CD0),)),),  # no such vCPU
+        ((0, ()), (1, ())),  # no operation at all: nothing would answer the entry
     ],
 )
 def test_a_malformed_burst_is_refused_whole(
@@ -124,13 +135,13 @@ def test_a_malformed_burst_is_refused_whole(
 def test_a_refused_operation_mid_round_is_reported_and_the_round_goes_on() -> None:
     for seed in range(8):
         vm = make_vm("zap-all-serialized", vcpus=2)
-        vm.fault_range(0, 0, gfn(GIB))
+        vm.fault_range(0, 0, GIB)
         done = run_burst(
             vm,
             burst(
                 {
-                    0: [WriteCr0(0, CD0), Access(0, 5)],
-                    1: [WriteMsr(1, msrs.DEFTYPE, 0x300, host=True), Access(1, 6)],  # refused
+                    0: [WriteCr0(0, CD0), Access(0, 0x5000)],
+                    1: [WriteMsr(1, msrs.DEFTYPE, 0x300, host=True), Access(1, 0x6000)],  # refused
                 },
                 seed,
             ),
@@ -151,8 +162,8 @@ def test_execute_reports_refusals_in_order_and_goes_on() -> None:
             WriteMsr(0, msrs.DEFTYPE, 0xC06, host=True),
             WriteMsr(0, msrs.DEFTYPE, 1 << 20, host=True),  # refused
             WriteMsr(0, msrs.DEFTYPE, 0x300),  # a guest #GP: a result, not a refusal
-            Access(0, 7),
-            Access(3, 7),  # no such vCPU
+            Access(0, 0x7000),
+            Access(3, 0x7000),  # no such vCPU
         ],
     )
     kinds = [type(r).__name__ for r in done]

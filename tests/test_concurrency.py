@@ -18,7 +18,7 @@ from tests.helpers import (
     CD0,
     CD1,
     GIB,
-    gfn,
+    gpa,
     make_vm,
     programmed,
     run_threads,
@@ -61,7 +61,7 @@ def test_toggling_vcpus_never_return_while_their_range_is_queued(strategy: str) 
             for ticket in result.zap.tickets:
                 if not ticket.drained:
                     early.append(f"vCPU {index} returned with {ticket.range} queued")
-            vm.access(index, gfn(3 * GIB) + round_)
+            vm.access(index, 3 * GIB + gpa(round_))
 
     run_threads(VCPUS, vcpu_thread, TIMEOUT)
     assert early == []
@@ -77,7 +77,7 @@ def test_toggling_vcpus_never_return_while_their_range_is_queued(strategy: str) 
 
 def test_held_drainer_makes_every_other_request_a_duplicate() -> None:
     vm = make_vm("zap-all-serialized", vcpus=VCPUS)
-    vm.fault_range(0, 0, gfn(GIB))
+    vm.fault_range(0, 0, GIB)
     start = threading.Barrier(VCPUS)
     held = threading.Event()
 
@@ -118,7 +118,7 @@ def test_posted_window_lets_a_requester_return_with_its_range_queued() -> None:
     def in_the_window() -> None:
         # vCPU 0 saw the list empty and has not cleared the flag yet. vCPU 1 faults a WB
         # leaf, then retypes its range to UC: the zap is queued and vCPU 1 waits.
-        vm.access(1, gfn(3 * GIB))
+        vm.access(1, 3 * GIB)
         requester = threading.Thread(
             target=lambda: late.setdefault(
                 "result", vm.write_msr(1, msrs.PHYSBASE0, 3 * GIB | MemType.UC)
@@ -140,7 +140,7 @@ def test_posted_window_lets_a_requester_return_with_its_range_queued() -> None:
     assert vm.zap_list.queued() == [ticket.range]
     # The early return is visible to the oracle: vCPU 1's new UC range still holds a WB leaf.
     stale = vm.stale(1)
-    assert stale.count == 1 and stale.examples[0].base_gfn == gfn(3 * GIB)
+    assert stale.count == 1 and stale.examples[0].base_gpa == 3 * GIB
 
 
 def test_default_protocol_drains_ranges_queued_while_draining() -> None:

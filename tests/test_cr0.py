@@ -6,7 +6,7 @@ import pytest
 
 from mtrremu.core import cr0
 from mtrremu.core.errors import InvalidArgument, RejectedHostWrite
-from tests.helpers import ALL_STRATEGIES, CD0, CD1, GIB, gfn, make_vm, set_deftype
+from tests.helpers import ALL_STRATEGIES, CD0, CD1, GIB, make_vm, set_deftype
 
 
 @pytest.mark.parametrize(
@@ -65,7 +65,7 @@ def test_host_writes_reset_and_init_never_zap(strategy: str, quirk: bool) -> Non
     vm = make_vm(strategy, quirk_cd_nw_cleared=quirk)
     set_deftype(vm, 0, 0xC00)  # UC default: every CD flip changes every type
     vm.write_cr0(0, CD0, host=True)
-    vm.fault_range(0, 0, gfn(GIB))
+    vm.fault_range(0, 0, GIB)
     present = vm.store.leaf_total
     before = vm.counters_snapshot()
     results = [
@@ -89,7 +89,7 @@ def test_the_same_cd_flip_by_the_guest_does_zap(strategy: str) -> None:
     vm = make_vm(strategy)
     set_deftype(vm, 0, 0xC00)
     vm.write_cr0(0, CD0, host=True)
-    vm.fault_range(0, 0, gfn(GIB))
+    vm.fault_range(0, 0, GIB)
     result = vm.write_cr0(0, CD1)
     assert result.zap is not None and result.counters.zap_events == 1
     assert vm.store.leaf_total == 0

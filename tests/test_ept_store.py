@@ -19,7 +19,7 @@ from mtrremu.core.memtype import WB_IPAT, WB_NO_IPAT
 from mtrremu.core.memtypes import MemType
 from mtrremu.core.units import EPT_GFN_LIMIT, ZAP_ALL, GfnRange, Level
 from mtrremu.core.vm import Vm
-from tests.helpers import GIB, MIB, MemslotKind, gfn, leaves, make_vm, set_deftype, set_var
+from tests.helpers import GIB, MIB, MemslotKind, gfn, gpa, leaves, make_vm, set_deftype, set_var
 
 WB = encode_leaf(WB_NO_IPAT)
 
@@ -133,23 +133,23 @@ def test_a_huge_fault_over_a_present_table_replaces_it_and_its_leaves() -> None:
 
 def test_mmio_markers_are_not_leaves_and_zaps_leave_them() -> None:
     vm = make_vm("zap-all", memslots=(Memslot.from_bytes(0, 64 * MIB),))
-    result = vm.access(0, gfn(3 * GIB))
+    result = vm.access(0, 3 * GIB)
     assert result.access is not None and result.access.kind.value == "mmio"
-    entry = vm.lookup(gfn(3 * GIB))
-    assert entry.mmio and not entry.present and entry.level is Level.K4
+    entry = vm.lookup(3 * GIB)
+    assert entry.mmio and entry.mapping is None and not entry.zapped
     assert vm.store.leaf_total == 0
     zap = vm.store.zap(ZAP_ALL)
     assert zap.leaves_removed == 0
-    assert vm.lookup(gfn(3 * GIB)).byte == MMIO
+    assert vm.lookup(3 * GIB).mmio
     assert vm.stale(0).count == 0
 
 
 def test_refault_is_counted_on_the_vm_after_a_zap() -> None:
     vm = make_vm("zap-all", max_mapping_level=Level.K4)
     vm.write_cr0(0, 0x11, host=True)
-    assert vm.access(0, 5).counters.refaults == 0
+    assert vm.access(0, 0x5000).counters.refaults == 0
     set_deftype(vm, 0, 0xC06)  # CD=0, MTRR write: zap all
-    result = vm.access(0, 5)
+    result = vm.access(0, 0x5000)
     assert result.access is not None and result.access.refault
     assert vm.counters.refaults == 1 and vm.counters.faults == 2
 
@@ -164,7 +164,7 @@ def test_bulk_fault_counts_faults_hits_and_pages_outside_memslots() -> None:
     vm = make_vm(
         "zap-all", memslots=(Memslot.from_bytes(0, 4 * MIB), Memslot.from_bytes(8 * MIB, 2 * MIB))
     )
-    result = vm.fault_range(0, 0, gfn(16 * MIB))
+    result = vm.fault_range(0, 0, 16 * MIB)
     assert result.populate is not None
     # E=0: consistent everywhere; 2M leaves: [0,2M), [2M,4M), [8M,10M).
     assert result.populate.outcome.installed == {Level.G1: 0, Level.M2: 3, Level.K4: 0}
@@ -209,17 +209,17 @@ def _random_vm_pair(seed: int) -> tuple[Vm, Vm]:
 def test_bulk_fault_equals_touching_each_page_in_order(seed: int, touches: list[int]) -> None:
     bulk, single = _random_vm_pair(seed)
     for page in touches:
-        bulk.access(0, page)
-        single.access(0, page)
+        bulk.access(0, gpa(page))
+        single.access(0, gpa(page))
     rng = random.Random(seed)
     lo = rng.randrange(0, gfn(2 * GIB))
     hi = min(lo + rng.randrange(1, 40_000), gfn(2 * GIB) + 1)
-    result = bulk.fault_range(0, lo, hi)
+    result = bulk.fault_range(0, gpa(lo), gpa(hi))
     faults = refaults = 0
     for page in range(lo, hi):
         if single.memslots.index_of(page) < 0:
             continue
-        one = single.access(0, page)
+        one = single.access(0, gpa(page))
         faults += one.counters.faults
         refaults += one.counters.refaults
     assert leaves(bulk) == leaves(single)
@@ -228,7 +228,7 @@ def test_bulk_fault_equals_touching_each_page_in_order(seed: int, touches: list[
 
 def test_store_bytes_per_4k_leaf_stay_near_one() -> None:
     vm = make_vm("zap-all", max_mapping_level=Level.K4, memslots=(Memslot.from_bytes(0, GIB),))
-    vm.fault_range(0, 0, gfn(GIB))
+    vm.fault_range(0, 0, GIB)
     store = vm.store
     assert store.leaf_counts()[Level.K4] == gfn(GIB)
     assert store.nbytes / store.leaf_total < 2

@@ -21,7 +21,7 @@ from mtrremu.core.oracle import Gap
 from mtrremu.core.vm import Vm
 from mtrremu.plugin import Profile, StrategySpec, hookimpl
 from mtrremu.plugin.manager import PluginManager
-from tests.helpers import CD0, CD1, GIB, MIB, gfn, set_deftype, set_var
+from tests.helpers import CD0, CD1, GIB, MIB, gfn, gpa, set_deftype, set_var
 
 
 class _Ungapped:
@@ -52,7 +52,7 @@ def uc_leaf(strategy: str, vcpus: int = 1) -> Vm:
         set_var(vm, vcpu, 0, 3 * GIB, GIB, MemType.UC)
         set_deftype(vm, vcpu, 0xC06)
         vm.write_cr0(vcpu, CD0, host=True)
-    vm.access(0, PAGE)
+    vm.access(0, gpa(PAGE))
     return vm
 
 
@@ -95,8 +95,8 @@ def test_a_moved_range_is_excused_only_in_its_old_span() -> None:
 def test_a_dma_transition_is_checked_for_every_view() -> None:
     vm = uc_leaf("mutant-forgets-dma", vcpus=2)
     vm.write_cr0(1, CD1)  # two views now: vCPU 0 at CD=0, vCPU 1 at CD=1 (its zap took PAGE)
-    vm.access(0, PAGE)  # UC: right for vCPU 0, already stale for vCPU 1 (WB at CD=1)
-    vm.access(0, gfn(GIB))  # WB: right for both
+    vm.access(0, gpa(PAGE))  # UC: right for vCPU 0, already stale for vCPU 1 (WB at CD=1)
+    vm.access(0, GIB)  # WB: right for both
     before = vm.staleness.event_checks
     vm.detach_dma()  # every page becomes WB+IPAT for both; nothing is zapped
     log = vm.staleness
@@ -133,10 +133,10 @@ def test_differences_are_where_two_maps_disagree() -> None:
 
 def test_mismatches_within_ranges_see_every_leaf_overlapping_them() -> None:
     vm = uc_leaf("fine-grained")
-    vm.fault_range(0, 0, gfn(64 * MIB))
+    vm.fault_range(0, 0, 64 * MIB)
     expected = vm.plan(vm.vcpus[0]).values
     vm.write_cr0(0, CD1)  # the plan changes; the leaves do not (fine-grained zapped the UC one)
-    vm.access(0, PAGE)  # a WB leaf now, stale once CD clears
+    vm.access(0, gpa(PAGE))  # a WB leaf now, stale once CD clears
     vm.write_cr0(0, CD0, host=True)  # a host write: no zap, no event check
     full = {int(g) for _, gfns, *_ in vm.store.mismatches(expected) for g in gfns}
     ranges = (np.array([PAGE], dtype=np.int64), np.array([PAGE + 1], dtype=np.int64))

@@ -14,7 +14,6 @@ from tests.helpers import (
     GIB,
     KIB,
     MIB,
-    gfn,
     make_vm,
     mapping,
     set_deftype,
@@ -24,7 +23,7 @@ from tests.helpers import (
 
 
 def level_at(vm: Vm, gpa: int) -> Level:
-    return mapping(vm.access(0, gfn(gpa))).level
+    return mapping(vm.access(0, gpa)).level
 
 
 # -- memslot edges (MTRRs disabled: consistent everywhere) -----------------------------------
@@ -59,7 +58,7 @@ def test_a_device_slot_next_to_ram_gets_its_own_leaves() -> None:
             Memslot.from_bytes(GIB + 4 * MIB, 4 * MIB, MemslotKind.DEVICE),
         ),
     )
-    device = mapping(vm.access(0, gfn(GIB + 4 * MIB)))
+    device = mapping(vm.access(0, GIB + 4 * MIB))
     assert device.level is Level.M2
     assert device.memtype.type is MemType.UC
     assert level_at(vm, GIB) is Level.M2
@@ -95,7 +94,7 @@ def test_a_4k_range_forces_4k_leaves_in_its_2m_region() -> None:
     vm = enabled_wb()
     set_var(vm, 0, 0, 3 * GIB + 8 * KIB, 4 * KIB, MemType.UC)
     assert level_at(vm, 3 * GIB) is Level.K4
-    uc = mapping(vm.access(0, gfn(3 * GIB + 8 * KIB)))
+    uc = mapping(vm.access(0, 3 * GIB + 8 * KIB))
     assert (uc.level, uc.memtype.type) == (Level.K4, MemType.UC)
     assert level_at(vm, 3 * GIB + 2 * MIB) is Level.M2
 
@@ -106,7 +105,7 @@ def test_overlapping_types_reduce_even_where_the_result_is_uniform() -> None:
     vm = enabled_wb(guest_maxphyaddr=40)
     set_var(vm, 0, 0, 0, 32 * GIB, MemType.WB)
     set_var(vm, 0, 1, 3 * GIB, GIB, MemType.UC)
-    leaf = mapping(vm.access(0, gfn(3 * GIB + 4 * MIB)))
+    leaf = mapping(vm.access(0, 3 * GIB + 4 * MIB))
     assert (leaf.level, leaf.memtype.type) == (Level.K4, MemType.WB)
 
 
@@ -125,7 +124,7 @@ def test_reduction_applies_while_cd_is_set() -> None:
     vm = enabled_wb()
     set_var(vm, 0, 0, 3 * GIB, 2 * MIB, MemType.UC)
     vm.write_cr0(0, CD1, host=True)
-    leaf = mapping(vm.access(0, gfn(3 * GIB + 2 * MIB)))
+    leaf = mapping(vm.access(0, 3 * GIB + 2 * MIB))
     assert leaf.level is Level.M2
     assert leaf.memtype.type is MemType.WB  # CD=1 under the quirk
 

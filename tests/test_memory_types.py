@@ -31,6 +31,7 @@ from tests.helpers import (
     SERIES,
     Level,
     MemslotKind,
+    gpa,
     make_vm,
     mapping,
     set_deftype,
@@ -108,7 +109,7 @@ def test_disabled_mtrrs_fault_path(feature_mtrr: bool, expected: MemType, strate
     set_var(vm, 0, 0, 0, 4 * GIB, WT)
     set_deftype(vm, 0, WT)
     vm.write_cr0(0, CD0, host=True)
-    assert mapping(vm.access(0, GFN_1G + 7)).memtype == EptMemtype(expected, ipat=False)
+    assert mapping(vm.access(0, gpa(GFN_1G + 7))).memtype == EptMemtype(expected, ipat=False)
 
 
 # -- §4 step 2: fixed ranges -------------------------------------------------------------------
@@ -158,7 +159,7 @@ def test_fixed_type_fault_path() -> None:
     set_var(vm, 0, 0, 0, GIB, UC)
     set_deftype(vm, 0, E | FE | WB)
     vm.write_cr0(0, CD0, host=True)
-    leaf = mapping(vm.access(0, 0xC3))
+    leaf = mapping(vm.access(0, 0xC3000))
     assert leaf.memtype == EptMemtype(WT, ipat=False)
     assert leaf.level is Level.K4
 
@@ -216,10 +217,10 @@ def test_wb_32g_with_uc_3g_to_4g_fault_path(
     set_deftype(vm, 0, E | UC)
     vm.write_cr0(0, CD0, host=True)
     assert vm.vcpus[0].mtrr.order == [1, 0]
-    leaf = mapping(vm.access(0, GFN_3G + 0x123))
+    leaf = mapping(vm.access(0, gpa(GFN_3G + 0x123)))
     assert leaf.memtype == EptMemtype(expected, ipat=False)
     assert leaf.level is Level.K4
-    assert leaf.base_gfn == GFN_3G + 0x123
+    assert leaf.base_gpa == gpa(GFN_3G + 0x123)
 
 
 @pytest.mark.parametrize("precedence", BOTH, ids=lambda p: p.value)
@@ -408,7 +409,7 @@ def test_abutting_ranges_fault_path_is_conservative(
         set_var(vm, 0, pair, base, size, WT)
     set_deftype(vm, 0, E | UC)
     vm.write_cr0(0, CD0, host=True)
-    leaf = mapping(vm.access(0, GFN_2M + 0x1F))
+    leaf = mapping(vm.access(0, gpa(GFN_2M + 0x1F)))
     assert leaf.level is level
     assert leaf.memtype == EptMemtype(WT, ipat=False)
 
@@ -594,8 +595,8 @@ def test_device_memslot_faults_uc_without_ipat(strategy: str, dma: int, cr0: int
     set_var(vm, 0, 0, 0, 4 * GIB, WB)
     set_deftype(vm, 0, E | WB)
     vm.write_cr0(0, cr0, host=True)
-    assert mapping(vm.access(0, GFN_3G + 5)).memtype == EptMemtype(UC, ipat=False)
-    assert mapping(vm.access(0, GFN_1G + 5)).memtype.type is WB
+    assert mapping(vm.access(0, gpa(GFN_3G + 5))).memtype == EptMemtype(UC, ipat=False)
+    assert mapping(vm.access(0, gpa(GFN_1G + 5))).memtype.type is WB
 
 
 VM_TABLE = [
@@ -636,4 +637,4 @@ def test_table_through_fault_path(
     set_var(vm, 0, 0, GIB, GIB, UC)
     set_deftype(vm, 0, E | WB)
     vm.write_cr0(0, cr0, host=True)
-    assert mapping(vm.access(0, GFN_1G + 0x42)).memtype == expected
+    assert mapping(vm.access(0, gpa(GFN_1G + 0x42))).memtype == expected

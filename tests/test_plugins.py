@@ -26,7 +26,7 @@ from mtrremu.plugin import (
 )
 from mtrremu.plugin.manager import PluginManager
 from mtrremu.testing.mutants import ZapsNothing
-from tests.helpers import ALL_STRATEGIES, CD0, SERIES, leaves, run_command
+from tests.helpers import ALL_STRATEGIES, CD0, SERIES, gpa, leaves, run_command
 
 KVM_RELEASES = "mtrremu_strategies.kvm_releases"
 SERIES_PLUGIN = "mtrremu_strategies.series"
@@ -355,7 +355,7 @@ def test_thirdparty_strategy_runs_a_vm(thirdparty: Path) -> None:
     assert vm.strategy_name == "experimental-noop"
     assert type(vm.strategy).__name__ == "Noop"
     assert type(vm.strategy).__module__ == THIRDPARTY_MODULE
-    vm.access(0, 0x100)
+    vm.access(0, 0x100000)
     before = leaves(vm)
     result = vm.write_cr0(0, 0x11)
     assert result.cd_toggled
@@ -390,7 +390,7 @@ def test_an_observer_plugin_activates_the_observer() -> None:
 def test_access_reports_one_fault_and_one_event() -> None:
     recorder, manager = observed()
     vm = manager.create_vm(VmConfig(noncoherent_dma=1), "zap-all", vm_id="vm-obs")
-    result = vm.access(0, 0x100)
+    result = vm.access(0, 0x100000)
     assert len(recorder.faults) == 1
     assert len(recorder.handled) == 1
     assert recorder.zaps == []
@@ -404,9 +404,9 @@ def test_access_reports_one_fault_and_one_event() -> None:
 def test_hit_reports_an_event_but_no_fault() -> None:
     recorder, manager = observed()
     vm = manager.create_vm(VmConfig(noncoherent_dma=1), "zap-all")
-    vm.access(0, 0x100)
+    vm.access(0, 0x100000)
     recorder.clear()
-    result = vm.access(0, 0x101)
+    result = vm.access(0, 0x101000)
     assert recorder.faults == []
     assert recorder.handled == [(vm.vm_id, result)]
 
@@ -415,7 +415,7 @@ def test_cd_clear_reports_one_zap_all() -> None:
     recorder, manager = observed()
     vm = manager.create_vm(VmConfig(noncoherent_dma=1), "zap-all", vm_id="vm-zap")
     for gfn in (0x100, 0x40000, 0x80000):
-        vm.access(0, gfn)
+        vm.access(0, gpa(gfn))
     present = len(leaves(vm))
     assert present == 3
     recorder.clear()
@@ -435,7 +435,7 @@ def test_cd_clear_reports_one_zap_all() -> None:
 def test_zap_drained_from_the_list_is_reported_once() -> None:
     recorder, manager = observed()
     vm = manager.create_vm(VmConfig(noncoherent_dma=1), "zap-all-serialized")
-    vm.access(0, 0x100)
+    vm.access(0, 0x100000)
     recorder.clear()
     vm.write_cr0(0, CD0)
     assert [(rng, outcome.leaves_removed) for _, rng, outcome in recorder.zaps] == [(ZAP_ALL, 1)]
@@ -445,7 +445,7 @@ def test_zap_drained_from_the_list_is_reported_once() -> None:
 def test_host_cr0_write_reports_no_zap() -> None:
     recorder, manager = observed()
     vm = manager.create_vm(VmConfig(noncoherent_dma=1), "zap-all")
-    vm.access(0, 0x100)
+    vm.access(0, 0x100000)
     recorder.clear()
     vm.write_cr0(0, 0x10, host=True)
     assert recorder.zaps == []
@@ -519,7 +519,7 @@ class Raising:
 def test_a_raising_observer_leaves_the_vm_consistent(caplog: pytest.LogCaptureFixture) -> None:
     manager = PluginManager(entry_points=False, plugins=[Raising()])
     vm = manager.create_vm(VmConfig(noncoherent_dma=1), "zap-all-serialized")
-    vm.access(0, 0x100)
+    vm.access(0, 0x100000)
     assert vm.counters.faults == 1 and len(leaves(vm)) == 1
     result = vm.write_cr0(0, CD0)
     assert result.counters.zaps_executed == 1 and leaves(vm) == []

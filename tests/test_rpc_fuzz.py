@@ -22,21 +22,25 @@ What the run checks (one test each, all on the same run):
 State and rejected requests. One clean rule: the reference VM (4 vCPUs, one non-coherent DMA
 device, 5 GiB of RAM with MTRRs programmed, part of it faulted, zapped and an MMIO marker) is
 only ever sent requests that must be rejected: a non-OK status, or an Execute batch in which
-every operation is refused. Its full state (GetVm, GetCounters, host reads of every MTRR MSR
-and PAT and CR0 of every vCPU, DumpLeaves, CheckStaleness, LookupGpa of chosen pages) is read
+every operation is refused. Its full state (GetVm, ReadCounters, ReadVcpuState and host reads
+of every MTRR MSR and PAT of every vCPU, DumpLeaves, CheckStaleness, LookupGpa of chosen pages)
+is read
 before and after the fuzz and must be identical; after each write-like request aimed at it a
-cheap probe (counters, leaves, the CR0/MSR the request names) pinpoints any request that
-changed it.
+cheap probe (counters, leaves, the vCPU state and MSR the request names) pinpoints any request
+that changed it.
 Its memslots include 1100 tiny device slots (a BAR in every other 4 MiB), many small leaves
 for the walks. The other VMs the fuzz creates get random requests; around a
 third of the write-like requests to them (and of the CreateVm requests) the same kind of probe
 (counters, GetVm, the CR0/MSR named; ListVms for CreateVm) is read before, and again after a
 rejection, and must not differ.
 
-Two deterministic scenarios end the run: a CreateVm whose request fits the message limit but
-whose answer (the effective configuration) does not, and an Execute batch whose answer (burst
-lanes listing every queued zap range) does not. If the server refuses to send such an answer,
-the request must not have taken effect either.
+Deterministic scenarios end the run: a CreateVm as large as the message limit allows (if the
+server refuses to send its answer, the VM must not exist either); an Execute batch of bursts
+whose lane results list queued zap ranges, every one of which must arrive; and a DMA attach
+past the most a VM holds, refused inside its batch with RESOURCE_EXHAUSTED. Every Execute
+answer is checked the same way: each response echoes its batch_id and stays under 1 MiB, the
+last is marked, and every operation has its result (one per lane operation for a burst) in
+order.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ from grpc_status import rpc_status
 
 from mtrremu.core import msrs
 from mtrremu.core.config import MAX_DMA_DEVICES as MAX_DMA
+from mtrremu.rpc.transport import REPLY_CHUNK_BYTES
 from mtrremu.server.app import SERVICE_NAME
 from mtrremu.server.limits import Limits
 from mtrremu.v1 import emulator_pb2 as pb
@@ -79,7 +84,7 @@ LIMITS = Limits(
     max_vms=8,
     max_vm_memory_bytes=64 * GIB,
     max_total_memory_bytes=128 * GIB,
-    max_batch_operations=500,  # the most whose answers are sure to fit in 1 MiB
+    max_batch_operations=500,
     max_message_bytes=1 * MIB,
 )
 CLIENT_MESSAGE_BYTES = 64 * MIB
@@ -92,6 +97,7 @@ DOCUMENTED_ERRORS = {
     Code.RESOURCE_EXHAUSTED: {"LIMIT_EXCEEDED"},
 }
 OPERATION_ERRORS = {code.name: reasons for code, reasons in DOCUMENTED_ERRORS.items()}
+STATUS_CODES = {code.name: code.value[0] for code in DOCUMENTED_ERRORS}
 DOMAIN = "mtrremu.v1"
 TRANSPORT_LIMIT = "message larger than max"
 RPCS = tuple(pb.DESCRIPTOR.services_by_name["EmulatorService"].methods_by_name)
@@ -358,48 +364,92 @@ class Fuzzer:
 
     def execute(
         self, requests: Sequence[pb.ExecuteRequest], vms: dict[str, VmInfo]
-    ) -> tuple[Answer[pb.ExecuteResponse], list[pb.ExecuteResponse]]:
-        """One Execute stream; checks each response against its batch."""
+    ) -> tuple[Answer[pb.ExecuteResponse], list[list[pb.OperationResult]]]:
+        """One Execute stream; the results of each batch answered in full (a batch may take
+        several responses, the last marked), checked against its batch."""
         self.request_no += 1
         self.exhausted = []
-        responses: list[pb.ExecuteResponse] = []
+        answered: list[list[pb.OperationResult]] = []
         stream = pb.ExecuteRequest()
         if requests:
             stream.CopyFrom(requests[0])
         started = time.perf_counter()
+        pending = iter(requests)
+        current: list[pb.OperationResult] = []
+        request = next(pending, None)
         try:
             for response in self.stub.Execute(iter(requests), timeout=CALL_TIMEOUT):
-                responses.append(response)
+                if request is None:
+                    self.violation("Execute", stream, "a response after every batch was answered")
+                    break
+                if response.batch_id != request.batch_id:
+                    self.violation("Execute", request, f"batch_id {response.batch_id} echoed")
+                if response.ByteSize() > REPLY_CHUNK_BYTES:
+                    self.violation("Execute", request, f"a {response.ByteSize()}-byte response")
+                current.extend(response.results)
+                if response.last:
+                    self.check_batch(request, current, vms.get(request.vm_id))
+                    answered.append(current)
+                    current, request = [], next(pending, None)
         except grpc.RpcError as error:
             answer: Answer[pb.ExecuteResponse] = self.failed("Execute", stream, error)
         else:
             answer = Answer(Code.OK, None)
-            if len(responses) != len(requests):
+            if len(answered) != len(requests):
                 self.violation(
-                    "Execute", stream, f"{len(requests)} batches, {len(responses)} answers"
+                    "Execute", stream, f"{len(requests)} batches, {len(answered)} answered"
                 )
         self.report.seconds_per_rpc["Execute"] += time.perf_counter() - started
         self.report.answers["Execute", answer.code.name] += 1
-        for request, response in zip(requests, responses, strict=False):
-            self.check_batch(request, response, vms.get(request.vm_id))
-        return answer, responses
+        return answer, answered
 
     def check_batch(
-        self, request: pb.ExecuteRequest, response: pb.ExecuteResponse, vm: VmInfo | None
+        self, request: pb.ExecuteRequest, results: list[pb.OperationResult], vm: VmInfo | None
     ) -> None:
-        if response.batch_id != request.batch_id:
-            self.violation("Execute", request, f"batch_id {response.batch_id} echoed")
-        if len(response.results) != len(request.operations):
+        """Every entry answered in order: one result, or one per lane operation of a burst."""
+        by_entry: dict[int, list[pb.OperationResult]] = defaultdict(list)
+        for result in results:
+            by_entry[result.entry].append(result)
+        entries = [r.entry for r in results]
+        if entries != sorted(entries) or set(by_entry) != set(range(len(request.operations))):
             self.violation(
                 "Execute",
                 request,
-                f"{len(request.operations)} operations, {len(response.results)} results",
+                f"{len(request.operations)} operations answered for entries "
+                f"{sorted(set(entries))[:20]}",
             )
             return
-        for index, (op, result) in enumerate(
-            zip(request.operations, response.results, strict=True)
-        ):
-            self.check_result(request, op, result, vm, f"batch {request.batch_id} op {index}")
+        for index, op in enumerate(request.operations):
+            where = f"batch {request.batch_id} op {index}"
+            self.check_entry(request, op, by_entry[index], vm, where)
+
+    def check_entry(
+        self,
+        request: pb.ExecuteRequest,
+        op: pb.Operation,
+        results: list[pb.OperationResult],
+        vm: VmInfo | None,
+        path: str,
+    ) -> None:
+        first = results[0]
+        if op.WhichOneof("kind") != "burst" or not first.HasField("lane"):
+            if len(results) != 1 or first.HasField("lane"):
+                self.violation("Execute", request, f"{path}: {len(results)} results, not 1")
+                return
+            self.check_result(request, op, first, vm, path)
+            return
+        self.report.operations["burst"] += 1
+        expected = [
+            (lane.vcpu, index, lane_op)
+            for lane in op.burst.lanes
+            for index, lane_op in enumerate(lane.operations)
+        ]
+        got = [(r.lane.vcpu, r.lane.index) for r in results]
+        if got != [(vcpu, index) for vcpu, index, _ in expected]:
+            self.violation("Execute", request, f"{path}: burst results at {got[:20]}")
+            return
+        for (vcpu, index, lane_op), one in zip(expected, results, strict=True):
+            self.check_result(request, lane_op, one, vm, f"{path} lane {vcpu} op {index}")
 
     def check_result(
         self,
@@ -410,26 +460,8 @@ class Fuzzer:
         path: str,
     ) -> None:
         kinds = [name for name in ("outcome", "error") if result.HasField(name)]
-        if op.WhichOneof("kind") == "burst" and not kinds:
-            self.report.operations["burst"] += 1
-            lanes = {lane.vcpu: lane for lane in op.burst.lanes}
-            for lane_result in result.lanes:
-                lane = lanes.get(lane_result.vcpu)
-                if lane is None or len(lane.operations) != len(lane_result.results):
-                    self.violation("Execute", request, f"burst lane {lane_result.vcpu} mismatch")
-                    continue
-                for index, (lane_op, one) in enumerate(
-                    zip(lane.operations, lane_result.results, strict=True)
-                ):
-                    if one.lanes:
-                        self.violation("Execute", request, "a lane result holds lanes")
-                    where = f"{path} lane {lane.vcpu} op {index}"
-                    self.check_result(request, lane_op, one, vm, where)
-            return
-        if len(kinds) != 1 or result.lanes:
-            self.violation(
-                "Execute", request, f"result holds {kinds} and {len(result.lanes)} lanes"
-            )
+        if len(kinds) != 1:
+            self.violation("Execute", request, f"{path}: result holds {kinds}")
             return
         if result.HasField("error"):
             error = result.error
@@ -439,6 +471,10 @@ class Fuzzer:
             if error.reason not in OPERATION_ERRORS.get(error.status, set()):
                 self.violation(
                     "Execute", request, f"operation refused with {error.status}/{error.reason}"
+                )
+            if error.code != STATUS_CODES.get(error.status):
+                self.violation(
+                    "Execute", request, f"error code {error.code} with status {error.status}"
                 )
             return
         self.report.operations["outcome"] += 1
@@ -514,20 +550,26 @@ class Fuzzer:
         snap: Snapshot = {}
         if describe:
             snap["GetVm"] = self.read("GetVm", pb.GetVmRequest(vm_id=vm.vm_id), pb.GetVmResponse)
-        snap["GetCounters"] = self.read(
-            "GetCounters", pb.GetCountersRequest(vm_id=vm.vm_id), pb.GetCountersResponse
+        snap["ReadCounters"] = self.read(
+            "ReadCounters", pb.ReadCountersRequest(vm_id=vm.vm_id), pb.ReadCountersResponse
         )
         if leaves:
             snap["DumpLeaves"] = self.read(
                 "DumpLeaves", pb.DumpLeavesRequest(vm_id=vm.vm_id), pb.DumpLeavesResponse
             )
         if vcpu is not None and 0 <= vcpu < vm.vcpus:
-            snap[f"ReadCr0 {vcpu}"] = self.read(
-                "ReadCr0", pb.ReadCr0Request(vm_id=vm.vm_id, vcpu=vcpu), pb.ReadCr0Response
-            )
+            snap[f"ReadVcpuState {vcpu}"] = self.read_vcpu_state(vm.vm_id, vcpu)
             if msr is not None and msr in msrs.EMULATED_MSRS:
                 snap[f"ReadMsr {vcpu} {msr:#x}"] = self.read_msr(vm.vm_id, vcpu, msr)
         return snap
+
+    def read_vcpu_state(self, vm_id: str, vcpu: int) -> str:
+        op = pb.ReadVcpuStateOperation(vcpu=vcpu)
+        return self.read(
+            "ReadVcpuState",
+            pb.ReadVcpuStateRequest(vm_id=vm_id, operation=op),
+            pb.ReadVcpuStateResponse,
+        )
 
     def read_msr(self, vm_id: str, vcpu: int, msr: int) -> str:
         op = pb.ReadMsrOperation(vcpu=vcpu, msr=msr, initiator=HOST)
@@ -543,24 +585,28 @@ class Fuzzer:
             "DumpLeaves", pb.DumpLeavesRequest(vm_id=ref, runs_per_message=3), pb.DumpLeavesResponse
         )
         for vcpu in range(REF_VCPUS):
-            snap[f"ReadCr0 {vcpu}"] = self.read(
-                "ReadCr0", pb.ReadCr0Request(vm_id=ref, vcpu=vcpu), pb.ReadCr0Response
-            )
+            snap[f"ReadVcpuState {vcpu}"] = self.read_vcpu_state(ref, vcpu)
             for msr in MTRR_MSRS:
                 snap[f"ReadMsr {vcpu} {msr:#x}"] = self.read_msr(ref, vcpu, msr)
             snap[f"CheckStaleness {vcpu}"] = self.read(
                 "CheckStaleness",
-                pb.CheckStalenessRequest(vm_id=ref, vcpu=vcpu),
+                pb.CheckStalenessRequest(
+                    vm_id=ref, operation=pb.CheckStalenessOperation(vcpu=vcpu)
+                ),
                 pb.CheckStalenessResponse,
             )
         snap["CheckStaleness at quiescence"] = self.read(
             "CheckStaleness",
-            pb.CheckStalenessRequest(vm_id=ref, at_quiescence=True),
+            pb.CheckStalenessRequest(
+                vm_id=ref, operation=pb.CheckStalenessOperation(at_quiescence=True)
+            ),
             pb.CheckStalenessResponse,
         )
         for gpa in REF_LOOKUPS:
             snap[f"LookupGpa {gpa:#x}"] = self.read(
-                "LookupGpa", pb.LookupGpaRequest(vm_id=ref, gpa=gpa), pb.LookupGpaResponse
+                "LookupGpa",
+                pb.LookupGpaRequest(vm_id=ref, operation=pb.LookupGpaOperation(gpa=gpa)),
+                pb.LookupGpaResponse,
             )
         return snap
 
@@ -963,11 +1009,36 @@ class Campaign(Fuzzer):
             return pb.Operation(attach_dma=pb.AttachDmaOperation())
         if roll < 92:
             return pb.Operation(detach_dma=pb.DetachDmaOperation())
-        if roll < 94:
+        if roll < 93:
             return pb.Operation()
+        if roll < 97:
+            return self.read_operation(vm, v)
+        if roll < 98:
+            return pb.Operation(write_msrs=self.write_msrs_op(vm, vcpu))
         if burst:
             return pb.Operation(burst=self.burst(vm))
         return self.operation(vm, vcpu, burst=False)
+
+    def read_operation(self, vm: VmInfo, vcpu: int) -> pb.Operation:
+        """A read: whole-vCPU state, a lookup, the counters or the oracle."""
+        roll = self.rng.randrange(4)
+        if roll == 0:
+            return pb.Operation(read_vcpu_state=pb.ReadVcpuStateOperation(vcpu=vcpu))
+        if roll == 1:
+            return pb.Operation(lookup_gpa=pb.LookupGpaOperation(gpa=self.gpa(vm)))
+        if roll == 2:
+            return pb.Operation(read_counters=pb.ReadCountersOperation())
+        op = pb.CheckStalenessOperation(vcpu=vcpu, at_quiescence=self.chance(0.3))
+        return pb.Operation(check_staleness=op)
+
+    def write_msrs_op(self, vm: VmInfo, vcpu: int | None = None) -> pb.WriteMsrsOperation:
+        """Up to 24 host writes of random MSRs, mostly valid values (so some write them all)."""
+        op = pb.WriteMsrsOperation(vcpu=self.vcpu(vm) if vcpu is None else vcpu)
+        for _ in range(self.rng.choice((0, 1, 2, 5, 12, 24))):
+            msr = self.msr()
+            valid = self.chance(0.9)
+            op.msrs.add(msr=msr, value=self.msr_value(msr, vm.maxphyaddr, valid=valid))
+        return op
 
     def burst(self, vm: VmInfo) -> pb.Burst:
         """Lanes of random operations, sometimes malformed: duplicate or unknown lanes, another
@@ -1044,6 +1115,23 @@ class Campaign(Fuzzer):
         return pb.WriteMsrOperation(  # an unknown vCPU
             vcpu=self.bad_vcpu(ref), msr=msr, value=value, initiator=self.initiator()
         )
+
+    def refused_write_msrs(self) -> pb.WriteMsrsOperation:
+        """Host writes the reference VM must not take: an unknown vCPU, or a first MSR KVM
+        refuses (so none is written)."""
+        rng, ref = self.rng, self.ref
+        if self.chance(0.5):
+            op = pb.WriteMsrsOperation(vcpu=self.bad_vcpu(ref))
+            msr = rng.choice(MTRR_MSRS)
+            op.msrs.add(msr=msr, value=self.msr_value(msr, ref.maxphyaddr, valid=True))
+            return op
+        op = pb.WriteMsrsOperation(vcpu=rng.randrange(REF_VCPUS))
+        msr = rng.choice(MTRR_MSRS)
+        op.msrs.add(msr=msr, value=self.msr_value(msr, ref.maxphyaddr, valid=False))
+        for _ in range(rng.randrange(4)):
+            msr = rng.choice(MTRR_MSRS)
+            op.msrs.add(msr=msr, value=self.msr_value(msr, ref.maxphyaddr, valid=True))
+        return op
 
     def refused_read_msr(self) -> pb.ReadMsrOperation:
         rng, ref = self.rng, self.ref
@@ -1157,7 +1245,16 @@ class Campaign(Fuzzer):
 
     def refused_operation(self) -> pb.Operation:
         rng = self.rng
-        roll = rng.randrange(9)
+        roll = rng.randrange(11)
+        if roll == 9:  # an unknown vCPU (a refused first MSR is an outcome that wrote none)
+            op = pb.WriteMsrsOperation(vcpu=self.bad_vcpu(self.ref))
+            op.msrs.add(msr=msrs.PAT, value=msrs.PAT_DEFAULT)
+            return pb.Operation(write_msrs=op)
+        if roll == 10:
+            vcpu = self.bad_vcpu(self.ref)
+            if self.chance(0.5):
+                return pb.Operation(read_vcpu_state=pb.ReadVcpuStateOperation(vcpu=vcpu))
+            return pb.Operation(check_staleness=pb.CheckStalenessOperation(vcpu=vcpu))
         if roll == 0:
             return pb.Operation(write_msr=self.refused_write_msr())
         if roll == 1:
@@ -1241,20 +1338,15 @@ class Campaign(Fuzzer):
 
         return sender
 
-    def do_dma(self, rpc: str) -> None:
-        vm = self.pick(reference=False)
-        if rpc == "AttachDmaDevice":
-            request: Message = pb.AttachDmaDeviceRequest(vm_id=vm.vm_id)
-            self.guarded(vm, request, self.send(rpc, request, pb.AttachDmaDeviceResponse))
-        else:
-            request = pb.DetachDmaDeviceRequest(vm_id=vm.vm_id)
-            self.guarded(vm, request, self.send(rpc, request, pb.DetachDmaDeviceResponse))
-
     def do_attach_dma(self) -> None:
-        self.do_dma("AttachDmaDevice")
+        vm = self.pick(reference=False)
+        request = pb.AttachDmaRequest(vm_id=vm.vm_id)
+        self.guarded(vm, request, self.send("AttachDma", request, pb.AttachDmaResponse))
 
     def do_detach_dma(self) -> None:
-        self.do_dma("DetachDmaDevice")
+        vm = self.pick(reference=False)
+        request = pb.DetachDmaRequest(vm_id=vm.vm_id)
+        self.guarded(vm, request, self.send("DetachDma", request, pb.DetachDmaResponse))
 
     def do_write_msr(self) -> None:
         vm = self.pick()
@@ -1284,11 +1376,36 @@ class Campaign(Fuzzer):
         request = pb.WriteCr0Request(vm_id=vm.vm_id, operation=op)
         self.guarded(vm, request, self.send("WriteCr0", request, pb.WriteCr0Response), vcpu=op.vcpu)
 
-    def do_read_cr0(self) -> None:
+    def do_write_msrs(self) -> None:
+        vm = self.pick()
+        op = self.refused_write_msrs() if vm is self.ref else self.write_msrs_op(vm)
+        request = pb.WriteMsrsRequest(vm_id=vm.vm_id, operation=op)
+
+        def sender() -> bool:
+            """Rejected: refused, or stopped at its first MSR (it wrote none)."""
+            answer = self.unary("WriteMsrs", request, pb.WriteMsrsResponse)
+            if answer.response is None:
+                return True
+            outcome = answer.response.outcome
+            if outcome.value > len(op.msrs) or bool(outcome.rejected) == (
+                outcome.value == len(op.msrs)
+            ):
+                self.violation(
+                    "WriteMsrs",
+                    request,
+                    f"wrote {outcome.value} of {len(op.msrs)}, rejected {outcome.rejected!r}",
+                )
+            return outcome.value == 0 and bool(op.msrs)
+
+        first = op.msrs[0].msr if op.msrs else None
+        self.guarded(vm, request, sender, vcpu=op.vcpu, msr=first)
+
+    def do_read_vcpu_state(self) -> None:
         vm = self.pick()
         vcpu = self.bad_vcpu(vm) if vm is self.ref else self.vcpu(vm)
-        request = pb.ReadCr0Request(vm_id=vm.vm_id, vcpu=vcpu)
-        sender = self.send("ReadCr0", request, pb.ReadCr0Response)
+        op = pb.ReadVcpuStateOperation(vcpu=vcpu)
+        request = pb.ReadVcpuStateRequest(vm_id=vm.vm_id, operation=op)
+        sender = self.send("ReadVcpuState", request, pb.ReadVcpuStateResponse)
         if vm is self.ref:
             self.guarded(vm, request, sender, reads=True)
         else:
@@ -1336,7 +1453,7 @@ class Campaign(Fuzzer):
             gpa = self.rng.choice(((1 << 40) + self.rng.randrange(1 << 30), 1 << 52, U64))
         else:
             gpa = self.gpa(vm)
-        request = pb.LookupGpaRequest(vm_id=vm.vm_id, gpa=gpa)
+        request = pb.LookupGpaRequest(vm_id=vm.vm_id, operation=pb.LookupGpaOperation(gpa=gpa))
         sender = self.send("LookupGpa", request, pb.LookupGpaResponse)
         if vm is self.ref:
             self.guarded(vm, request, sender, reads=True)
@@ -1359,21 +1476,21 @@ class Campaign(Fuzzer):
         if answer.response is not None and vm.vm_id in self.scratch:
             self.check_leaves(request, vm, answer.response.runs)
 
-    def do_get_counters(self) -> None:
+    def do_read_counters(self) -> None:
         vm = self.pick(reference=False)
-        request = pb.GetCountersRequest(vm_id=vm.vm_id)
-        self.unary("GetCounters", request, pb.GetCountersResponse)
+        request = pb.ReadCountersRequest(vm_id=vm.vm_id)
+        self.unary("ReadCounters", request, pb.ReadCountersResponse)
 
     def do_check_staleness(self) -> None:
         vm = self.pick()
         if vm is self.ref:
-            request = pb.CheckStalenessRequest(vm_id=vm.vm_id, vcpu=self.bad_vcpu(vm))
+            op = pb.CheckStalenessOperation(vcpu=self.bad_vcpu(vm))
+            request = pb.CheckStalenessRequest(vm_id=vm.vm_id, operation=op)
             sender = self.send("CheckStaleness", request, pb.CheckStalenessResponse)
             self.guarded(vm, request, sender, reads=True)
             return
-        request = pb.CheckStalenessRequest(
-            vm_id=vm.vm_id, vcpu=self.vcpu(vm), at_quiescence=self.chance(0.3)
-        )
+        op = pb.CheckStalenessOperation(vcpu=self.vcpu(vm), at_quiescence=self.chance(0.3))
+        request = pb.CheckStalenessRequest(vm_id=vm.vm_id, operation=op)
         self.unary("CheckStaleness", request, pb.CheckStalenessResponse)
 
     # -- Execute -------------------------------------------------------------------------
@@ -1430,8 +1547,8 @@ class Campaign(Fuzzer):
         known = {vm.vm_id: vm} if vm.vm_id in self.scratch else {}
 
         def sender() -> bool:
-            answer, responses = self.execute(requests, known)
-            return not answer.ok and not responses
+            answer, answered = self.execute(requests, known)
+            return not answer.ok and not answered
 
         self.guarded(vm, requests[0], sender)
 
@@ -1451,10 +1568,11 @@ class Campaign(Fuzzer):
 
     def refused_stream(self, requests: Sequence[pb.ExecuteRequest]) -> Callable[[], bool]:
         def sender() -> bool:
-            _, responses = self.execute(requests, {})
-            for request, response in zip(requests, responses, strict=False):
-                for index, result in enumerate(response.results):
+            _, answered = self.execute(requests, {})
+            for request, results in zip(requests, answered, strict=False):
+                for result in results:
                     if accepted(result):
+                        index = result.entry
                         self.violation(
                             "Execute",
                             request.operations[index],
@@ -1479,8 +1597,8 @@ class Campaign(Fuzzer):
             batch = self.oversized_batch(vm)
 
             def sender() -> bool:
-                answer, responses = self.execute([batch], {})
-                return not answer.ok and not responses
+                answer, answered = self.execute([batch], {})
+                return not answer.ok and not answered
 
             self.guarded(vm, batch, sender)
         elif roll == 2:
@@ -1572,14 +1690,15 @@ class Campaign(Fuzzer):
             (self.do_write_msr, 14),
             (self.do_read_msr, 7),
             (self.do_write_cr0, 8),
-            (self.do_read_cr0, 4),
+            (self.do_write_msrs, 4),
+            (self.do_read_vcpu_state, 3),
             (self.do_reset_vcpu, 3),
             (self.do_init_vcpu, 3),
             (self.do_access_gpa, 10),
             (self.do_fault_range, 6),
             (self.do_lookup_gpa, 5),
             (self.do_dump_leaves, 3),
-            (self.do_get_counters, 3),
+            (self.do_read_counters, 3),
             (self.do_check_staleness, 3),
             (self.do_list_strategies, 1),
             (self.do_execute, 7),
@@ -1598,6 +1717,7 @@ class Campaign(Fuzzer):
         self.report.reference_after = self.reference_snapshot()
         self.oversized_create_answer()
         self.oversized_execute_answer()
+        self.dma_devices_exhausted()
         self.report.seconds = time.perf_counter() - started
 
     def capacity(self) -> int:
@@ -1648,10 +1768,28 @@ class Campaign(Fuzzer):
                 f"({request.ByteSize()} bytes; limit {LIMITS.max_message_bytes})",
             )
 
+    def dma_devices_exhausted(self) -> None:
+        """An attach past the most DMA devices a VM holds, inside a batch: RESOURCE_EXHAUSTED
+        for that operation only; the detach after it still runs."""
+        self.request_no += 1
+        config = pb.VmConfig(noncoherent_dma=MAX_DMA)
+        created = self.must("CreateVm", pb.CreateVmRequest(config=config), pb.CreateVmResponse)
+        vm = VmInfo.of(created.vm)
+        ops = [
+            pb.Operation(attach_dma=pb.AttachDmaOperation()),
+            pb.Operation(detach_dma=pb.DetachDmaOperation()),
+        ]
+        request = pb.ExecuteRequest(vm_id=vm.vm_id, operations=ops)
+        _, answered = self.execute([request], {vm.vm_id: vm})
+        statuses = [r.error.status or "OK" for results in answered for r in results]
+        if statuses != ["RESOURCE_EXHAUSTED", "OK"]:
+            self.violation("Execute", request, f"attach past the limit answered {statuses}")
+        self.must("DeleteVm", pb.DeleteVmRequest(vm_id=vm.vm_id), pb.DeleteVmResponse)
+
     def oversized_execute_answer(self) -> None:
-        """An Execute batch within both limits whose answer is over the message limit: 30
-        bursts of 64 lanes, each lane one guest defType write, on a VM whose zaps are split
-        over 64 memslots (every lane's result lists the 64 queued ranges)."""
+        """An Execute batch within both limits with a large answer: 30 bursts of 64 lanes, each
+        lane one guest defType write, on a VM whose zaps are split over 64 memslots (every
+        lane's result lists queued ranges). Every result must arrive."""
         self.request_no += 1
         vcpus = 64
         slots = [pb.Memslot(base_gpa=0, size_bytes=GIB)] + [
@@ -1671,8 +1809,8 @@ class Campaign(Fuzzer):
             for v in range(vcpus)
         ]
         setup = pb.ExecuteRequest(vm_id=vm.vm_id, operations=clear_cd)
-        _, responses = self.execute([setup], {})
-        assert len(responses) == 1 and not any(r.HasField("error") for r in responses[0].results)
+        _, answered = self.execute([setup], {})
+        assert len(answered) == 1 and not any(r.HasField("error") for r in answered[0])
         bursts = [
             pb.Operation(
                 burst=pb.Burst(
@@ -1700,8 +1838,8 @@ class Campaign(Fuzzer):
         request = pb.ExecuteRequest(vm_id=vm.vm_id, operations=bursts, batch_id=7)
 
         def sender() -> bool:
-            answer, responses = self.execute([request], {})
-            return not answer.ok and not responses
+            answer, answered = self.execute([request], {})
+            return not answer.ok and not answered
 
         self.guarded(vm, request, sender, vcpu=0, msr=msrs.DEFTYPE, always=True)
         self.must("DeleteVm", pb.DeleteVmRequest(vm_id=vm.vm_id), pb.DeleteVmResponse)
@@ -1718,10 +1856,8 @@ def varint(value: int) -> bytes:
 
 
 def accepted(result: pb.OperationResult) -> bool:
-    """Whether a batch result (or any lane result in it) took effect."""
-    return result.HasField("outcome") or any(
-        accepted(one) for lane in result.lanes for one in lane.results
-    )
+    """Whether a batch result took effect."""
+    return result.HasField("outcome")
 
 
 # -- the run and its checks -----------------------------------------------------------------
@@ -1815,6 +1951,6 @@ def test_the_server_is_healthy_afterwards(run: Run) -> None:
         pb.AccessGpaRequest(vm_id=vm.vm_id, operation=access), timeout=CALL_TIMEOUT
     )
     assert touched.outcome.access.kind == pb.ACCESS_KIND_FAULT
-    counters = stub.GetCounters(pb.GetCountersRequest(vm_id=vm.vm_id), timeout=CALL_TIMEOUT)
-    assert counters.counters.faults == 1
+    counters = stub.ReadCounters(pb.ReadCountersRequest(vm_id=vm.vm_id), timeout=CALL_TIMEOUT)
+    assert counters.outcome.vm_counters.faults == 1
     stub.DeleteVm(pb.DeleteVmRequest(vm_id=vm.vm_id), timeout=CALL_TIMEOUT)

@@ -35,6 +35,7 @@ from mtrremu.rpc.status import from_rpc_error
 from mtrremu.server.app import EmulatorServer, ServerSettings
 from mtrremu.server.limits import Limits
 from mtrremu.v1 import emulator_pb2 as pb
+from mtrremu.v1 import emulator_pb2_grpc as pb_grpc
 from tests.helpers import CD0, CD1, GIB, KIB, MIB, run_threads, serving, var_mask
 
 SLOTS = (
@@ -119,11 +120,11 @@ def test_msr_write_read_and_guest_gp(client: Client) -> None:
 
 def test_cr0_writes_reset_and_init(client: Client) -> None:
     vm = vm_with_mtrrs(client)
-    assert vm.read_cr0(0) == 0x60000010
+    assert vm.vcpu_state(0).cr0 == 0x60000010
     cleared = vm.write_cr0(0, CD0)
     assert cleared.cd_toggled and cleared.zap.zap_event
     assert cleared.zap.role == pb.ZAP_ROLE_DRAINED
-    assert vm.read_cr0(0) == CD0
+    assert vm.vcpu_state(0).cr0 == CD0
     assert vm.write_cr0(0, 1 << 32).guest_fault.reason == "MOV CR0: bits 63:32 set"
     with pytest.raises(RejectedHostWrite):
         vm.write_cr0(0, 1 << 29, host=True)  # NW without CD
@@ -204,7 +205,7 @@ def test_execute_runs_operations_and_bursts_in_order(client: Client) -> None:
             Access(1, 0x1000),
         ]
     )
-    assert len(results) == 4
+    assert [r.entry for r in results] == [0, 1, 2, 2, 2, 2, 3]
     assert results[0].HasField("outcome") and not results[0].HasField("error")
     error = results[1].error
     assert (error.code, error.status, error.reason) == (
@@ -217,11 +218,12 @@ def test_execute_runs_operations_and_bursts_in_order(client: Client) -> None:
         "value": "0x100000",
         "why": error.metadata["why"],
     }
-    lanes = results[2].lanes
-    assert sorted(lane.vcpu for lane in lanes) == [0, 1, 2, 3]
-    roles = sorted(lane.results[0].outcome.zap.role for lane in lanes)
+    lanes = results[2:6]
+    assert [(r.lane.vcpu, r.lane.index) for r in lanes] == [(v, 0) for v in range(4)]
+    roles = sorted(r.outcome.zap.role for r in lanes)
     assert roles == [pb.ZAP_ROLE_DRAINED] + [pb.ZAP_ROLE_WAITED] * 3
-    assert results[3].outcome.access.kind == pb.ACCESS_KIND_FAULT
+    assert not results[6].HasField("lane")
+    assert results[6].outcome.access.kind == pb.ACCESS_KIND_FAULT
     assert vm.counters().duplicates_dropped == 3
 
 
@@ -344,18 +346,51 @@ def test_the_memory_limits_per_vm_and_in_total() -> None:
             client.create_vm(VmConfig(memslots=(Memslot.from_bytes(0, 5 * GIB),)))
 
 
-def test_a_vm_that_would_make_listing_unsendable_is_not_created() -> None:
-    named = tuple(
-        Memslot.from_bytes(i * 2 * MIB, MIB, name=f"{i:03}" + "n" * (MAX_MEMSLOT_NAME - 3))
-        for i in range(150)
-    )
-    with limited(max_batch_operations=10, max_message_bytes=64 * KIB) as client:
-        first = client.create_vm(VmConfig(memslots=named))
-        with pytest.raises(ResourceExhausted, match="nothing was created"):
-            client.create_vm(VmConfig(memslots=named))
-        assert [vm.vm_id for vm in client.list_vms()] == [first.vm_id]
-        first.delete()
-        client.create_vm(VmConfig(memslots=named))
+def test_a_vm_whose_description_would_exceed_the_reply_limit_is_not_created(
+    client: Client,
+) -> None:
+    def named(count: int) -> VmConfig:
+        return VmConfig(
+            memslots=tuple(
+                Memslot.from_bytes(
+                    i * 8 * KIB, 4 * KIB, name=f"{i:05}".ljust(MAX_MEMSLOT_NAME, "n")
+                )
+                for i in range(count)
+            )
+        )
+
+    before = [vm.vm_id for vm in client.list_vms()]
+    # Each memslot takes about 270 bytes of the answer: 16,000 of them pass 4 MiB.
+    with pytest.raises(ResourceExhausted, match="nothing was created"):
+        client.create_vm(named(16_000))
+    assert [vm.vm_id for vm in client.list_vms()] == before
+    fits = client.create_vm(named(10_000))
+    assert fits.describe().memslot_count == 10_000
+    fits.delete()
+
+
+def test_list_vms_pages_in_creation_order() -> None:
+    with limited(max_vms=30) as client:
+        created = [client.create_vm().vm_id for _ in range(25)]
+        first = client.stub.ListVms(pb.ListVmsRequest(page_size=10))
+        assert [vm.vm_id for vm in first.vms] == created[:10] and first.next_page_token
+        client.vm(created[10]).delete()  # deleted between pages: skipped
+        later = client.create_vm().vm_id  # created between pages: on a later page
+        second = client.stub.ListVms(
+            pb.ListVmsRequest(page_size=10, page_token=first.next_page_token)
+        )
+        assert [vm.vm_id for vm in second.vms] == created[11:21]
+        third = client.stub.ListVms(
+            pb.ListVmsRequest(page_size=10, page_token=second.next_page_token)
+        )
+        assert [vm.vm_id for vm in third.vms] == [*created[21:], later]
+        assert third.next_page_token == ""
+        assert [vm.vm_id for vm in client.list_vms()] == [*created[:10], *created[11:], later]
+        assert all(not vm.config.memslots and vm.memslot_count == 1 for vm in third.vms)
+        with pytest.raises(grpc.RpcError) as caught:
+            client.stub.ListVms(pb.ListVmsRequest(page_token="x"))
+        refused = from_rpc_error(caught.value)
+        assert isinstance(refused, InvalidArgument) and "page_token" in str(refused)
 
 
 def test_memslot_count_and_name_limits(client: Client) -> None:
@@ -398,6 +433,37 @@ def test_the_batch_and_message_limits() -> None:
             client.stub.CreateVm(huge)
         assert isinstance(caught.value, grpc.Call)
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_the_largest_batch_reaches_a_client_with_default_settings(server: EmulatorServer) -> None:
+    """The reported failure: 20,000 CD toggles (the default batch limit) whose answers list 9
+    ranges each make 5 MB of results, over the 4 MiB a default gRPC client accepts."""
+    batch = Limits().max_batch_operations
+    with Client(server.addresses[0]) as client:
+        vm = client.create_vm(VmConfig(noncoherent_dma=1), "fine-grained")
+        for pair in range(8):  # 8 non-WB ranges and the fixed range: 9 ranges per toggle
+            vm.write_msr(
+                0, msrs.PHYSBASE0 + 2 * pair, (2 * pair + 1) * 64 * MIB | MemType.UC, host=True
+            )
+            vm.write_msr(0, msrs.PHYSBASE0 + 2 * pair + 1, var_mask(64 * MIB), host=True)
+        for fixed in msrs.FIXED_MSRS:
+            vm.write_msr(0, fixed, 0, host=True)
+        vm.write_msr(0, msrs.DEFTYPE, 0xC06, host=True)
+        toggles = [
+            pb.Operation(write_cr0=pb.WriteCr0Operation(vcpu=0, value=CD0 if i % 2 == 0 else CD1))
+            for i in range(batch)
+        ]
+        request = pb.ExecuteRequest(vm_id=vm.vm_id, operations=toggles, batch_id=7)
+    with grpc.insecure_channel(server.addresses[0]) as channel:  # no options: gRPC's defaults
+        stub = pb_grpc.EmulatorServiceStub(channel)
+        responses = list(stub.Execute(iter([request])))
+    results = [r for response in responses for r in response.results]
+    assert [r.entry for r in results] == list(range(batch))
+    assert sum(len(r.outcome.zap.requested) for r in results) == 9 * batch
+    assert sum(r.ByteSize() for r in results) > 4 * MIB  # it would not fit one reply
+    assert len(responses) >= 5 and all(r.ByteSize() <= MIB for r in responses)
+    assert [r.batch_id for r in responses] == [7] * len(responses)
+    assert [r.last for r in responses] == [False] * (len(responses) - 1) + [True]
 
 
 # -- shutdown ----------------------------------------------------------------------------

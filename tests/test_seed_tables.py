@@ -22,6 +22,7 @@ from tests.helpers import (
     GIB,
     MIB,
     gfn,
+    gpa,
     leaves,
     make_vm,
     q35_slots,
@@ -112,7 +113,7 @@ def toggle(strategy: str, cell: Cell) -> tuple[Vm, EventResult, list[tuple[int, 
     start_cd = CD1 if cell.to_cd == 0 else CD0
     assert vm.write_cr0(0, start_cd, host=True).zap is None
     for slot in vm.config.memslots:
-        vm.fault_range(0, slot.base_gfn, slot.end_gfn)
+        vm.fault_range(0, gpa(slot.base_gfn), gpa(slot.end_gfn))
     before = leaves(vm)
     assert before
     result = vm.write_cr0(0, CD1 if cell.to_cd else CD0)

@@ -29,6 +29,7 @@ from tests.helpers import (
     GIB,
     SERIES,
     gfn,
+    gpa,
     make_vm,
     mapping,
     set_deftype,
@@ -52,16 +53,16 @@ def uc_hole(strategy: str, *, cd0: bool = True) -> Vm:
 @pytest.mark.parametrize("strategy", [s for s in ALL_STRATEGIES if s != "kvm-6.11"])
 def test_a_range_moved_with_e1_and_cd0_is_zapped_only_at_its_new_span(strategy: str) -> None:
     vm = uc_hole(strategy)
-    assert mapping(vm.access(0, PAGE)).memtype == UC
+    assert mapping(vm.access(0, gpa(PAGE))).memtype == UC
     # Move the UC pair to 1 GiB: KVM zaps [1 GiB, 2 GiB) only.
     result = vm.write_msr(0, msrs.PHYSBASE0, GIB | MemType.UC)
     assert result.zap is not None and [r.start for r in result.zap.requested] == [gfn(GIB)]
     stale = vm.stale(0)
     assert stale.count == 1
     (leaf,) = stale.examples
-    assert (leaf.level, leaf.base_gfn, leaf.have, leaf.want) == (
+    assert (leaf.level, leaf.base_gpa, leaf.have, leaf.want) == (
         Level.G1,
-        gfn(3 * GIB),
+        3 * GIB,
         UC,
         WB_NO_IPAT,
     )
@@ -70,7 +71,7 @@ def test_a_range_moved_with_e1_and_cd0_is_zapped_only_at_its_new_span(strategy: 
 @pytest.mark.parametrize("strategy", SERIES)
 def test_the_same_move_under_cd1_is_caught_by_the_cd_clear(strategy: str) -> None:
     vm = uc_hole(strategy)
-    vm.access(0, PAGE)
+    vm.access(0, gpa(PAGE))
     vm.write_cr0(0, CD1)  # the protocol: change ranges with CD=1
     vm.write_msr(0, msrs.PHYSBASE0, GIB | MemType.UC)
     vm.write_cr0(0, CD0)
@@ -80,7 +81,7 @@ def test_the_same_move_under_cd1_is_caught_by_the_cd_clear(strategy: str) -> Non
 @pytest.mark.parametrize("strategy", ALL_STRATEGIES)
 def test_host_cr0_writes_change_cd_without_a_zap(strategy: str) -> None:
     vm = uc_hole(strategy)
-    vm.access(0, PAGE)
+    vm.access(0, gpa(PAGE))
     vm.write_cr0(0, CD1, host=True)  # KVM_SET_SREGS: no zap
     report = vm.stale(0)
     if strategy == "kvm-6.11":
@@ -94,7 +95,7 @@ def test_host_cr0_writes_change_cd_without_a_zap(strategy: str) -> None:
 @pytest.mark.parametrize("strategy", ALL_STRATEGIES)
 def test_reset_sets_cd_without_a_zap(strategy: str) -> None:
     vm = uc_hole(strategy)
-    vm.access(0, PAGE)
+    vm.access(0, gpa(PAGE))
     assert vm.reset(0).zap is None
     assert vm.stale(0).count == (0 if strategy == "kvm-6.11" else 1)
 
@@ -104,7 +105,7 @@ def test_kvm_6_5_keeps_ipat_leaves_made_under_cd1_after_cd_clears() -> None:
     zap, and a fresh fault would give WB without IPAT."""
     vm = make_vm("kvm-6.5")
     set_deftype(vm, 0, 0xC06)
-    assert mapping(vm.access(0, PAGE)).memtype == WB_IPAT
+    assert mapping(vm.access(0, gpa(PAGE))).memtype == WB_IPAT
     assert vm.write_cr0(0, CD0).zap is None
     report = vm.stale(0)
     assert report.count == 1
@@ -115,7 +116,7 @@ def test_kvm_6_7_keeps_wb_leaves_over_a_uc_range_after_cd_clears() -> None:
     """The second flaw: 6.7 dropped IPAT for CD=1 but still does not zap on CD 1→0 with the
     quirk on, so WB faulted while CD=1 survives inside a UC MTRR range."""
     vm = uc_hole("kvm-6.7", cd0=False)
-    first = mapping(vm.access(0, PAGE))
+    first = mapping(vm.access(0, gpa(PAGE)))
     assert (first.memtype, first.level) == (WB_NO_IPAT, Level.G1)
     vm.write_cr0(0, CD0)
     report = vm.stale(0)
@@ -126,7 +127,7 @@ def test_kvm_6_7_keeps_wb_leaves_over_a_uc_range_after_cd_clears() -> None:
 @pytest.mark.parametrize("strategy", SERIES)
 def test_the_series_zaps_those_leaves_on_cd_clear(strategy: str) -> None:
     vm = uc_hole(strategy, cd0=False)
-    vm.access(0, PAGE)
+    vm.access(0, gpa(PAGE))
     vm.write_cr0(0, CD0)
     assert vm.stale(0).clean
 
@@ -140,7 +141,7 @@ def test_fine_grained_reads_only_the_toggling_vcpus_mtrrs(strategy: str, survive
     for vcpu in (0, 1):
         set_deftype(vm, vcpu, 0xC06)
         vm.write_cr0(vcpu, CD0)
-    assert mapping(vm.access(0, PAGE)).memtype == UC
+    assert mapping(vm.access(0, gpa(PAGE))).memtype == UC
     result = vm.write_cr0(1, CD1)
     assert result.zap is not None
     assert vm.stale(0).clean

@@ -48,7 +48,7 @@ from mtrremu.core.events import EventResult
 from mtrremu.core.oracle import leaf_key_ranges
 from mtrremu.core.units import GfnRange
 from mtrremu.core.vm import Vm
-from tests.helpers import ALL_STRATEGIES, CD0, CD1, GIB, KIB, MIB, gfn, make_vm, var_mask
+from tests.helpers import ALL_STRATEGIES, CD0, CD1, GIB, KIB, MIB, gfn, gpa, make_vm, var_mask
 
 SLOTS = (
     Memslot.from_bytes(0, 640 * KIB),
@@ -208,7 +208,7 @@ class MemtypeMachine(RuleBasedStateMachine):
             if cd0[vcpu]:
                 self.vm.write_cr0(vcpu, CD0)
         for slot in SLOTS:
-            self.vm.fault_range(0, slot.base_gfn, min(slot.end_gfn, slot.base_gfn + 4096))
+            self.vm.fault_range(0, gpa(slot.base_gfn), gpa(min(slot.end_gfn, slot.base_gfn + 4096)))
 
     # -- rules -------------------------------------------------------------------------
 
@@ -253,7 +253,9 @@ class MemtypeMachine(RuleBasedStateMachine):
     def access(self, index: int, page: int) -> None:
         vcpu = self._vcpu(index)
         touched = GfnRange(page, page + 1)
-        self._event(vcpu, None, lambda: self._check_access(self.vm.access(vcpu, page)), touched)
+        self._event(
+            vcpu, None, lambda: self._check_access(self.vm.access(vcpu, gpa(page))), touched
+        )
 
     def _check_access(self, result: EventResult) -> None:
         assert result.access is not None
@@ -263,7 +265,7 @@ class MemtypeMachine(RuleBasedStateMachine):
         end = min(start + length, gfn(1 << 40))
         vcpu = self._vcpu(index)
         touched = GfnRange(start, end)
-        self._event(vcpu, None, lambda: self.vm.fault_range(vcpu, start, end), touched)
+        self._event(vcpu, None, lambda: self.vm.fault_range(vcpu, gpa(start), gpa(end)), touched)
 
     @rule(attach=st.booleans())
     def dma(self, attach: bool) -> None:

@@ -117,7 +117,7 @@ def test_pat_writes_never_zap(strategy: str) -> None:
 @pytest.mark.parametrize("strategy", ALL_STRATEGIES)
 def test_no_zaps_while_mtrrs_are_not_honoured(strategy: str) -> None:
     vm = ready(strategy, noncoherent_dma=0)
-    vm.fault_range(0, 0, gfn(GIB))
+    vm.fault_range(0, 0, GIB)
     set_deftype(vm, 0, 0xC00)
     vm.write_cr0(0, CD1)
     vm.write_cr0(0, CD0)
@@ -127,12 +127,12 @@ def test_no_zaps_while_mtrrs_are_not_honoured(strategy: str) -> None:
 
 def test_kvm_611_never_zaps_on_mtrr_or_cd_events() -> None:
     vm = ready("kvm-6.11")
-    vm.fault_range(0, 0, gfn(GIB))
+    vm.fault_range(0, 0, GIB)
     set_deftype(vm, 0, 0xC00)
     vm.write_cr0(0, CD1)
     vm.write_cr0(0, CD0)
     assert vm.counters.zap_events == 0
-    assert vm.access(0, gfn(3 * GIB + MIB)).access is not None
+    assert vm.access(0, 3 * GIB + MIB).access is not None
 
 
 # -- CD toggles --------------------------------------------------------------------------
@@ -223,12 +223,12 @@ def test_split_of_a_range_outside_every_slot_queues_nothing_but_still_drains() -
 @pytest.mark.parametrize("strategy", ALL_STRATEGIES)
 def test_dma_0_to_1_and_1_to_0_zap_all_directly_others_do_not(strategy: str) -> None:
     vm = make_vm(strategy, noncoherent_dma=0)
-    vm.fault_range(0, 0, gfn(GIB))
+    vm.fault_range(0, 0, GIB)
     first = vm.attach_dma()
     assert first.zap is not None and first.zap.requested == [ZAP_ALL]
     assert first.counters.dma_zap_events == 1 and first.counters.zap_events == 0
     assert vm.store.leaf_total == 0 and first.counters.drains == 0
-    vm.fault_range(0, 0, gfn(GIB))
+    vm.fault_range(0, 0, GIB)
     second = vm.attach_dma()
     assert second.counters.zaps_executed == 0
     assert vm.detach_dma().counters.zaps_executed == 0
@@ -239,7 +239,7 @@ def test_dma_0_to_1_and_1_to_0_zap_all_directly_others_do_not(strategy: str) -> 
 @pytest.mark.parametrize("strategy", ["kvm-6.5", "fine-grained"])
 def test_dma_transitions_do_not_zap_without_ept(strategy: str) -> None:
     vm = make_vm(strategy, noncoherent_dma=0, tdp=False)
-    vm.fault_range(0, 0, gfn(GIB))
+    vm.fault_range(0, 0, GIB)
     assert vm.attach_dma().counters.zaps_executed == 0
     assert vm.store.leaf_counts()[Level.G1] == 1
 

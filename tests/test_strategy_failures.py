@@ -19,7 +19,7 @@ from mtrremu.core.memtypes import MemType
 from mtrremu.core.vm import Vm
 from mtrremu.plugin.manager import PluginManager
 from tests.broken_strategies import HOOKS
-from tests.helpers import CD0, CD1, GIB, gfn, run_ab, serving, set_deftype, set_var
+from tests.helpers import CD0, CD1, GIB, gfn, gpa, run_ab, serving, set_deftype, set_var
 
 PLUGIN = "tests.broken_strategies"
 MANAGER = PluginManager(entry_points=False, modules=(PLUGIN,))
@@ -34,7 +34,7 @@ def uc_hole(strategy: str) -> Vm:
     set_var(vm, 0, 0, 3 * GIB, GIB, MemType.UC)
     set_deftype(vm, 0, 0xC06)
     vm.write_cr0(0, CD0, host=True)
-    vm.access(0, PAGE)
+    vm.access(0, gpa(PAGE))
     return vm
 
 
@@ -91,7 +91,7 @@ def test_a_failing_call_over_grpc_reports_the_hook_and_goes_on(client: Client) -
     try:
         vm.write_msr(0, msrs.DEFTYPE, 0xC06, host=True)
         vm.write_cr0(0, CD0, host=True)
-        vm.access(0, PAGE << 12)
+        vm.access(0, gpa(PAGE))
         outcome = vm.write_cr0(0, CD1)
         assert outcome.strategy_failure.hook == "on_cd_toggle"
         assert "KeyError" in outcome.strategy_failure.error

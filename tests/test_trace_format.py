@@ -18,13 +18,19 @@ from mtrremu.core.events import (
     Access,
     AttachDma,
     Burst,
+    CheckStaleness,
     DetachDma,
     FaultRange,
     Init,
+    LookupGpa,
+    MsrValue,
+    ReadCounters,
     ReadMsr,
+    ReadVcpuState,
     Reset,
     WriteCr0,
     WriteMsr,
+    WriteMsrs,
 )
 from mtrremu.core.units import Level
 from mtrremu.workloads import WORKLOADS, build
@@ -136,9 +142,9 @@ def test_a_different_seed_changes_the_burst_seeds_only(name: str, count: int) ->
 
 VM: dict[str, Any] = {
     "vcpus": 2,
-    "memslots": [{"base": "0x0", "size": "0x40000000", "kind": "ram", "name": "ram"}],
+    "memslots": [{"base_gpa": "0x0", "size_bytes": "0x40000000", "kind": "ram", "name": "ram"}],
 }
-HEADER: dict[str, Any] = {"format": "mtrremu-trace", "version": 1, "workload": "hand", "vm": VM}
+HEADER: dict[str, Any] = {"format": "mtrremu-trace", "version": 2, "workload": "hand", "vm": VM}
 
 
 def header(**changes: Any) -> str:
@@ -154,7 +160,7 @@ def vm_header(**changes: Any) -> str:
 
 
 def slots(*spans: tuple[str, str]) -> list[dict[str, str]]:
-    return [{"base": base, "size": size} for base, size in spans]
+    return [{"base_gpa": base, "size_bytes": size} for base, size in spans]
 
 
 def write(tmp_path: Path, text_lines: Sequence[str]) -> Path:
@@ -169,28 +175,41 @@ def test_a_hand_written_file_parses_every_item_kind(tmp_path: Path) -> None:
         [
             vm_header(
                 memslots=[
-                    {"base": 0, "size": "0xa0000", "name": "low"},
-                    {"base": "0xc0000000", "size": 0x1000000, "kind": "device", "name": "bar"},
+                    {"base_gpa": 0, "size_bytes": "0xa0000", "name": "low"},
+                    {
+                        "base_gpa": "0xc0000000",
+                        "size_bytes": 0x1000000,
+                        "kind": "device",
+                        "name": "bar",
+                    },
                 ],
                 max_mapping_level="2M",
                 quirk_cd_nw_cleared=False,
                 noncoherent_dma=0,
             ),
-            '{"op": "wrmsr", "vcpu": 0, "msr": "0x2ff", "value": "0xc06", "host": true}',
-            '{"op": "wrmsr", "vcpu": "0x1", "msr": 767, "value": 3078}',
-            '{"op": "rdmsr", "vcpu": 0, "msr": "0x277"}',
-            '{"op": "cr0", "vcpu": 1, "value": "0x60000010", "host": false}',
+            '{"op": "write_msr", "vcpu": 0, "msr": "0x2ff", "value": "0xc06", "host": true}',
+            '{"op": "write_msr", "vcpu": "0x1", "msr": 767, "value": 3078}',
+            '{"op": "read_msr", "vcpu": 0, "msr": "0x277"}',
+            '{"op": "write_cr0", "vcpu": 1, "value": "0x60000010", "host": false}',
             "",
-            '{"op": "reset", "vcpu": 1}',
-            '{"op": "init", "vcpu": 1}',
-            '{"op": "access", "vcpu": 0, "gpa": "0x1000"}',
-            '{"op": "fault_range", "vcpu": 1, "start": "0x0", "end": "0x40000"}',
+            '{"op": "reset_vcpu", "vcpu": 1}',
+            '{"op": "init_vcpu", "vcpu": 1}',
+            '{"op": "access_gpa", "vcpu": 0, "gpa": "0x1000"}',
+            '{"op": "fault_range", "vcpu": 1, "start_gpa": "0x0", "end_gpa": "0x40000"}',
             '{"op": "attach_dma"}',
             '{"op": "detach_dma"}',
-            '{"burst": {"seed": 7, "lanes": [{"vcpu": 1, "ops": [{"op": "init", "vcpu": 1}]},'
-            ' {"vcpu": 0, "ops": [{"op": "reset", "vcpu": 0}, {"op": "rdmsr", "vcpu": 0,'
+            '{"burst": {"seed": 7, "lanes": [{"vcpu": 1, "ops": [{"op": "init_vcpu", "vcpu": 1}]},'
+            ' {"vcpu": 0, "ops": [{"op": "reset_vcpu", "vcpu": 0}, {"op": "read_msr", "vcpu": 0,'
             ' "msr": "0xfe"}]}]}}',
-            '{"burst": {"lanes": []}}',
+            '{"burst": {"lanes": [{"vcpu": 0, "ops": []},'
+            ' {"vcpu": 1, "ops": [{"op": "read_vcpu_state", "vcpu": 1}]}]}}',
+            '{"op": "write_msrs", "vcpu": 1, "msrs": [{"msr": "0x2ff", "value": 0},'
+            ' {"msr": 592, "value": "0x606060606060606"}]}',
+            '{"op": "read_vcpu_state", "vcpu": 0}',
+            '{"op": "lookup_gpa", "gpa": "0xc0000000"}',
+            '{"op": "read_counters"}',
+            '{"op": "check_staleness", "vcpu": 1}',
+            '{"op": "check_staleness", "at_quiescence": true}',
         ],
     )
     trace = load(path)
@@ -211,24 +230,30 @@ def test_a_hand_written_file_parses_every_item_kind(tmp_path: Path) -> None:
         WriteCr0(1, 0x60000010, False),
         Reset(1),
         Init(1),
-        Access(0, 1),
-        FaultRange(1, 0, 0x40),
+        Access(0, 0x1000),
+        FaultRange(1, 0, 0x40000),
         AttachDma(),
         DetachDma(),
         Burst(((1, (Init(1),)), (0, (Reset(0), ReadMsr(0, 0xFE, False)))), 7),
-        Burst((), 0),
+        Burst(((0, ()), (1, (ReadVcpuState(1),))), 0),
+        WriteMsrs(1, (MsrValue(0x2FF, 0), MsrValue(0x250, 0x0606060606060606))),
+        ReadVcpuState(0),
+        LookupGpa(0xC0000000),
+        ReadCounters(),
+        CheckStaleness(1, False),
+        CheckStaleness(0, True),
     )
-    assert trace.operations == 13
+    assert trace.operations == 20
 
 
 def test_blank_lines_are_ignored(tmp_path: Path) -> None:
     text = [
         header(),
         "",
-        '{"op": "reset", "vcpu": 0}',
+        '{"op": "reset_vcpu", "vcpu": 0}',
         "   ",
         "\t",
-        '{"op": "init", "vcpu": 1}',
+        '{"op": "init_vcpu", "vcpu": 1}',
         "",
     ]
     assert load(write(tmp_path, text)).items == (Reset(0), Init(1))
@@ -236,7 +261,7 @@ def test_blank_lines_are_ignored(tmp_path: Path) -> None:
 
 # -- malformed files ------------------------------------------------------------------------
 
-OP = '{"op": "reset", "vcpu": 0}'
+OP = '{"op": "reset_vcpu", "vcpu": 0}'
 
 #: (id, file lines, line of the error, phrase its reason holds)
 MALFORMED: list[tuple[str, list[str], int, str]] = [
@@ -245,9 +270,9 @@ MALFORMED: list[tuple[str, list[str], int, str]] = [
     ("first line an array", ["[1, 2]"], 1, 'the first line must be a header with "format"'),
     ("no format", [header(format=None)], 1, 'the first line must be a header with "format"'),
     ("wrong format", [header(format="other")], 1, 'the first line must be a header with "format"'),
-    ("version 2", [header(version=2)], 1, "unsupported version 2 (want 1)"),
-    ("version string", [header(version="1")], 1, "unsupported version '1' (want 1)"),
-    ("no version", [header(version=None)], 1, "unsupported version None (want 1)"),
+    ("version 1", [header(version=1)], 1, "unsupported version 1 (want 2)"),
+    ("version string", [header(version="2")], 1, "unsupported version '2' (want 2)"),
+    ("no version", [header(version=None)], 1, "unsupported version None (want 2)"),
     ("no vm", [header(vm=None)], 1, 'the header needs a "vm" object'),
     ("vm a list", [header(vm=[])], 1, 'the header needs a "vm" object'),
     ("no memslots", [vm_header(memslots=None)], 1, '"vm" needs a non-empty "memslots" list'),
@@ -273,7 +298,7 @@ MALFORMED: list[tuple[str, list[str], int, str]] = [
     ),
     (
         "memslot kind",
-        [vm_header(memslots=[{"base": 0, "size": 4096, "kind": "rom"}])],
+        [vm_header(memslots=[{"base_gpa": 0, "size_bytes": 4096, "kind": "rom"}])],
         1,
         'memslot kind must be "ram" or "device", not \'rom\'',
     ),
@@ -287,101 +312,109 @@ MALFORMED: list[tuple[str, list[str], int, str]] = [
     ("op an array", [header(), "[1]"], 2, "an operation must be an object"),
     (
         "wrmsr without value",
-        [header(), '{"op": "wrmsr", "vcpu": 0, "msr": "0x2ff"}'],
+        [header(), '{"op": "write_msr", "vcpu": 0, "msr": "0x2ff"}'],
         2,
         "missing 'value'",
     ),
-    ("rdmsr without msr", [header(), '{"op": "rdmsr", "vcpu": 0}'], 2, "missing 'msr'"),
-    ("access without gpa", [header(), '{"op": "access", "vcpu": 0}'], 2, "missing 'gpa'"),
-    ("reset without vcpu", [header(), '{"op": "reset"}'], 2, "missing 'vcpu'"),
-    ("vcpu a word", [header(), '{"op": "reset", "vcpu": "x"}'], 2, "'vcpu' is not a number: 'x'"),
+    ("rdmsr without msr", [header(), '{"op": "read_msr", "vcpu": 0}'], 2, "missing 'msr'"),
+    ("access without gpa", [header(), '{"op": "access_gpa", "vcpu": 0}'], 2, "missing 'gpa'"),
+    ("reset without vcpu", [header(), '{"op": "reset_vcpu"}'], 2, "missing 'vcpu'"),
+    (
+        "vcpu a word",
+        [header(), '{"op": "reset_vcpu", "vcpu": "x"}'],
+        2,
+        "'vcpu' is not a number: 'x'",
+    ),
     (
         "vcpu a boolean",
-        [header(), '{"op": "reset", "vcpu": true}'],
+        [header(), '{"op": "reset_vcpu", "vcpu": true}'],
         2,
         "'vcpu' must be an integer or a \"0x…\" string, not True",
     ),
     (
         "vcpu a float",
-        [header(), '{"op": "reset", "vcpu": 1.5}'],
+        [header(), '{"op": "reset_vcpu", "vcpu": 1.5}'],
         2,
         "'vcpu' must be an integer or a \"0x…\" string, not 1.5",
     ),
     (
         "value over 64 bits",
-        [header(), '{"op": "wrmsr", "vcpu": 0, "msr": "0x2ff", "value": "0x10000000000000000"}'],
+        [
+            header(),
+            '{"op": "write_msr", "vcpu": 0, "msr": "0x2ff", "value": "0x10000000000000000"}',
+        ],
         2,
         "'value' = '0x10000000000000000' does not fit in 64 bits",
     ),
     (
         "value 2**64 as a JSON integer",
-        [header(), '{"op": "cr0", "vcpu": 0, "value": 18446744073709551616}'],
+        [header(), '{"op": "write_cr0", "vcpu": 0, "value": 18446744073709551616}'],
         2,
         "'value' = 18446744073709551616 does not fit in 64 bits",
     ),
     (
         "negative value",
-        [header(), '{"op": "cr0", "vcpu": 0, "value": -1}'],
+        [header(), '{"op": "write_cr0", "vcpu": 0, "value": -1}'],
         2,
         "'value' = -1 does not fit in 64 bits",
     ),
     (
         "msr over 32 bits",
-        [header(), '{"op": "rdmsr", "vcpu": 0, "msr": "0x100000000"}'],
+        [header(), '{"op": "read_msr", "vcpu": 0, "msr": "0x100000000"}'],
         2,
         "'msr' = '0x100000000' does not fit in 32 bits",
     ),
     (
         "host a number",
-        [header(), '{"op": "cr0", "vcpu": 0, "value": "0x11", "host": 1}'],
+        [header(), '{"op": "write_cr0", "vcpu": 0, "value": "0x11", "host": 1}'],
         2,
         "'host' must be true or false, not 1",
     ),
     (
         "host a string",
-        [header(), '{"op": "wrmsr", "vcpu": 0, "msr": 767, "value": 0, "host": "false"}'],
+        [header(), '{"op": "write_msr", "vcpu": 0, "msr": 767, "value": 0, "host": "false"}'],
         2,
         "'host' must be true or false, not 'false'",
     ),
     (
         "fault_range start unaligned",
-        [header(), '{"op": "fault_range", "vcpu": 0, "start": "0x1001", "end": "0x4000"}'],
+        [header(), '{"op": "fault_range", "vcpu": 0, "start_gpa": "0x1001", "end_gpa": "0x4000"}'],
         2,
-        "'start' = '0x1001' is not 4 KiB aligned",
+        "'start_gpa' = 0x1001 is not 4 KiB aligned",
     ),
     (
         "fault_range end unaligned",
-        [header(), '{"op": "fault_range", "vcpu": 0, "start": "0x0", "end": 8191}'],
+        [header(), '{"op": "fault_range", "vcpu": 0, "start_gpa": "0x0", "end_gpa": 8191}'],
         2,
-        "'end' = 8191 is not 4 KiB aligned",
+        "'end_gpa' = 0x1fff is not 4 KiB aligned",
     ),
     (
         "fault_range inverted",
-        [header(), '{"op": "fault_range", "vcpu": 0, "start": "0x4000", "end": "0x1000"}'],
+        [header(), '{"op": "fault_range", "vcpu": 0, "start_gpa": "0x4000", "end_gpa": "0x1000"}'],
         2,
-        "fault_range needs start < end",
+        "fault_range needs start_gpa < end_gpa",
     ),
     (
         "fault_range empty",
-        [header(), '{"op": "fault_range", "vcpu": 0, "start": "0x4000", "end": "0x4000"}'],
+        [header(), '{"op": "fault_range", "vcpu": 0, "start_gpa": "0x4000", "end_gpa": "0x4000"}'],
         2,
-        "fault_range needs start < end",
+        "fault_range needs start_gpa < end_gpa",
     ),
     (
         "vcpu beyond the VM",
-        [header(), OP, '{"op": "init", "vcpu": 2}'],
+        [header(), OP, '{"op": "init_vcpu", "vcpu": 2}'],
         3,
         "vCPU 2 does not exist (the trace's VM has 2)",
     ),
     (
         "burst lane beyond the VM",
-        [header(), '{"burst": {"lanes": [{"vcpu": 5, "ops": [{"op": "init", "vcpu": 5}]}]}}'],
+        [header(), '{"burst": {"lanes": [{"vcpu": 5, "ops": [{"op": "init_vcpu", "vcpu": 5}]}]}}'],
         2,
         "vCPU 5 does not exist (the trace's VM has 2)",
     ),
     (
         "burst lane with another vCPU's op",
-        [header(), '{"burst": {"lanes": [{"vcpu": 0, "ops": [{"op": "init", "vcpu": 1}]}]}}'],
+        [header(), '{"burst": {"lanes": [{"vcpu": 0, "ops": [{"op": "init_vcpu", "vcpu": 1}]}]}}'],
         2,
         "burst lane of vCPU 0 holds an op of vCPU 1",
     ),
@@ -409,6 +442,18 @@ MALFORMED: list[tuple[str, list[str], int, str]] = [
     ),
     ("burst without lanes", [header(), '{"burst": {"seed": 1}}'], 2, 'a burst needs a "lanes"'),
     (
+        "burst without operations",
+        [header(), '{"burst": {"lanes": [{"vcpu": 0, "ops": []}]}}'],
+        2,
+        "a burst needs at least one operation",
+    ),
+    (
+        "unknown field",
+        [header(), '{"op": "access_gpa", "vcpu": 0, "gpa": 0, "gfn": "0x1"}'],
+        2,
+        "access_gpa has no field 'gfn'",
+    ),
+    (
         "burst lane without ops",
         [header(), '{"burst": {"lanes": [{"vcpu": 0}]}}'],
         2,
@@ -416,13 +461,18 @@ MALFORMED: list[tuple[str, list[str], int, str]] = [
     ),
     (
         "burst seed over 64 bits",
-        [header(), '{"burst": {"seed": "0x1ffffffffffffffff", "lanes": []}}'],
+        [
+            header(),
+            '{"burst": {"seed": "0x1ffffffffffffffff", "lanes": [{"vcpu": 0, "ops": ['
+            + OP
+            + "]}]}}",
+        ],
         2,
         "'seed' = '0x1ffffffffffffffff' does not fit in 64 bits",
     ),
     (
         "blank lines count",
-        [header(), "", OP, "   ", "", '{"op": "wrmsr", "vcpu": 0, "msr": "0x2ff"}', ""],
+        [header(), "", OP, "   ", "", '{"op": "write_msr", "vcpu": 0, "msr": "0x2ff"}', ""],
         6,
         "missing 'value'",
     ),
@@ -511,7 +561,7 @@ def test_a_trace_format_error_survives_pickling() -> None:
 
 @pytest.mark.parametrize("executor", [None, "local:2"], ids=["inline", "local-2"])
 def test_the_cli_rejects_a_malformed_trace_file(executor: str | None, tmp_path: Path) -> None:
-    bad = write(tmp_path, [header(), "", OP, '{"op": "init", "vcpu": 7}'])
+    bad = write(tmp_path, [header(), "", OP, '{"op": "init_vcpu", "vcpu": 7}'])
     extra = [] if executor is None else ["--executor", executor, "-s", "zap-all"]
     done = run_ab("--trace", str(bad), *extra, out=tmp_path / "out", timeout=120)
     assert done.returncode == 2, done.stderr

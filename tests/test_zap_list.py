@@ -12,7 +12,6 @@ from tests.helpers import (
     CD1,
     GIB,
     MIB,
-    gfn,
     leaves,
     make_vm,
     q35_slots,
@@ -98,7 +97,7 @@ def test_fine_grained_allocation_failure_clears_the_list_and_zaps_all() -> None:
     set_var(vm, 0, 0, 3 * GIB, GIB, MemType.UC)
     set_var(vm, 0, 1, 2 * GIB, 256 * MIB, MemType.WT)
     set_deftype(vm, 0, 0xC06)
-    vm.fault_range(0, 0, gfn(4 * GIB))
+    vm.fault_range(0, 0, 4 * GIB)
     # Another vCPU's range is waiting on the list.
     other = vm.zap_list.add(GfnRange(7, 8), Counters())
     vm.zap_list.fail_allocations(count=1, after=1)  # the second range fails
@@ -114,7 +113,7 @@ def test_fine_grained_allocation_failure_clears_the_list_and_zaps_all() -> None:
 def test_serialised_allocation_failure_zaps_the_request_directly() -> None:
     vm = make_vm("zap-all-serialized")
     vm.write_cr0(0, CD0, host=True)
-    vm.fault_range(0, 0, gfn(GIB))
+    vm.fault_range(0, 0, GIB)
     other = vm.zap_list.add(GfnRange(7, 8), Counters())
     vm.zap_list.fail_allocations()
     result = vm.write_msr(0, msrs.DEFTYPE, 0xC06)

@@ -3,12 +3,15 @@
 //
 //   node clients/node/scenario.mjs <target>        # target: 127.0.0.1:PORT or unix:/path
 //
-// Prints ONE JSON document to stdout:
+// Every address is a byte address (a gpa), as everywhere in the API; memory types arrive as enum
+// names. Prints ONE JSON document to stdout:
 //   {"steps": [{"name": ..., "outcome": <EventOutcome as received>}
+//              | {"name": ..., "results": [<OperationResult as received>, ...]}   (Execute)
 //              | {"name": ..., "error": {"code": <status name>, "reason": <ErrorInfo reason>}}, ...],
-//    "counters": <GetCountersResponse.counters as received>}
+//    "counters": <ReadCountersResponse.outcome.vm_counters as received>}
 // Exits non-zero if the server does not answer as a KVM-like emulator must (a bad guest write
-// that is not a #GP, a bad host write that is not INVALID_ARGUMENT) or on any other RPC failure.
+// that is not a #GP, a bad host write that is not INVALID_ARGUMENT, an ErrorInfo reason that the
+// plain "mtrremu-reason" trailer does not repeat) or on any other RPC failure.
 //
 // tests/test_node_interop.py replays the same step list through the Python client and compares
 // the two documents: keep SCENARIO below and `scenario()` in that test in step.
@@ -74,16 +77,46 @@ const access = (phase, vcpu, gpa) => ({
   rpc: "AccessGpa",
   operation: { vcpu, gpa: BigInt(gpa) },
 });
+/** KVM_SET_MSRS: host writes in order; outcome.value says how many were written. */
+const wrmsrs = (phase, vcpu, pairs) => ({
+  name: `${phase}: vcpu${vcpu} host wrmsrs ${pairs.length} msrs`,
+  rpc: "WriteMsrs",
+  operation: { vcpu, msrs: pairs.map(([msr, value]) => ({ msr, value: BigInt(value) })) },
+});
+const readState = (phase, vcpu) => ({
+  name: `${phase}: vcpu${vcpu} state`,
+  rpc: "ReadVcpuState",
+  operation: { vcpu },
+});
+const lookup = (phase, gpa) => ({
+  name: `${phase}: lookup ${hex(gpa)}`,
+  rpc: "LookupGpa",
+  operation: { gpa: BigInt(gpa) },
+});
+const staleness = (phase, vcpu) => ({
+  name: `${phase}: vcpu${vcpu} staleness`,
+  rpc: "CheckStaleness",
+  operation: { vcpu },
+});
+/** An Execute batch: operations (each `{<oneof member>: {...}}`) whose results come back in order. */
+const batch = (phase, operations) => ({
+  name: `${phase}: batch of ${operations.length}`,
+  rpc: "Execute",
+  operations,
+});
 const faultRange = (phase, vcpu, start, end) => ({
   name: `${phase}: vcpu${vcpu} fault-range [${hex(start)}, ${hex(end)})`,
   rpc: "FaultRange",
   operation: { vcpu, start_gpa: BigInt(start), end_gpa: BigInt(end) },
 });
 
-/** QEMU's reset push on one vCPU: host-initiated zeros, defType first, then fixed, then variable. */
+/** QEMU's reset push on one vCPU: one KVM_SET_MSRS of zeros, defType first, then fixed, then
+ * variable. */
 const resetPush = (vcpu) =>
-  [DEFTYPE, ...FIXED_MSRS, ...VARIABLE_MSRS].map((msr) =>
-    wrmsr("qemu-reset-push", vcpu, msr, 0n, "host"),
+  wrmsrs(
+    "qemu-reset-push",
+    vcpu,
+    [DEFTYPE, ...FIXED_MSRS, ...VARIABLE_MSRS].map((msr) => [msr, 0n]),
   );
 
 /** SeaBIOS mtrr_setup on the BSP (after transition32 cleared CD/NW), no CD toggle around it. */
@@ -106,8 +139,8 @@ const seabiosMtrrSetup = (vcpu) => {
 
 /** The scenario, in order. Marked steps are checked: `expect: "gp"` / `expect: "INVALID_ARGUMENT"`. */
 const SCENARIO = [
-  ...resetPush(0),
-  ...resetPush(1),
+  resetPush(0),
+  resetPush(1),
   cr0("seabios-transition32", 0, CR0_RESET_CD_CLEARED),
   ...seabiosMtrrSetup(0),
   cr0("seabios-entry-smp", 1, CR0_RESET_CD_CLEARED),
@@ -121,6 +154,22 @@ const SCENARIO = [
   cr0("cd-toggle", 0, CR0_RESET_CD_CLEARED),
   { ...wrmsr("bad-guest-write", 0, 0x202, 0x80000002n), expect: "gp" }, // type 2 is reserved
   { ...wrmsr("bad-host-write", 0, DEFTYPE, 0x300n, "host"), expect: "INVALID_ARGUMENT" }, // bits 8-9
+  // A host write stopping at its second MSR: value 1, rejected says why.
+  wrmsrs("partial-set-msrs", 1, [
+    [0x277, 0x0007040600070406n], // PAT: its reset value
+    [DEFTYPE, 0x300n], // reserved bits 8-9: refused, nothing after it runs
+    [0x200, 0n],
+  ]),
+  readState("snapshot", 0),
+  lookup("snapshot", 0x100000000n),
+  staleness("snapshot", 0),
+  batch("batch", [
+    { access_gpa: { vcpu: 1, gpa: 0x40000000n } },
+    { read_vcpu_state: { vcpu: 1 } },
+    { write_cr0: { vcpu: 7, value: 0n, initiator: "INITIATOR_GUEST" } }, // no vCPU 7: an error result
+    { lookup_gpa: { gpa: 0x40000000n } },
+    { read_counters: {} },
+  ]),
 ];
 
 // -- google.rpc.Status from the grpc-status-details-bin trailer ---------------------------------
@@ -158,7 +207,8 @@ function* wireFields(buf) {
 
 const ERROR_INFO_TYPE = "type.googleapis.com/google.rpc.ErrorInfo";
 
-/** The reason of the first google.rpc.ErrorInfo in a failed call's status details, if any. */
+/** The reason of the first google.rpc.ErrorInfo in a failed call's status details, if any.
+ * (Without a protobuf runtime for google/rpc/status.proto, the "mtrremu-reason" trailer has it.) */
 function errorInfoReason(error) {
   const blobs = error.metadata?.get("grpc-status-details-bin") ?? [];
   for (const blob of blobs) {
@@ -215,6 +265,27 @@ function unary(client, rpc, request) {
   });
 }
 
+/** One Execute stream with one batch: every result, across the responses answering it (a
+ * batch may take several, each under 1 MiB; the last has last = true). */
+function execute(client, request) {
+  return new Promise((resolve, reject) => {
+    const deadline = new Date(Date.now() + DEADLINE_MS);
+    const call = client.Execute({ deadline });
+    const results = [];
+    let last = false;
+    call.on("data", (response) => {
+      results.push(...response.results);
+      last = response.last === true;
+    });
+    call.on("error", reject);
+    call.on("end", () =>
+      last ? resolve(results) : reject(new ScenarioError("Execute ended before its last response")),
+    );
+    call.write(wire(request));
+    call.end();
+  });
+}
+
 class ScenarioError extends Error {}
 
 async function run(target) {
@@ -226,6 +297,11 @@ async function run(target) {
     const steps = [];
     try {
       for (const step of SCENARIO) {
+        if (step.rpc === "Execute") {
+          const request = { vm_id: vmId, operations: step.operations, batch_id: 1n };
+          steps.push({ name: step.name, results: await execute(client, request) });
+          continue;
+        }
         const request = { vm_id: vmId, operation: step.operation };
         let response;
         try {
@@ -237,6 +313,10 @@ async function run(target) {
             throw new ScenarioError(`${step.name}: expected ${step.expect}, got ${code}`);
           }
           const reason = errorInfoReason(error);
+          const trailer = error.metadata?.get("mtrremu-reason")?.[0];
+          if (trailer !== reason) {
+            throw new ScenarioError(`${step.name}: ErrorInfo says ${reason}, trailer ${trailer}`);
+          }
           steps.push({ name: step.name, error: reason === undefined ? { code } : { code, reason } });
           continue;
         }
@@ -249,8 +329,8 @@ async function run(target) {
         }
         steps.push({ name: step.name, outcome });
       }
-      const { counters } = await unary(client, "GetCounters", { vm_id: vmId });
-      return { steps, counters };
+      const { outcome } = await unary(client, "ReadCounters", { vm_id: vmId });
+      return { steps, counters: outcome.vm_counters };
     } finally {
       await unary(client, "DeleteVm", { vm_id: vmId });
     }

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from mtrremu.ab.published import published
 from mtrremu.core.counters import Counters
+from mtrremu.core.oracle import STALENESS_COUNTS
 from mtrremu.core.units import PAGE_SHIFT
 from mtrremu.plugin.manager import RegisteredStrategy, own_version
 from mtrremu.workloads.trace import Trace
@@ -109,18 +110,6 @@ def record(
         "wall_seconds": round(seconds, 4),
         "mtrremu_version": own_version(),
     }
-
-
-#: The oracle's counts in a record's ``staleness`` (besides ``at_end``, ``excused`` and
-#: ``first_stale_event``).
-STALENESS_COUNTS = (
-    "checks",
-    "stale_points",
-    "stale_leaves_max",
-    "event_checks",
-    "stale_events",
-    "stale_event_leaves_max",
-)
 
 
 def verdict(staleness: dict[str, Any], failure: dict[str, Any] | None) -> str:

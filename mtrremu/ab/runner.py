@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from mtrremu.ab.published import ROWS
-from mtrremu.ab.records import STALENESS_COUNTS, record
+from mtrremu.ab.records import record
 from mtrremu.core.burst import execute
 from mtrremu.core.config import Memslot, MemslotKind
 from mtrremu.core.errors import BrokenStrategy, InvalidArgument
 from mtrremu.core.events import Refused, operation_results
-from mtrremu.core.vm import StalenessLog
+from mtrremu.core.oracle import STALENESS_COUNTS, StalenessLog
 from mtrremu.plugin.manager import BUILTIN_PLUGINS, manager_for
 from mtrremu.workloads import build, workload
 from mtrremu.workloads.trace import Trace, load
@@ -180,13 +180,13 @@ def _replay_remote(spec: RunSpec, trace: Trace) -> Replay:
                 (r.error.reason, None)
                 if r.HasField("error")
                 else (None, _remote_failure(r.outcome))
-                for r in rpc.operation_results(remote.execute(trace.items))
+                for r in remote.execute(trace.items)
             )
             counters = remote.counters().as_dict()
             report = remote.staleness(at_quiescence=True)
         finally:
             remote.delete()
-    at_end = report.stale_leaves if report.quiescent else None
+    at_end = report.stale_leaves if report.HasField("stale_leaves") else None
     return Replay(counters, _staleness(report.tracking, at_end), refused, first_failure)
 
 

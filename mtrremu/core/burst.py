@@ -14,7 +14,6 @@ from collections.abc import Iterable
 
 from mtrremu.core.errors import InvalidArgument, MtrremuError
 from mtrremu.core.events import (
-    VCPU_OPS,
     Burst,
     BurstResult,
     EventResult,
@@ -23,6 +22,7 @@ from mtrremu.core.events import (
     Refused,
     VcpuOp,
 )
+from mtrremu.core.operations import BY_TYPE
 from mtrremu.core.vm import Vm
 
 
@@ -31,7 +31,10 @@ def refusal(item: Item, error: MtrremuError) -> Refused:
 
 
 def check_burst(vm: Vm, burst: Burst) -> None:
-    """Refuse a malformed burst before anything runs."""
+    """Refuse a malformed burst before anything runs. A burst needs an operation: its
+    results are its operations' results, and every batch entry must be answered."""
+    if not any(ops for _, ops in burst.lanes):
+        raise InvalidArgument("a burst needs at least one operation")
     seen = set()
     for vcpu, ops in burst.lanes:
         vm.vcpu(vcpu)
@@ -39,7 +42,8 @@ def check_burst(vm: Vm, burst: Burst) -> None:
             raise InvalidArgument(f"burst has two lanes for vCPU {vcpu}")
         seen.add(vcpu)
         for op in ops:
-            if not isinstance(op, VCPU_OPS) or op.vcpu != vcpu:
+            kind = BY_TYPE.get(type(op))
+            if kind is None or not kind.per_vcpu or getattr(op, "vcpu", None) != vcpu:
                 raise InvalidArgument(f"burst lane of vCPU {vcpu} holds {op!r}")
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from mtrremu.core.counters import Counters
 from mtrremu.core.ept import PopulateOutcome
 from mtrremu.core.memtype import EptMemtype
+from mtrremu.core.oracle import StalenessLog, StaleReport
 from mtrremu.core.strategy import StrategyFailure
 from mtrremu.core.units import Level
 from mtrremu.core.zap_engine import ZapReport
@@ -58,19 +59,20 @@ class Init:
 
 @dataclass(slots=True)
 class Access:
-    """A guest touch of one page."""
+    """A guest touch of the page holding byte ``gpa`` (any byte address)."""
 
     vcpu: int
-    gfn: int
+    gpa: int
 
 
 @dataclass(slots=True)
 class FaultRange:
-    """A guest touching every page of ``[start, end)`` (gfns) in ascending order."""
+    """A guest touching every page of ``[start_gpa, end_gpa)`` in ascending order (bytes, both
+    4 KiB aligned)."""
 
     vcpu: int
-    start: int
-    end: int
+    start_gpa: int
+    end_gpa: int
 
 
 @dataclass(slots=True)
@@ -80,17 +82,66 @@ class AttachDma:
 
 @dataclass(slots=True)
 class DetachDma:
-    pass
+    """One non-coherent DMA device detached (FAILED_PRECONDITION when none is attached)."""
 
 
-Op = WriteMsr | ReadMsr | WriteCr0 | Reset | Init | Access | FaultRange | AttachDma | DetachDma
-VCPU_OPS = (WriteMsr, ReadMsr, WriteCr0, Reset, Init, Access, FaultRange)
-VcpuOp = WriteMsr | ReadMsr | WriteCr0 | Reset | Init | Access | FaultRange
+@dataclass(frozen=True, slots=True)
+class MsrValue:
+    """One MSR and its value."""
+
+    msr: int
+    value: int
+
+
+@dataclass(slots=True)
+class WriteMsrs:
+    """KVM_SET_MSRS: host-initiated writes in order, stopping at the first one KVM refuses;
+    the result says how many were written (``value``) and why the next was refused."""
+
+    vcpu: int
+    msrs: tuple[MsrValue, ...]
+
+
+@dataclass(slots=True)
+class ReadVcpuState:
+    """A vCPU's whole register state: CR0, PAT and every MTRR MSR (as a host read)."""
+
+    vcpu: int
+
+
+@dataclass(slots=True)
+class LookupGpa:
+    """What the EPT holds for the page of byte ``gpa``."""
+
+    gpa: int
+
+
+@dataclass(slots=True)
+class ReadCounters:
+    """The VM's counters so far."""
+
+
+@dataclass(slots=True)
+class CheckStaleness:
+    """The staleness oracle now, relative to ``vcpu``; with ``at_quiescence``, relative to
+    every vCPU at once if they all hold the same MTRRs and CR0.CD (``vcpu`` is ignored)."""
+
+    vcpu: int = 0
+    at_quiescence: bool = False
+
+
+#: Operations on one vCPU: a burst lane may hold them.
+VcpuOp = (
+    WriteMsr | WriteMsrs | ReadMsr | WriteCr0 | Reset | Init | Access | FaultRange | ReadVcpuState
+)
+#: Operations on the VM as a whole.
+VmOp = AttachDma | DetachDma | LookupGpa | ReadCounters | CheckStaleness
+Op = VcpuOp | VmOp
 
 
 @dataclass(frozen=True)
 class Burst:
-    """Per-vCPU operation lists acting at the same time (semantics.md §7).
+    """Per-vCPU operation lists acting at the same time (see :mod:`mtrremu.core.burst`).
 
     ``lanes`` holds ``(vcpu, operations)`` pairs; every operation of a lane is on that vCPU.
     ``seed`` fixes the order within each lock-step round.
@@ -112,11 +163,40 @@ class AccessKind(enum.Enum):
 
 @dataclass(frozen=True)
 class Mapping:
-    """The leaf that serves an access."""
+    """The leaf that serves an access: its level, the first byte it maps, its memory type."""
 
     level: Level
-    base_gfn: int
+    base_gpa: int
     memtype: EptMemtype
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """What the EPT holds for one page: a leaf (``mapping``), a leaf a zap removed
+    (``zapped``), an MMIO marker (``mmio``), or nothing."""
+
+    mapping: Mapping | None
+    zapped: bool
+    mmio: bool
+
+
+@dataclass(frozen=True)
+class VcpuState:
+    """A vCPU's registers as a host reads them back: CR0, PAT and every MTRR MSR."""
+
+    cr0: int
+    pat: int
+    mtrrs: tuple[MsrValue, ...]
+
+
+@dataclass(frozen=True)
+class StalenessAnswer:
+    """The oracle's answer: ``report`` (``None`` when asked at quiescence and the vCPUs
+    disagree), whether the VM is quiescent, and what tracking found so far."""
+
+    report: StaleReport | None
+    quiescent: bool
+    tracking: StalenessLog
 
 
 @dataclass(frozen=True)
@@ -168,6 +248,12 @@ class EventResult:
     cd_toggled: bool = False
     #: The strategy failed on this event (the VM zapped everything in its place).
     strategy_failure: StrategyFailure | None = None
+    #: Why a multi-MSR write stopped (``value`` says how many were written).
+    rejected: str | None = None
+    lookup: Lookup | None = None
+    vm_counters: Counters | None = None
+    vcpu_state: VcpuState | None = None
+    staleness: StalenessAnswer | None = None
     own_counters: Counters | None = field(default=None, repr=False)
 
     @property

@@ -27,7 +27,7 @@ import numpy.typing as npt
 from mtrremu.core.ept import EptStore, decode_leaf
 from mtrremu.core.interval_map import IntervalMap
 from mtrremu.core.memtype import EptMemtype
-from mtrremu.core.units import LEAF_LEVELS_DESCENDING, Level
+from mtrremu.core.units import LEAF_LEVELS_DESCENDING, PAGE_SHIFT, Level
 
 #: How many stale leaves a report lists in full.
 EXAMPLES = 16
@@ -36,7 +36,7 @@ EXAMPLES = 16
 @dataclass(frozen=True)
 class StaleLeaf:
     level: Level
-    base_gfn: int
+    base_gpa: int
     have: EptMemtype
     #: What a fresh fault would install at the leaf's first page.
     want: EptMemtype | None
@@ -46,7 +46,7 @@ class StaleLeaf:
     def __str__(self) -> str:
         want = "mixed types" if self.mixed else str(self.want)
         return (
-            f"{self.level.label} leaf at gfn {self.base_gfn:#x}: {self.have}, fresh fault: {want}"
+            f"{self.level.label} leaf at gpa {self.base_gpa:#x}: {self.have}, fresh fault: {want}"
         )
 
 
@@ -90,13 +90,13 @@ def find_stale(
             listed.append(
                 StaleLeaf(
                     level,
-                    int(gfns[i]),
+                    int(gfns[i]) << PAGE_SHIFT,
                     decode_leaf(int(have[i])),
                     decode_leaf(wanted) if wanted else None,
                     mixed=not bool(uniform[i]),
                 )
             )
-    listed.sort(key=lambda leaf: leaf.base_gfn)
+    listed.sort(key=lambda leaf: leaf.base_gpa)
     return StaleReport(
         vcpu,
         sum(by_level.values()),
@@ -104,6 +104,46 @@ def find_stale(
         tuple(listed[:examples]),
         np.sort(np.concatenate(keys)),
     )
+
+
+@dataclass
+class StalenessLog:
+    """What the oracle found while ``VmConfig.track_staleness`` is on (see :mod:`.oracle`).
+
+    **At quiescent points.** After an event that may change memory types (an accepted MTRR
+    write, a CR0.CD flip, a DMA transition), the next time every vCPU holds the same MTRRs and
+    CR0.CD the oracle runs: ``checks`` counts those points, ``stale_points`` the ones with stale
+    leaves, and ``stale_leaves_max`` the most stale leaves seen at one. A fault never adds a
+    stale leaf, so checking only after such changes is exact. Inside a burst the check waits for
+    the round's drain.
+
+    **After each event.** For every event the strategy was asked about, and every DMA transition,
+    once its zaps have run (in a burst: after the round's drain): ``event_checks`` counts the
+    events that changed what the acting vCPU expects; ``stale_events`` those that left leaves
+    newly stale for that vCPU beyond what the strategy's declared gaps explain;
+    ``stale_event_leaves_max`` the most such leaves after one event; ``excused`` the events a
+    declared gap explained, by gap; ``first_stale_event`` describes the first stale event.
+    """
+
+    checks: int = 0
+    stale_points: int = 0
+    stale_leaves_max: int = 0
+    event_checks: int = 0
+    stale_events: int = 0
+    stale_event_leaves_max: int = 0
+    excused: dict[str, int] = field(default_factory=dict)
+    first_stale_event: str = ""
+
+
+#: The counts of a :class:`StalenessLog` (besides ``excused`` and ``first_stale_event``).
+STALENESS_COUNTS = (
+    "checks",
+    "stale_points",
+    "stale_leaves_max",
+    "event_checks",
+    "stale_events",
+    "stale_event_leaves_max",
+)
 
 
 class Gap(enum.Enum):

@@ -8,7 +8,9 @@ list has its own lock and never calls out while holding it.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -17,7 +19,7 @@ from mtrremu.core import cr0 as cr0_bits
 from mtrremu.core import msrs
 from mtrremu.core.config import MAX_DMA_DEVICES, VmConfig
 from mtrremu.core.counters import Counters
-from mtrremu.core.ept import Entry, EptStore, decode_leaf, encode_leaf
+from mtrremu.core.ept import EptStore, decode_leaf, encode_leaf
 from mtrremu.core.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -30,67 +32,57 @@ from mtrremu.core.events import (
     AccessInfo,
     AccessKind,
     AttachDma,
+    CheckStaleness,
     DetachDma,
     EventResult,
     FaultRange,
     Init,
+    Lookup,
+    LookupGpa,
     Mapping,
+    MsrValue,
     Op,
     PopulateInfo,
+    ReadCounters,
     ReadMsr,
+    ReadVcpuState,
     Reset,
+    StalenessAnswer,
+    VcpuState,
     WriteCr0,
     WriteMsr,
+    WriteMsrs,
 )
 from mtrremu.core.fault import FaultPlan, FaultView, Memslots
 from mtrremu.core.interval_map import IntervalMap
 from mtrremu.core.memtype import Profile
 from mtrremu.core.observer import NULL_OBSERVER, Observer
+from mtrremu.core.operations import OPERATIONS
 from mtrremu.core.oracle import (
     EXAMPLES,
     Gap,
     StaleLeaf,
+    StalenessLog,
     StaleReport,
     find_stale,
     leaf_key_ranges,
     newly_stale,
 )
 from mtrremu.core.strategy import NO_ZAP, StrategyFailure, VmView, ZapDecision, ZapStrategy
-from mtrremu.core.units import EPT_GFN_LIMIT, PAGE_SHIFT, U64_MASK, ZAP_ALL, GfnRange, Level
+from mtrremu.core.units import (
+    EPT_GFN_LIMIT,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    U64_MASK,
+    ZAP_ALL,
+    GfnRange,
+    Level,
+)
 from mtrremu.core.vcpu import VCpu
 from mtrremu.core.zap_engine import ZapEngine
 from mtrremu.core.zap_list import Role, ZapList
 
 _PAT = msrs.PAT
-
-
-@dataclass
-class StalenessLog:
-    """What the oracle found while ``VmConfig.track_staleness`` is on (see :mod:`.oracle`).
-
-    **At quiescent points.** After an event that may change memory types (an accepted MTRR
-    write, a CR0.CD flip, a DMA transition), the next time every vCPU holds the same MTRRs and
-    CR0.CD the oracle runs: ``checks`` counts those points, ``stale_points`` the ones with stale
-    leaves, and ``stale_leaves_max`` the most stale leaves seen at one. A fault never adds a
-    stale leaf, so checking only after such changes is exact. Inside a burst the check waits for
-    the round's drain.
-
-    **After each event.** For every event the strategy was asked about, and every DMA transition,
-    once its zaps have run (in a burst: after the round's drain): ``event_checks`` counts the
-    events that changed what the acting vCPU expects; ``stale_events`` those that left leaves
-    newly stale for that vCPU beyond what the strategy's declared gaps explain;
-    ``stale_event_leaves_max`` the most such leaves after one event; ``excused`` the events a
-    declared gap explained, by gap; ``first_stale_event`` describes the first stale event.
-    """
-
-    checks: int = 0
-    stale_points: int = 0
-    stale_leaves_max: int = 0
-    event_checks: int = 0
-    stale_events: int = 0
-    stale_event_leaves_max: int = 0
-    excused: dict[str, int] = field(default_factory=dict)
-    first_stale_event: str = ""
 
 
 @dataclass(frozen=True)
@@ -125,7 +117,11 @@ def _leaf(key: int, expected: IntervalMap) -> StaleLeaf:
     gfn, level = key >> 16, Level((key >> 8) & 0xFF)
     want = expected.value_at(gfn)
     return StaleLeaf(
-        level, gfn, decode_leaf(key & 0xFF), decode_leaf(want) if want else None, False
+        level,
+        gfn << PAGE_SHIFT,
+        decode_leaf(key & 0xFF),
+        decode_leaf(want) if want else None,
+        False,
     )
 
 
@@ -174,6 +170,9 @@ class Vm:
         self._event_checks: list[_EventCheck] = []
         self._bursting = 0
         self._refresh_view()
+        self._handlers: dict[type[Any], Callable[[Any, bool], EventResult]] = {
+            kind.type: getattr(self, f"_{kind.name}") for kind in OPERATIONS
+        }
 
     def _refresh_view(self) -> None:
         """The strategy's view and the honoured flag change only with the DMA count."""
@@ -204,22 +203,32 @@ class Vm:
         with self._vm_lock:
             return self.counters.copy()
 
-    def lookup(self, gfn: int) -> Entry:
-        self._check_gfn(gfn)
+    def lookup(self, gpa: int) -> Lookup:
+        """The EPT entry for the page holding byte ``gpa``: a leaf, a zapped one, an MMIO marker
+        or nothing."""
+        gfn = self._gfn_of(gpa)
         with self._mmu_lock:
-            return self.store.lookup(gfn)
+            entry = self.store.lookup(gfn)
+        mapping = (
+            Mapping(entry.level, entry.base_gfn << PAGE_SHIFT, entry.memtype)
+            if entry.present
+            else None
+        )
+        return Lookup(mapping, entry.zapped, entry.mmio)
 
     def leaf_runs(self) -> list[tuple[Level, int, int, int]]:
         """Present leaves as runs (see :meth:`EptStore.leaf_runs`), taken under the MMU lock."""
         with self._mmu_lock:
             return list(self.store.leaf_runs())
 
-    def _check_gfn(self, gfn: int) -> None:
-        if not 0 <= gfn < self._gfn_limit:
+    def _gfn_of(self, gpa: int) -> int:
+        """The page of byte ``gpa``, which must lie in the guest-physical space."""
+        if not 0 <= gpa < self._gfn_limit << PAGE_SHIFT:
             raise InvalidArgument(
-                f"gfn {gfn:#x} is outside the guest-physical space "
+                f"gpa {gpa:#x} is outside the guest-physical space "
                 f"(MAXPHYADDR {self.config.guest_maxphyaddr}, a 4-level EPT's 48 bits)"
             )
+        return gpa >> PAGE_SHIFT
 
     # -- internals -------------------------------------------------------------------------
 
@@ -333,7 +342,7 @@ class Vm:
         """RDMSR (an unknown index is a #GP) or KVM_GET_MSRS (an error)."""
         return self._read_msr(ReadMsr(vcpu, msr, host))
 
-    def _read_msr(self, op: ReadMsr) -> EventResult:
+    def _read_msr(self, op: ReadMsr, defer_drain: bool = False) -> EventResult:
         vc = self.vcpu(op.vcpu)
         if not 0 <= op.msr <= U64_MASK:
             raise InvalidArgument(f"MSR index {op.msr:#x} does not fit in 64 bits")
@@ -392,8 +401,11 @@ class Vm:
     def reset(self, vcpu: int) -> EventResult:
         """RESET: CR0 back to 0x60000010 (CD=NW=1) without any zap; MTRRs and PAT are left to
         the VMM's reset push, as KVM does."""
-        vc = self.vcpu(vcpu)
-        result = EventResult(Reset(vcpu))
+        return self._reset_vcpu(Reset(vcpu))
+
+    def _reset_vcpu(self, op: Reset, defer_drain: bool = False) -> EventResult:
+        vc = self.vcpu(op.vcpu)
+        result = EventResult(op)
         with vc.lock:
             result.cd_toggled = not vc.cd
             vc.cr0 = result.value = cr0_bits.RESET_VALUE
@@ -402,29 +414,32 @@ class Vm:
 
     def init(self, vcpu: int) -> EventResult:
         """INIT: CR0 to its reset value but CD and NW kept; no zap."""
-        vc = self.vcpu(vcpu)
-        result = EventResult(Init(vcpu))
+        return self._init_vcpu(Init(vcpu))
+
+    def _init_vcpu(self, op: Init, defer_drain: bool = False) -> EventResult:
+        vc = self.vcpu(op.vcpu)
+        result = EventResult(op)
         with vc.lock:
             vc.cr0 = result.value = cr0_bits.init_value(vc.cr0)
         return self._finish(result)
 
     # -- guest accesses --------------------------------------------------------------------
 
-    def access(self, vcpu: int, gfn: int) -> EventResult:
-        """A guest touch: a hit, a fault that installs a leaf, or an MMIO exit."""
-        return self._access(Access(vcpu, gfn))
+    def access(self, vcpu: int, gpa: int) -> EventResult:
+        """A guest touch of the page holding byte ``gpa``: a hit, a fault that installs a leaf,
+        or an MMIO exit."""
+        return self._access_gpa(Access(vcpu, gpa))
 
-    def _access(self, op: Access) -> EventResult:
+    def _access_gpa(self, op: Access, defer_drain: bool = False) -> EventResult:
         vc = self.vcpu(op.vcpu)
-        gfn = op.gfn
-        self._check_gfn(gfn)
+        gfn = self._gfn_of(op.gpa)
         result = EventResult(op)
         counters = result.counters
         with vc.lock, self._mmu_lock:
             entry = self.store.lookup(gfn)
             if entry.present:
                 counters.hits += 1
-                mapping = Mapping(entry.level, entry.base_gfn, entry.memtype)
+                mapping = Mapping(entry.level, entry.base_gfn << PAGE_SHIFT, entry.memtype)
                 result.access = AccessInfo(AccessKind.HIT, mapping)
                 return self._finish(result)
             slot = self.memslots.index_of(gfn)
@@ -440,23 +455,29 @@ class Vm:
             refault = self.store.install(gfn, level, encode_leaf(memtype))
         counters.faults += 1
         counters.refaults += int(refault)
-        result.access = AccessInfo(AccessKind.FAULT, Mapping(level, base, memtype), refault)
+        mapping = Mapping(level, base << PAGE_SHIFT, memtype)
+        result.access = AccessInfo(AccessKind.FAULT, mapping, refault)
         return self._finish(result, faulted_vcpu=op.vcpu)
 
-    def fault_range(self, vcpu: int, start: int, end: int) -> EventResult:
-        """The guest touching every page of gfns ``[start, end)`` in order (vectorised).
+    def fault_range(self, vcpu: int, start_gpa: int, end_gpa: int) -> EventResult:
+        """The guest touching every page of ``[start_gpa, end_gpa)`` in order (vectorised; both
+        bounds 4 KiB aligned).
 
         Pages outside every memslot are counted, not touched: no MMIO markers are left.
         """
-        return self._fault_range(FaultRange(vcpu, start, end))
+        return self._fault_range(FaultRange(vcpu, start_gpa, end_gpa))
 
-    def _fault_range(self, op: FaultRange) -> EventResult:
+    def _fault_range(self, op: FaultRange, defer_drain: bool = False) -> EventResult:
         vc = self.vcpu(op.vcpu)
-        start, end = op.start, op.end
+        if (op.start_gpa | op.end_gpa) % PAGE_SIZE:
+            raise InvalidArgument(
+                f"range [{op.start_gpa:#x}, {op.end_gpa:#x}) is not 4 KiB aligned"
+            )
+        start, end = op.start_gpa >> PAGE_SHIFT, op.end_gpa >> PAGE_SHIFT
         if not 0 <= start < end <= self._gfn_limit:
             raise InvalidArgument(
-                f"gfn range [{start:#x}, {end:#x}) is empty, inverted or beyond MAXPHYADDR "
-                f"{self.config.guest_maxphyaddr}"
+                f"range [{op.start_gpa:#x}, {op.end_gpa:#x}) is empty, inverted or beyond "
+                f"MAXPHYADDR {self.config.guest_maxphyaddr}"
             )
         result = EventResult(op)
         with vc.lock:
@@ -478,6 +499,12 @@ class Vm:
     def detach_dma(self) -> EventResult:
         """Detach one; FAILED_PRECONDITION when none is attached."""
         return self._dma_event(DetachDma(), -1)
+
+    def _attach_dma(self, op: AttachDma, defer_drain: bool = False) -> EventResult:
+        return self._dma_event(op, +1)
+
+    def _detach_dma(self, op: DetachDma, defer_drain: bool = False) -> EventResult:
+        return self._dma_event(op, -1)
 
     def _dma_event(self, op: AttachDma | DetachDma, delta: int) -> EventResult:
         result = EventResult(op)
@@ -511,27 +538,75 @@ class Vm:
             self._decide(result, decision, "on_dma_transition", defer_drain=False)
         return self._finish(result)
 
+    # -- several MSRs, whole-vCPU reads, reads of the VM -----------------------------------
+
+    def write_msrs(self, vcpu: int, values: Sequence[MsrValue]) -> EventResult:
+        """KVM_SET_MSRS: host writes in order, stopping at the first one KVM refuses. The result
+        says how many were written (``value``) and why the next was refused (``rejected``);
+        its counters and zaps add up every write's."""
+        return self._write_msrs(WriteMsrs(vcpu, tuple(values)))
+
+    def _write_msrs(self, op: WriteMsrs, defer_drain: bool = False) -> EventResult:
+        self.vcpu(op.vcpu)
+        result = EventResult(op)
+        written = 0
+        for entry in op.msrs:
+            try:
+                done = self._write_msr(WriteMsr(op.vcpu, entry.msr, entry.value, True), defer_drain)
+            except InvalidArgument as error:
+                result.rejected = str(error)
+                break
+            written += 1
+            if done.counted:
+                result.counters.add(done.counters)
+            result.zap = done.zap if result.zap is None else result.zap.merged(done.zap)
+            result.strategy_failure = result.strategy_failure or done.strategy_failure
+        result.value = written
+        return result
+
+    def read_vcpu_state(self, vcpu: int) -> VcpuState:
+        """CR0, PAT and every MTRR MSR of ``vcpu``, read back as a host read."""
+        result = self._read_vcpu_state(ReadVcpuState(vcpu))
+        assert result.vcpu_state is not None
+        return result.vcpu_state
+
+    def _read_vcpu_state(self, op: ReadVcpuState, defer_drain: bool = False) -> EventResult:
+        vc = self.vcpu(op.vcpu)
+        with vc.lock:
+            mtrrs = tuple(MsrValue(msr, vc.read_msr(msr)) for msr in msrs.MTRR_MSRS)
+            state = VcpuState(vc.cr0, vc.pat, mtrrs)
+        return EventResult(op, vcpu_state=state)
+
+    def _lookup_gpa(self, op: LookupGpa, defer_drain: bool = False) -> EventResult:
+        return EventResult(op, lookup=self.lookup(op.gpa))
+
+    def _read_counters(self, op: ReadCounters, defer_drain: bool = False) -> EventResult:
+        return EventResult(op, vm_counters=self.counters_snapshot())
+
+    def check_staleness(self, vcpu: int = 0, *, at_quiescence: bool = False) -> StalenessAnswer:
+        """The oracle now, relative to ``vcpu``, or to every vCPU at quiescence."""
+        result = self._check_staleness(CheckStaleness(vcpu, at_quiescence))
+        assert result.staleness is not None
+        return result.staleness
+
+    def _check_staleness(self, op: CheckStaleness, defer_drain: bool = False) -> EventResult:
+        quiescent = self.quiescent()
+        # At quiescence every vCPU agrees: vCPU 0 speaks for them all.
+        asked = 0 if op.at_quiescence else op.vcpu
+        report = self.stale(asked) if quiescent or not op.at_quiescence else None
+        log = replace(self.staleness, excused=dict(self.staleness.excused))
+        return EventResult(op, staleness=StalenessAnswer(report, quiescent, log))
+
     # -- dispatch and bursts ---------------------------------------------------------------
 
     def apply(self, op: Op, *, defer_drain: bool = False) -> EventResult:
-        """Run any operation. ``defer_drain`` leaves zap-list draining to :meth:`drain_round`."""
-        if isinstance(op, WriteMsr):  # the hot one first
-            return self._write_msr(op, defer_drain)
-        if isinstance(op, WriteCr0):
-            return self._write_cr0(op, defer_drain)
-        if isinstance(op, Access):
-            return self._access(op)
-        if isinstance(op, FaultRange):
-            return self._fault_range(op)
-        if isinstance(op, ReadMsr):
-            return self._read_msr(op)
-        if isinstance(op, Reset):
-            return self.reset(op.vcpu)
-        if isinstance(op, Init):
-            return self.init(op.vcpu)
-        if isinstance(op, AttachDma):
-            return self.attach_dma()
-        return self.detach_dma()
+        """Run any operation (``Vm._<name>`` of its row in :mod:`.operations`). ``defer_drain``
+        leaves zap-list draining to :meth:`drain_round`."""
+        try:
+            run = self._handlers[type(op)]
+        except KeyError:
+            raise InvalidArgument(f"{op!r} is not an operation") from None
+        return run(op, defer_drain)
 
     def drain_round(self, requesters: list[EventResult]) -> None:
         """Finish a burst round: the first requester drains everything queued, the others wait.

@@ -30,6 +30,19 @@ class ZapReport:
     #: An injected allocation failure sent this event down a fallback path.
     alloc_failed: bool = False
 
+    def merged(self, later: ZapReport | None) -> ZapReport:
+        """This report followed by ``later``'s (several writes answered as one)."""
+        if later is None:
+            return self
+        return ZapReport(
+            zap_event=self.zap_event or later.zap_event,
+            requested=[*self.requested, *later.requested],
+            tickets=[*self.tickets, *later.tickets],
+            role=later.role if later.role is not None else self.role,
+            pending_drain=self.pending_drain or later.pending_drain,
+            alloc_failed=self.alloc_failed or later.alloc_failed,
+        )
+
 
 def split_by_memslots(rng: GfnRange, slots: tuple[Memslot, ...]) -> list[GfnRange]:
     """Patch 11: the parts of ``rng`` inside each memslot, in slot order."""

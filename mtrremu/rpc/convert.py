@@ -11,45 +11,46 @@ import functools
 import typing
 from collections.abc import Callable, Iterator, Sequence
 from collections.abc import Mapping as MappingOf
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from google.rpc import code_pb2
 
 from mtrremu.core.config import Memslot, MemslotKind, VmConfig
 from mtrremu.core.counters import COUNTER_NAMES, Counters
-from mtrremu.core.ept import Entry, decode_leaf
+from mtrremu.core.ept import decode_leaf
 from mtrremu.core.errors import InvalidArgument, InvalidConfig, MtrremuError
 from mtrremu.core.events import (
-    Access,
     AccessKind,
-    AttachDma,
     Burst,
     BurstResult,
-    DetachDma,
     EventResult,
-    FaultRange,
-    Init,
     Item,
-    ItemResult,
     Mapping,
-    ReadMsr,
+    MsrValue,
+    Op,
     Refused,
-    Reset,
+    StalenessAnswer,
     VcpuOp,
-    WriteCr0,
-    WriteMsr,
 )
 from mtrremu.core.memtype import EptMemtype, Precedence, Profile
 from mtrremu.core.memtypes import MemType
-from mtrremu.core.oracle import StaleLeaf, StaleReport
-from mtrremu.core.units import LEAF_LEVELS_DESCENDING, PAGE_SHIFT, PAGE_SIZE, Level
-from mtrremu.core.vm import StalenessLog, Vm
+from mtrremu.core.operations import BY_TYPE, OPERATIONS, OperationKind
+from mtrremu.core.oracle import STALENESS_COUNTS, StaleLeaf
+from mtrremu.core.units import LEAF_LEVELS_DESCENDING, PAGE_SHIFT, U64_MASK, GfnRange, Level
+from mtrremu.core.vm import Vm
 from mtrremu.core.zap_list import Role
-from mtrremu.rpc.status import trimmed
 from mtrremu.v1 import emulator_pb2 as pb
 
 #: Ranges a ZapSummary lists (the totals count them all): answers stay bounded in size.
 MAX_LISTED_RANGES = 16
+#: Messages and metadata values in answers are trimmed to this: an error may quote a huge bad
+#: argument, and statuses travel in trailers, which gRPC caps (16 KiB).
+MAX_TEXT = 1024
+
+
+def trimmed(text: str) -> str:
+    return text if len(text) <= MAX_TEXT else text[: MAX_TEXT - 1] + "…"
+
 
 #: The API's memory types are 0x100 + the architectural encoding (see emulator.proto).
 MEMORY_TYPE_BASE = 0x100
@@ -155,10 +156,15 @@ def leaf_counts(counts: MappingOf[Level, int], into: pb.LeafCounts | None = None
     return message
 
 
-def vm_message(vm: Vm, options: MappingOf[str, str]) -> pb.Vm:
+def vm_message(vm: Vm, options: MappingOf[str, str], *, memslots: bool = True) -> pb.Vm:
+    """A VM's description; ListVms leaves the memslots out (``memslot_count`` stays)."""
+    config = vm_config_message(vm.config)
+    if not memslots:
+        del config.memslots[:]
     return pb.Vm(
         vm_id=vm.vm_id,
-        config=vm_config_message(vm.config),
+        config=config,
+        memslot_count=len(vm.config.memslots),
         strategy=vm.strategy_name,
         strategy_options=dict(options),
         profile=_PROFILES[vm.profile],
@@ -184,7 +190,10 @@ def counters(message: pb.Counters) -> Counters:
 
 
 # -- operations ---------------------------------------------------------------------------
-
+#
+# Driven by the table in mtrremu.core.operations: an operation's protobuf message is the
+# Operation oneof field of its name, and its fields are the dataclass's, except ``host``, which
+# is the message's ``initiator``, and tuples of MsrValue, which are repeated MsrValue messages.
 
 _HOST: dict[int, bool] = {
     pb.INITIATOR_UNSPECIFIED: False,
@@ -194,64 +203,66 @@ _HOST: dict[int, bool] = {
 
 
 def _host(initiator: int) -> bool:
-    """INITIATOR_UNSPECIFIED means the guest."""
     host = _HOST.get(initiator)
     if host is None:
         raise InvalidArgument(f"unknown initiator {initiator}")
     return host
 
 
-def _gfn(gpa: int, what: str) -> int:
-    if gpa % PAGE_SIZE:
-        raise InvalidArgument(f"{what} {gpa:#x} is not 4 KiB aligned")
-    return gpa >> PAGE_SHIFT
+def _msrs(entries: Any) -> tuple[MsrValue, ...]:
+    return tuple(MsrValue(e.msr, e.value) for e in entries)
 
 
-def write_msr(m: pb.WriteMsrOperation) -> WriteMsr:
-    return WriteMsr(m.vcpu, m.msr, m.value, _host(m.initiator))
+def _converter(kind: OperationKind) -> Callable[[Any], Op]:
+    """How to build a ``kind`` operation from its message, compiled from the table once (as
+    :mod:`dataclasses` compiles ``__init__``): ``lambda m: WriteMsr(m.vcpu, m.msr, m.value,
+    _host(m.initiator))``. This runs for every operation of a batch, so it reads each field
+    directly instead of looping over the fields."""
+    arguments = [
+        "_host(m.initiator)"
+        if f.name == "host"
+        else "_msrs(m.msrs)"
+        if f.name == "msrs"
+        else f"m.{f.name}"
+        for f in kind.fields
+    ]
+    namespace = {"build": kind.type, "_host": _host, "_msrs": _msrs}
+    convert: Callable[[Any], Op] = eval(f"lambda m: build({', '.join(arguments)})", namespace)
+    return convert
 
 
-def read_msr(m: pb.ReadMsrOperation) -> ReadMsr:
-    return ReadMsr(m.vcpu, m.msr, _host(m.initiator))
+_CONVERTERS: dict[str, Callable[[Any], Op]] = {kind.name: _converter(kind) for kind in OPERATIONS}
 
 
-def write_cr0(m: pb.WriteCr0Operation) -> WriteCr0:
-    return WriteCr0(m.vcpu, m.value, _host(m.initiator))
+def operation_of(kind: OperationKind, message: Any) -> Op:
+    """The core operation of ``kind`` that ``message`` (its ``<Rpc>Operation``) stands for."""
+    return _CONVERTERS[kind.name](message)
 
 
-def access(m: pb.AccessGpaOperation) -> Access:
-    return Access(m.vcpu, m.gpa >> PAGE_SHIFT)
-
-
-def fault_range(m: pb.FaultRangeOperation) -> FaultRange:
-    return FaultRange(m.vcpu, _gfn(m.start_gpa, "start_gpa"), _gfn(m.end_gpa, "end_gpa"))
-
-
-#: Oneof field name -> converter of that field's message.
-_OPERATIONS: dict[str, Callable[[Any], Item]] = {
-    "write_msr": write_msr,
-    "write_cr0": write_cr0,
-    "access_gpa": access,
-    "read_msr": read_msr,
-    "fault_range": fault_range,
-    "reset_vcpu": lambda m: Reset(m.vcpu),
-    "init_vcpu": lambda m: Init(m.vcpu),
-    "attach_dma": lambda m: AttachDma(),
-    "detach_dma": lambda m: DetachDma(),
-}
+def fill_operation(op: Op, into: Any) -> None:
+    """Fill ``into`` (an ``<Rpc>Operation`` message) from ``op``."""
+    for field in BY_TYPE[type(op)].fields:
+        value = getattr(op, field.name)
+        if field.name == "host":
+            into.initiator = pb.INITIATOR_HOST if value else pb.INITIATOR_GUEST
+        elif field.name == "msrs":
+            for entry in value:
+                into.msrs.add(msr=entry.msr, value=entry.value)
+        else:
+            setattr(into, field.name, value)
 
 
 def operation(message: pb.Operation, *, in_burst: bool = False) -> Item:
     """One batch operation as a core item."""
-    kind = message.WhichOneof("kind")
-    convert = _OPERATIONS.get(kind or "")
-    if convert is not None:
-        return convert(getattr(message, kind or ""))
-    if kind == "burst":
+    name = message.WhichOneof("kind")
+    if name == "burst":
         if in_burst:
             raise InvalidArgument("a burst cannot hold another burst")
         return _burst(message.burst)
-    raise InvalidArgument("an operation must set one of its kinds")
+    convert = _CONVERTERS.get(name or "")
+    if convert is None:
+        raise InvalidArgument("an operation must set one of its kinds")
+    return convert(getattr(message, name or ""))
 
 
 def _burst(message: pb.Burst) -> Burst:
@@ -260,11 +271,27 @@ def _burst(message: pb.Burst) -> Burst:
         ops: list[VcpuOp] = []
         for op in lane.operations:
             item = operation(op, in_burst=True)
-            if isinstance(item, (AttachDma, DetachDma, Burst)):
+            if isinstance(item, Burst) or not BY_TYPE[type(item)].per_vcpu:
                 raise InvalidArgument(f"burst lane of vCPU {lane.vcpu} holds {type(item).__name__}")
-            ops.append(item)
+            ops.append(cast(VcpuOp, item))
         lanes.append((lane.vcpu, tuple(ops)))
     return Burst(tuple(lanes), message.seed)
+
+
+def operation_message(item: Item) -> pb.Operation:
+    """A core operation or burst as a batch operation."""
+    message = pb.Operation()
+    if isinstance(item, Burst):
+        message.burst.seed = item.seed
+        for vcpu, ops in item.lanes:
+            lane = message.burst.lanes.add(vcpu=vcpu)
+            for op in ops:
+                lane.operations.append(operation_message(op))
+        return message
+    kind = BY_TYPE[type(item)]
+    fill_operation(item, getattr(message, kind.name))
+    getattr(message, kind.name).SetInParent()
+    return message
 
 
 def batch_size(operations: Sequence[pb.Operation]) -> int:
@@ -281,11 +308,9 @@ def memtype_fields(memtype: EptMemtype) -> tuple[pb.MemoryType.ValueType, bool]:
     return _MEMTYPES[memtype.type], memtype.ipat
 
 
-def mapping_message(
-    place: Mapping | Entry | StaleLeaf, memtype: EptMemtype, into: pb.Mapping
-) -> None:
-    """Fill ``into``: a leaf at ``place`` (its base and level) with ``memtype``."""
-    into.base_gpa = place.base_gfn << PAGE_SHIFT
+def mapping_message(place: Mapping | StaleLeaf, memtype: EptMemtype, into: pb.Mapping) -> None:
+    """Fill ``into``: a leaf at ``place`` (its first byte and level) with ``memtype``."""
+    into.base_gpa = place.base_gpa
     into.level = _LEVELS[place.level]
     into.memory_type, into.ipat = memtype_fields(memtype)
 
@@ -300,9 +325,9 @@ def outcome_message(result: EventResult, into: pb.EventOutcome | None = None) ->
         summary = message.zap
         summary.zap_event = zap.zap_event
         for rng in zap.requested[:MAX_LISTED_RANGES]:
-            summary.requested.add(start_gfn=rng.start, end_gfn=rng.end)
+            _gpa_range(rng, summary.requested.add())
         for ticket in zap.tickets[:MAX_LISTED_RANGES]:
-            summary.queued.add(start_gfn=ticket.range.start, end_gfn=ticket.range.end)
+            _gpa_range(ticket.range, summary.queued.add())
         summary.requested_total = len(zap.requested)
         summary.queued_total = len(zap.tickets)
         if zap.role is not None:
@@ -333,7 +358,31 @@ def outcome_message(result: EventResult, into: pb.EventOutcome | None = None) ->
     if result.strategy_failure is not None:
         message.strategy_failure.hook = result.strategy_failure.hook
         message.strategy_failure.error = trimmed(result.strategy_failure.error)
+    if result.rejected is not None:
+        message.rejected = trimmed(result.rejected)
+    if result.lookup is not None:
+        found, lookup = result.lookup, message.lookup
+        lookup.zapped, lookup.mmio = found.zapped, found.mmio
+        if found.mapping is not None:
+            mapping_message(found.mapping, found.mapping.memtype, lookup.mapping)
+        lookup.SetInParent()
+    if result.vm_counters is not None:
+        counters_message(result.vm_counters, message.vm_counters)
+        message.vm_counters.SetInParent()
+    if result.vcpu_state is not None:
+        state = result.vcpu_state
+        message.vcpu_state.cr0, message.vcpu_state.pat = state.cr0, state.pat
+        for entry in state.mtrrs:
+            message.vcpu_state.mtrrs.add(msr=entry.msr, value=entry.value)
+    if result.staleness is not None:
+        stale_message(result.staleness, message.staleness)
     return message
+
+
+def _gpa_range(rng: GfnRange, into: pb.GpaRange) -> None:
+    # KVM's ranges are u64 gfns: their byte addresses wrap like KVM's arithmetic does.
+    into.start_gpa = (rng.start << PAGE_SHIFT) & U64_MASK
+    into.end_gpa = (rng.end << PAGE_SHIFT) & U64_MASK
 
 
 def error_message(refused: Refused | MtrremuError, into: pb.OperationError) -> None:
@@ -348,45 +397,67 @@ def error_message(refused: Refused | MtrremuError, into: pb.OperationError) -> N
         into.metadata[key] = trimmed(value)
 
 
-def result_message(result: ItemResult, into: pb.OperationResult) -> None:
-    """Fill one batch result."""
+#: EventResult fields that may hold text, ranges or lists: a result setting none of them is
+#: "light", its message at most LIGHT_RESULT_BYTES (a test builds the largest light result and
+#: checks that every EventResult field is classified).
+HEAVY_FIELDS = ("gp", "zap", "strategy_failure", "rejected", "vcpu_state", "staleness")
+LIGHT_RESULT_BYTES = 1024
+#: At least the size of a result's lane position (two uint32 and their tags).
+LANE_POSITION_BYTES = 16
+
+
+def fill_result(
+    entry: int, result: EventResult | Refused | MtrremuError, message: pb.OperationResult
+) -> int:
+    """Fill ``message`` (in place: it may already sit in a response) with the result of the
+    operation at batch entry ``entry``. Returns a bound of its size: LIGHT_RESULT_BYTES for a
+    light result (measuring costs as much as converting), else its exact size."""
+    message.entry = entry
     if isinstance(result, EventResult):
-        outcome_message(result, into.outcome)
-    elif isinstance(result, Refused):
-        error_message(result, into.error)
+        outcome_message(result, message.outcome)
+        if (  # HEAVY_FIELDS, spelt out: this runs for every result of a batch
+            result.gp is None
+            and result.zap is None
+            and result.strategy_failure is None
+            and result.rejected is None
+            and result.vcpu_state is None
+            and result.staleness is None
+        ):
+            return LIGHT_RESULT_BYTES
     else:
-        _burst_result(result, into)
+        error_message(result, message.error)
+    return message.ByteSize()
 
 
-def _burst_result(result: BurstResult, into: pb.OperationResult) -> None:
+def burst_results(entry: int, result: BurstResult) -> Iterator[tuple[pb.OperationResult, int]]:
+    """The results of the burst at batch entry ``entry``: one per lane operation, lane by lane,
+    each with its lane position and a bound of its size (as :func:`fill_result`'s)."""
     for vcpu, lane_results in result.lanes.items():
-        lane = into.lanes.add(vcpu=vcpu)
-        for one in lane_results:
-            result_message(one, lane.results.add())
+        for index, one in enumerate(lane_results):
+            message = pb.OperationResult()
+            message.lane.vcpu, message.lane.index = vcpu, index
+            yield message, fill_result(entry, one, message) + LANE_POSITION_BYTES
 
 
-def stale_message(report: StaleReport | None, log: StalenessLog) -> pb.CheckStalenessResponse:
-    tracking = pb.StalenessTracking(
-        checks=log.checks,
-        stale_points=log.stale_points,
-        stale_leaves_max=log.stale_leaves_max,
-        event_checks=log.event_checks,
-        stale_events=log.stale_events,
-        stale_event_leaves_max=log.stale_event_leaves_max,
-        excused=log.excused,
-        first_stale_event=trimmed(log.first_stale_event),
-    )
+def stale_message(answer: StalenessAnswer, into: pb.StalenessOutcome) -> None:
+    """Fill ``into`` with the oracle's answer."""
+    log = answer.tracking
+    into.quiescent = answer.quiescent
+    tracking = into.tracking
+    for name in STALENESS_COUNTS:
+        setattr(tracking, name, getattr(log, name))
+    for gap, count in log.excused.items():
+        tracking.excused[gap] = count
+    tracking.first_stale_event = trimmed(log.first_stale_event)
+    report = answer.report
     if report is None:
-        return pb.CheckStalenessResponse(quiescent=False, tracking=tracking)
-    response = pb.CheckStalenessResponse(
-        stale_leaves=report.count, quiescent=True, tracking=tracking
-    )
+        return
+    into.stale_leaves = report.count
     for leaf in report.examples:
-        example = response.examples.add()
+        example = into.examples.add()
         mapping_message(leaf, leaf.have, example.have)
         if leaf.want is not None and not leaf.mixed:
             mapping_message(leaf, leaf.want, example.want)
-    return response
 
 
 def leaf_runs(vm: Vm, per_message: int) -> Iterator[pb.DumpLeavesResponse]:
@@ -413,62 +484,3 @@ def leaf_runs(vm: Vm, per_message: int) -> Iterator[pb.DumpLeavesResponse]:
 def _leaf_fields(byte: int) -> tuple[pb.MemoryType.ValueType, bool]:
     """A leaf byte's memory type fields (a byte takes one of 256 values)."""
     return memtype_fields(decode_leaf(byte))
-
-
-# -- client side: core items as messages ------------------------------------------------
-
-
-def initiator_message(host: bool) -> pb.Initiator.ValueType:
-    return pb.INITIATOR_HOST if host else pb.INITIATOR_GUEST
-
-
-def operation_message(item: Item) -> pb.Operation:
-    """A core operation or burst as a batch operation."""
-    if isinstance(item, WriteMsr):
-        return pb.Operation(
-            write_msr=pb.WriteMsrOperation(
-                vcpu=item.vcpu,
-                msr=item.msr,
-                value=item.value,
-                initiator=initiator_message(item.host),
-            )
-        )
-    if isinstance(item, WriteCr0):
-        return pb.Operation(
-            write_cr0=pb.WriteCr0Operation(
-                vcpu=item.vcpu, value=item.value, initiator=initiator_message(item.host)
-            )
-        )
-    if isinstance(item, Access):
-        return pb.Operation(
-            access_gpa=pb.AccessGpaOperation(vcpu=item.vcpu, gpa=item.gfn << PAGE_SHIFT)
-        )
-    if isinstance(item, FaultRange):
-        return pb.Operation(
-            fault_range=pb.FaultRangeOperation(
-                vcpu=item.vcpu, start_gpa=item.start << PAGE_SHIFT, end_gpa=item.end << PAGE_SHIFT
-            )
-        )
-    if isinstance(item, ReadMsr):
-        return pb.Operation(
-            read_msr=pb.ReadMsrOperation(
-                vcpu=item.vcpu, msr=item.msr, initiator=initiator_message(item.host)
-            )
-        )
-    if isinstance(item, Reset):
-        return pb.Operation(reset_vcpu=pb.ResetVcpuOperation(vcpu=item.vcpu))
-    if isinstance(item, Init):
-        return pb.Operation(init_vcpu=pb.InitVcpuOperation(vcpu=item.vcpu))
-    if isinstance(item, AttachDma):
-        return pb.Operation(attach_dma=pb.AttachDmaOperation())
-    if isinstance(item, DetachDma):
-        return pb.Operation(detach_dma=pb.DetachDmaOperation())
-    return pb.Operation(
-        burst=pb.Burst(
-            seed=item.seed,
-            lanes=[
-                pb.Lane(vcpu=vcpu, operations=[operation_message(op) for op in ops])
-                for vcpu, ops in item.lanes
-            ],
-        )
-    )

@@ -24,11 +24,9 @@ from mtrremu.core.errors import (
     NotFound,
     ResourceExhausted,
 )
+from mtrremu.rpc.convert import trimmed
 
 DOMAIN = "mtrremu.v1"
-#: Status messages and ErrorInfo values are trimmed to this: they travel in trailers, which
-#: gRPC caps (16 KiB), and an error may quote a huge bad argument.
-MAX_TEXT = 1024
 #: One error class per status code; subclasses share their base's code.
 _STATUS_CLASSES: tuple[type[MtrremuError], ...] = (
     InvalidArgument,
@@ -38,10 +36,6 @@ _STATUS_CLASSES: tuple[type[MtrremuError], ...] = (
 )
 _CODES = {cls.status: code_pb2.Code.Value(cls.status) for cls in _STATUS_CLASSES}
 _BY_CODE = {grpc.StatusCode[cls.status]: cls for cls in _STATUS_CLASSES}
-
-
-def trimmed(text: str) -> str:
-    return text if len(text) <= MAX_TEXT else text[: MAX_TEXT - 1] + "…"
 
 
 def error_info(error: MtrremuError) -> error_details_pb2.ErrorInfo:

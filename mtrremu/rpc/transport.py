@@ -2,10 +2,27 @@
 
 from __future__ import annotations
 
-#: Largest message either end sends or accepts unless configured otherwise.
+#: Largest request message a server accepts (and a client sends) unless configured otherwise.
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
+#: No reply message is ever larger than this: a gRPC client's default receive limit, so a
+#: client needs no setting to receive any answer.
+REPLY_LIMIT_BYTES = 4 << 20
+#: Execute answers a batch in response messages of at most this many bytes of results.
+REPLY_CHUNK_BYTES = 1 << 20
 
 
-def message_size_options(size: int) -> list[tuple[str, int]]:
-    """gRPC channel or server options capping messages at ``size`` bytes in both directions."""
-    return [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)]
+def server_options(max_request_bytes: int) -> list[tuple[str, int]]:
+    """gRPC server options: requests up to ``max_request_bytes``, replies up to the limit."""
+    return [
+        ("grpc.max_receive_message_length", max_request_bytes),
+        ("grpc.max_send_message_length", REPLY_LIMIT_BYTES),
+    ]
+
+
+def client_options(max_request_bytes: int) -> list[tuple[str, int]]:
+    """gRPC channel options: requests up to ``max_request_bytes``; replies at gRPC's default
+    limit, which every reply of the server fits."""
+    return [
+        ("grpc.max_send_message_length", max_request_bytes),
+        ("grpc.max_receive_message_length", REPLY_LIMIT_BYTES),
+    ]

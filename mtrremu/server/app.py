@@ -20,12 +20,11 @@ from grpc_reflection.v1alpha import reflection
 
 from mtrremu.core.errors import InvalidArgument
 from mtrremu.plugin.manager import PluginManager, manager_for
-from mtrremu.rpc.transport import message_size_options
+from mtrremu.rpc.transport import server_options
 from mtrremu.server.interceptor import LoggingInterceptor
 from mtrremu.server.limits import Limits, VmTable
-from mtrremu.server.servicer import Servicer
+from mtrremu.server.servicer import Servicer, service
 from mtrremu.v1 import emulator_pb2 as pb
-from mtrremu.v1 import emulator_pb2_grpc as pb_grpc
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EmulatorService"].full_name
@@ -53,10 +52,10 @@ class EmulatorServer:
                 max_workers=settings.max_workers, thread_name_prefix="mtrremu"
             ),
             interceptors=[LoggingInterceptor()],
-            options=message_size_options(settings.limits.max_message_bytes),
+            options=server_options(settings.limits.max_message_bytes),
         )
         self.table = VmTable(settings.limits, manager or manager_for(settings.plugins))
-        pb_grpc.add_EmulatorServiceServicer_to_server(Servicer(self.table), self._server)
+        self._server.add_generic_rpc_handlers((service(Servicer(self.table)),))
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from mtrremu.core.config import VmConfig
@@ -13,10 +13,6 @@ from mtrremu.core.units import PAGE_SHIFT, TIB
 from mtrremu.core.vm import Vm
 from mtrremu.plugin.manager import PluginManager
 from mtrremu.rpc.transport import DEFAULT_MAX_MESSAGE_BYTES
-
-#: The largest message one operation's result can take: outcome fields, a trimmed error
-#: message, at most ``MAX_LISTED_RANGES`` ranges twice, every counter at its widest.
-MAX_RESULT_BYTES = 2048
 
 
 @dataclass(frozen=True)
@@ -34,18 +30,16 @@ class Limits:
     max_total_memory_bytes: int = 32 * TIB
     #: Operations in one ExecuteRequest (a burst counts each lane operation).
     max_batch_operations: int = 20_000
-    #: Largest request or response message.
+    #: Largest request message (replies never exceed 4 MiB: Execute streams its results).
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
 
     def __post_init__(self) -> None:
-        # Every answer to an accepted batch must be sendable: refusing it after it ran would
-        # leave its effects without a report.
-        needed = self.max_batch_operations * MAX_RESULT_BYTES
-        if needed > self.max_message_bytes:
+        for name in ("max_vms", "max_vm_memory_bytes", "max_total_memory_bytes"):
+            if getattr(self, name) < 0:
+                raise InvalidArgument(f"{name} cannot be negative")
+        if self.max_batch_operations < 1 or self.max_message_bytes < 1024:
             raise InvalidArgument(
-                f"max_batch_operations {self.max_batch_operations} needs answers of up to "
-                f"{needed} bytes, over max_message_bytes {self.max_message_bytes} "
-                f"(at most {self.max_message_bytes // MAX_RESULT_BYTES} operations)"
+                "max_batch_operations must be at least 1 and max_message_bytes at least 1024"
             )
 
 
@@ -54,6 +48,8 @@ class Entry:
     vm: Vm
     options: Mapping[str, str]
     memory_bytes: int
+    #: Position in creation order (1, 2, ...), the key ListVms pages by.
+    serial: int
 
 
 class VmTable:
@@ -63,6 +59,7 @@ class VmTable:
         self.limits = limits
         self.manager = manager
         self._vms: dict[str, Entry] = {}
+        self._created = 0
         self._lock = threading.Lock()
 
     def create(
@@ -70,11 +67,10 @@ class VmTable:
         config: VmConfig,
         strategy: str,
         options: Mapping[str, str],
-        fits: Callable[[Entry, Sequence[Entry]], bool],
+        fits: Callable[[Entry], bool],
     ) -> Entry:
-        """A new VM, registered only if every limit allows it and ``fits`` accepts it beside
-        the VMs already held (the servicer checks that the answers describing it, alone and
-        with the others, can be sent)."""
+        """A new VM, registered only if every limit allows it and ``fits`` accepts it (the
+        servicer checks that the answer describing it can be sent)."""
         memory = config.memory_pages << PAGE_SHIFT
         if memory > self.limits.max_vm_memory_bytes:
             raise ResourceExhausted(
@@ -93,13 +89,14 @@ class VmTable:
             vm = self.manager.create_vm(
                 config, strategy or "fine-grained", options, vm_id=f"vm-{uuid.uuid4().hex}"
             )
-            entry = Entry(vm, dict(options), memory)
-            if not fits(entry, tuple(self._vms.values())):
+            entry = Entry(vm, dict(options), memory, self._created + 1)
+            if not fits(entry):
                 raise ResourceExhausted(
-                    f"the answers describing this VM would exceed {self.limits.max_message_bytes} "
-                    "bytes; nothing was created"
+                    "the answer describing this VM would exceed the 4 MiB reply limit; nothing "
+                    "was created"
                 )
             self._vms[vm.vm_id] = entry
+            self._created += 1
             return entry
 
     def get(self, vm_id: str) -> Entry:
@@ -117,7 +114,9 @@ class VmTable:
             if self._vms.pop(vm_id, None) is None:
                 raise UnknownVm(vm_id)
 
-    def all(self) -> list[Entry]:
+    def created_after(self, serial: int) -> Iterator[Entry]:
+        """The VMs created after the one numbered ``serial``, oldest first."""
         with self._lock:
             # VMs are inserted under this lock: insertion order is creation order.
-            return list(self._vms.values())
+            entries = list(self._vms.values())
+        return (e for e in entries if e.serial > serial)

@@ -1,75 +1,44 @@
-"""The ``mtrremu.v1.EmulatorService`` servicer: messages in, core calls, messages out.
+"""The ``mtrremu.v1.EmulatorService`` handlers: messages in, core calls, messages out.
 
-No emulation happens here. Every method translates its request (:mod:`mtrremu.rpc.convert`),
-calls the core, and maps domain errors to statuses (:mod:`mtrremu.rpc.status`).
+No emulation happens here. Every handler translates its request (:mod:`mtrremu.rpc.convert`),
+calls the core, and maps domain errors to statuses (:mod:`mtrremu.rpc.status`). The handlers of
+the operations (one unary RPC each, plus their place in ``Execute``) come from the table in
+:mod:`mtrremu.core.operations`; :func:`service` registers them all under the service's name.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Protocol, TypeVar, cast
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 
 from mtrremu.core.burst import execute_one
 from mtrremu.core.errors import InvalidArgument, MtrremuError, ResourceExhausted
-from mtrremu.core.events import EventResult, Init, Reset
-from mtrremu.core.units import PAGE_SHIFT
+from mtrremu.core.events import BurstResult, ItemResult
+from mtrremu.core.operations import OPERATIONS, OperationKind
 from mtrremu.rpc import convert
 from mtrremu.rpc.status import abort
+from mtrremu.rpc.transport import REPLY_CHUNK_BYTES, REPLY_LIMIT_BYTES
 from mtrremu.server.limits import Entry, VmTable
 from mtrremu.v1 import emulator_pb2 as pb
-from mtrremu.v1 import emulator_pb2_grpc as pb_grpc
 
-F = TypeVar("F", bound=Callable[..., Any])
+SERVICE = pb.DESCRIPTOR.services_by_name["EmulatorService"].full_name
+#: Execute looks for a cancelled call between operations, every this many.
+CANCEL_CHECK_INTERVAL = 64
+#: What a result adds to a response besides its own size: its tag and length prefix.
+RESULT_OVERHEAD_BYTES = 5
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
 DEFAULT_RUNS_PER_MESSAGE = 4096
 MAX_RUNS_PER_MESSAGE = 65536
-#: Bytes a VM's description may grow by after creation (leaf and DMA counts, as varints).
-LISTING_HEADROOM = 64
+
+Unary = Callable[[Any, grpc.ServicerContext], Message]
+Streaming = Callable[[Any, grpc.ServicerContext], Iterator[Message]]
 
 
-class _WithOutcome(Protocol):
-    @property
-    def outcome(self) -> pb.EventOutcome: ...
-
-
-R = TypeVar("R", bound=_WithOutcome)
-
-
-def _answer(response: R, result: EventResult) -> R:
-    """``response`` with ``result`` filled in as its outcome (built in place, not copied)."""
-    convert.outcome_message(result, response.outcome)
-    return response
-
-
-def _translated(method: F) -> F:
-    """Map domain errors raised by a unary method to their status."""
-
-    @functools.wraps(method)
-    def wrapper(self: Servicer, request: Any, context: grpc.ServicerContext) -> Any:
-        try:
-            return method(self, request, context)
-        except MtrremuError as error:
-            abort(context, error)
-
-    return cast(F, wrapper)
-
-
-def _translated_stream(method: F) -> F:
-    """The same for a method returning a response iterator."""
-
-    @functools.wraps(method)
-    def wrapper(self: Servicer, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        try:
-            yield from method(self, request, context)
-        except MtrremuError as error:
-            abort(context, error)
-
-    return cast(F, wrapper)
-
-
-class Servicer(pb_grpc.EmulatorServiceServicer):
+class Servicer:
     """Holds the server's VMs; thread-safe (the core serialises per vCPU and per EPT)."""
 
     def __init__(self, table: VmTable) -> None:
@@ -77,155 +46,52 @@ class Servicer(pb_grpc.EmulatorServiceServicer):
 
     # -- VMs ---------------------------------------------------------------------------
 
-    @_translated
     def CreateVm(
         self, request: pb.CreateVmRequest, context: grpc.ServicerContext
     ) -> pb.CreateVmResponse:
         config = convert.vm_config(request.config)
-        limit = self.table.limits.max_message_bytes
         answers: list[pb.CreateVmResponse] = []
 
-        def fits(entry: Entry, others: Sequence[Entry]) -> bool:
+        def fits(entry: Entry) -> bool:
             answers.append(pb.CreateVmResponse(vm=convert.vm_message(entry.vm, entry.options)))
-            # ListVms must stay sendable too; the headroom covers counts that grow later.
-            listed = sum(convert.vm_message(e.vm, e.options).ByteSize() for e in others)
-            grown = (len(others) + 1) * LISTING_HEADROOM
-            return answers[0].ByteSize() + listed + grown <= limit
+            return answers[0].ByteSize() <= REPLY_LIMIT_BYTES
 
         self.table.create(config, request.strategy, request.strategy_options, fits)
         return answers[0]
 
-    @_translated
     def GetVm(self, request: pb.GetVmRequest, context: grpc.ServicerContext) -> pb.GetVmResponse:
         entry = self.table.get(request.vm_id)
         return pb.GetVmResponse(vm=convert.vm_message(entry.vm, entry.options))
 
-    @_translated
     def ListVms(
         self, request: pb.ListVmsRequest, context: grpc.ServicerContext
     ) -> pb.ListVmsResponse:
-        return pb.ListVmsResponse(
-            vms=[convert.vm_message(entry.vm, entry.options) for entry in self.table.all()]
-        )
+        token = request.page_token or "0"
+        if not token.isdigit():
+            raise InvalidArgument(f"page_token {token!r} is not one ListVms gave")
+        size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        page = pb.ListVmsResponse()
+        last = int(token)
+        for entry in self.table.created_after(last):
+            summary = convert.vm_message(entry.vm, entry.options, memslots=False)
+            # A page holds at least one VM (its summary is smaller than the GetVm answer
+            # CreateVm checked) and otherwise stays under the chunk size.
+            full = len(page.vms) == size or (
+                page.vms and page.ByteSize() + summary.ByteSize() + 16 > REPLY_CHUNK_BYTES
+            )
+            if full:
+                page.next_page_token = str(last)
+                break
+            page.vms.append(summary)
+            last = entry.serial
+        return page
 
-    @_translated
     def DeleteVm(
         self, request: pb.DeleteVmRequest, context: grpc.ServicerContext
     ) -> pb.DeleteVmResponse:
         self.table.delete(request.vm_id)
         return pb.DeleteVmResponse()
 
-    @_translated
-    def AttachDmaDevice(
-        self, request: pb.AttachDmaDeviceRequest, context: grpc.ServicerContext
-    ) -> pb.AttachDmaDeviceResponse:
-        result = self.table.vm(request.vm_id).attach_dma()
-        return _answer(pb.AttachDmaDeviceResponse(), result)
-
-    @_translated
-    def DetachDmaDevice(
-        self, request: pb.DetachDmaDeviceRequest, context: grpc.ServicerContext
-    ) -> pb.DetachDmaDeviceResponse:
-        result = self.table.vm(request.vm_id).detach_dma()
-        return _answer(pb.DetachDmaDeviceResponse(), result)
-
-    # -- per-vCPU operations -------------------------------------------------------------
-
-    @_translated
-    def WriteMsr(
-        self, request: pb.WriteMsrRequest, context: grpc.ServicerContext
-    ) -> pb.WriteMsrResponse:
-        result = self.table.vm(request.vm_id).apply(convert.write_msr(request.operation))
-        return _answer(pb.WriteMsrResponse(), result)
-
-    @_translated
-    def ReadMsr(
-        self, request: pb.ReadMsrRequest, context: grpc.ServicerContext
-    ) -> pb.ReadMsrResponse:
-        result = self.table.vm(request.vm_id).apply(convert.read_msr(request.operation))
-        return _answer(pb.ReadMsrResponse(), result)
-
-    @_translated
-    def WriteCr0(
-        self, request: pb.WriteCr0Request, context: grpc.ServicerContext
-    ) -> pb.WriteCr0Response:
-        result = self.table.vm(request.vm_id).apply(convert.write_cr0(request.operation))
-        return _answer(pb.WriteCr0Response(), result)
-
-    @_translated
-    def ReadCr0(
-        self, request: pb.ReadCr0Request, context: grpc.ServicerContext
-    ) -> pb.ReadCr0Response:
-        return pb.ReadCr0Response(value=self.table.vm(request.vm_id).vcpu(request.vcpu).cr0)
-
-    @_translated
-    def ResetVcpu(
-        self, request: pb.ResetVcpuRequest, context: grpc.ServicerContext
-    ) -> pb.ResetVcpuResponse:
-        result = self.table.vm(request.vm_id).apply(Reset(request.operation.vcpu))
-        return _answer(pb.ResetVcpuResponse(), result)
-
-    @_translated
-    def InitVcpu(
-        self, request: pb.InitVcpuRequest, context: grpc.ServicerContext
-    ) -> pb.InitVcpuResponse:
-        result = self.table.vm(request.vm_id).apply(Init(request.operation.vcpu))
-        return _answer(pb.InitVcpuResponse(), result)
-
-    @_translated
-    def AccessGpa(
-        self, request: pb.AccessGpaRequest, context: grpc.ServicerContext
-    ) -> pb.AccessGpaResponse:
-        result = self.table.vm(request.vm_id).apply(convert.access(request.operation))
-        return _answer(pb.AccessGpaResponse(), result)
-
-    @_translated
-    def FaultRange(
-        self, request: pb.FaultRangeRequest, context: grpc.ServicerContext
-    ) -> pb.FaultRangeResponse:
-        result = self.table.vm(request.vm_id).apply(convert.fault_range(request.operation))
-        return _answer(pb.FaultRangeResponse(), result)
-
-    # -- the EPT and observability ---------------------------------------------------------
-
-    @_translated
-    def LookupGpa(
-        self, request: pb.LookupGpaRequest, context: grpc.ServicerContext
-    ) -> pb.LookupGpaResponse:
-        entry = self.table.vm(request.vm_id).lookup(request.gpa >> PAGE_SHIFT)
-        response = pb.LookupGpaResponse(zapped=entry.zapped, mmio=entry.mmio)
-        if entry.present:
-            convert.mapping_message(entry, entry.memtype, response.mapping)
-        return response
-
-    @_translated_stream
-    def DumpLeaves(
-        self, request: pb.DumpLeavesRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.DumpLeavesResponse]:
-        per_message = request.runs_per_message or DEFAULT_RUNS_PER_MESSAGE
-        if per_message > MAX_RUNS_PER_MESSAGE:
-            raise InvalidArgument(f"runs_per_message is at most {MAX_RUNS_PER_MESSAGE}")
-        yield from convert.leaf_runs(self.table.vm(request.vm_id), per_message)
-
-    @_translated
-    def GetCounters(
-        self, request: pb.GetCountersRequest, context: grpc.ServicerContext
-    ) -> pb.GetCountersResponse:
-        counters = self.table.vm(request.vm_id).counters_snapshot()
-        return pb.GetCountersResponse(counters=convert.counters_message(counters))
-
-    @_translated
-    def CheckStaleness(
-        self, request: pb.CheckStalenessRequest, context: grpc.ServicerContext
-    ) -> pb.CheckStalenessResponse:
-        vm = self.table.vm(request.vm_id)
-        if request.at_quiescence:
-            return convert.stale_message(vm.stale_at_quiescence(), vm.staleness)
-        response = convert.stale_message(vm.stale(request.vcpu), vm.staleness)
-        response.quiescent = vm.quiescent()
-        return response
-
-    @_translated
     def ListStrategies(
         self, request: pb.ListStrategiesRequest, context: grpc.ServicerContext
     ) -> pb.ListStrategiesResponse:
@@ -244,14 +110,37 @@ class Servicer(pb_grpc.EmulatorServiceServicer):
             ]
         )
 
+    def DumpLeaves(
+        self, request: pb.DumpLeavesRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.DumpLeavesResponse]:
+        per_message = request.runs_per_message or DEFAULT_RUNS_PER_MESSAGE
+        if per_message > MAX_RUNS_PER_MESSAGE:
+            raise InvalidArgument(f"runs_per_message is at most {MAX_RUNS_PER_MESSAGE}")
+        yield from convert.leaf_runs(self.table.vm(request.vm_id), per_message)
+
+    # -- operations ----------------------------------------------------------------------
+
+    def operation(self, kind: OperationKind) -> Unary:
+        """The unary handler of one kind of operation: ``<Rpc>Request`` in, outcome out."""
+        response_type = getattr(pb, f"{kind.rpc}Response")
+
+        def handle(request: Any, context: grpc.ServicerContext) -> Message:
+            vm = self.table.vm(request.vm_id)
+            result = vm.apply(convert.operation_of(kind, request.operation))
+            response: Message = response_type()
+            convert.outcome_message(result, getattr(response, "outcome"))  # noqa: B009
+            return response
+
+        return handle
+
     # -- the high-rate path ----------------------------------------------------------------
 
-    @_translated_stream
     def Execute(
         self, request_iterator: Iterator[pb.ExecuteRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.ExecuteResponse]:
-        """Batches in order; a refused operation is an error result and the batch goes on. An
-        unknown VM or an oversized batch ends the stream with its status."""
+        """Batches in order, each answered by responses of at most REPLY_CHUNK_BYTES; a refused
+        operation is an error result and the batch goes on. An unknown VM or an oversized batch
+        ends the stream with its status; a cancelled call stops between operations."""
         limit = self.table.limits.max_batch_operations
         for request in request_iterator:
             vm = self.table.vm(request.vm_id)
@@ -260,14 +149,93 @@ class Servicer(pb_grpc.EmulatorServiceServicer):
                 raise ResourceExhausted(
                     f"batch {request.batch_id} holds {size} operations; the limit is {limit}"
                 )
-            response = pb.ExecuteResponse(batch_id=request.batch_id)
-            results = response.results
-            for op in request.operations:
-                out = results.add()
+            # Results are filled in place in the response being built, each counted at a bound
+            # of its size; a response is closed before a result would take it past
+            # REPLY_CHUNK_BYTES, and that result moves on to the next one.
+            batch_id = request.batch_id
+            operation, fill = convert.operation, convert.fill_result  # hot: bound once
+            response = pb.ExecuteResponse(batch_id=batch_id)
+            used = 0
+            for entry, op in enumerate(request.operations):
+                if entry % CANCEL_CHECK_INTERVAL == 0 and not context.is_active():
+                    return
+                result: ItemResult | MtrremuError
                 try:
-                    item = convert.operation(op)
-                except MtrremuError as error:
-                    convert.error_message(error, out.error)
+                    result = execute_one(vm, operation(op))
+                except MtrremuError as error:  # a malformed operation: nothing ran
+                    result = error
+                if isinstance(result, BurstResult):
+                    for message, size in convert.burst_results(entry, result):
+                        cost = size + RESULT_OVERHEAD_BYTES
+                        if used and used + cost > REPLY_CHUNK_BYTES:
+                            yield response
+                            response, used = pb.ExecuteResponse(batch_id=batch_id), 0
+                        response.results.append(message)
+                        used += cost
                     continue
-                convert.result_message(execute_one(vm, item), out)
+                cost = fill(entry, result, response.results.add()) + RESULT_OVERHEAD_BYTES
+                if used and used + cost > REPLY_CHUNK_BYTES:
+                    closed, response = response, pb.ExecuteResponse(batch_id=batch_id)
+                    response.results.append(closed.results.pop())
+                    yield closed
+                    used = 0
+                used += cost
+            response.last = True
             yield response
+
+
+def _translated(handler: Unary) -> Unary:
+    """Map domain errors raised by a unary handler to their status."""
+
+    def wrapper(request: Any, context: grpc.ServicerContext) -> Message:
+        try:
+            return handler(request, context)
+        except MtrremuError as error:
+            abort(context, error)
+
+    return wrapper
+
+
+def _translated_stream(handler: Streaming) -> Streaming:
+    """The same for a handler returning a response iterator."""
+
+    def wrapper(request: Any, context: grpc.ServicerContext) -> Iterator[Message]:
+        try:
+            yield from handler(request, context)
+        except MtrremuError as error:
+            abort(context, error)
+
+    return wrapper
+
+
+def _unary(handler: Unary, rpc: str) -> grpc.RpcMethodHandler[Any, Any]:
+    method = pb.DESCRIPTOR.services_by_name["EmulatorService"].methods_by_name[rpc]
+    return grpc.unary_unary_rpc_method_handler(
+        _translated(handler),
+        request_deserializer=getattr(pb, method.input_type.name).FromString,
+        response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+    )
+
+
+def service(servicer: Servicer) -> grpc.GenericRpcHandler[Any, Any]:
+    """Every RPC of the service, ready for ``grpc.Server.add_generic_rpc_handlers``."""
+    unary: dict[str, Unary] = {
+        "CreateVm": servicer.CreateVm,
+        "GetVm": servicer.GetVm,
+        "ListVms": servicer.ListVms,
+        "DeleteVm": servicer.DeleteVm,
+        "ListStrategies": servicer.ListStrategies,
+    }
+    unary |= {kind.rpc: servicer.operation(kind) for kind in OPERATIONS}
+    handlers = {rpc: _unary(handler, rpc) for rpc, handler in unary.items()}
+    handlers["DumpLeaves"] = grpc.unary_stream_rpc_method_handler(
+        _translated_stream(servicer.DumpLeaves),
+        request_deserializer=pb.DumpLeavesRequest.FromString,
+        response_serializer=pb.DumpLeavesResponse.SerializeToString,
+    )
+    handlers["Execute"] = grpc.stream_stream_rpc_method_handler(
+        _translated_stream(servicer.Execute),
+        request_deserializer=pb.ExecuteRequest.FromString,
+        response_serializer=pb.ExecuteResponse.SerializeToString,
+    )
+    return grpc.method_handlers_generic_handler(SERVICE, handlers)

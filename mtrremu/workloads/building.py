@@ -25,7 +25,7 @@ from mtrremu.core.events import (
     WriteMsr,
 )
 from mtrremu.core.memtypes import MemType
-from mtrremu.core.units import KIB, MIB, PAGE_SHIFT
+from mtrremu.core.units import KIB, MIB, PAGE_SHIFT, PAGE_SIZE
 from mtrremu.workloads.trace import Trace
 
 if TYPE_CHECKING:
@@ -134,13 +134,16 @@ class TraceBuilder:
         first, end = start >> PAGE_SHIFT, -(-(start + size) >> PAGE_SHIFT)
         if end <= first:
             return []
-        return [Access(vcpu, first) if end == first + 1 else FaultRange(vcpu, first, end)]
+        start_gpa, end_gpa = first << PAGE_SHIFT, end << PAGE_SHIFT
+        if end == first + 1:
+            return [Access(vcpu, start_gpa)]
+        return [FaultRange(vcpu, start_gpa, end_gpa)]
 
     @staticmethod
     def pages(vcpu: int, *gpas: int) -> list[VcpuOp]:
         """The guest touching the page of each gpa, in order (an address outside every memslot
         is an MMIO access)."""
-        return [Access(vcpu, gpa >> PAGE_SHIFT) for gpa in gpas]
+        return [Access(vcpu, gpa & ~(PAGE_SIZE - 1)) for gpa in gpas]
 
     def touch(self, vcpu: int, start: int, size: int) -> None:
         """Record :meth:`touches`."""

@@ -3,68 +3,65 @@
 A trace is a VM configuration plus an ordered list of items: per-vCPU operations, VM-wide DMA
 events, and bursts (groups of per-vCPU operation lists that act at the same time).
 
-File format (version 1), one JSON object per line:
+File format (version 2), one JSON object per line:
 
 * line 1, the header::
 
-    {"format": "mtrremu-trace", "version": 1, "workload": "W1", "params": {...},
+    {"format": "mtrremu-trace", "version": 2, "workload": "W1", "params": {...},
      "vm": {"vcpus": 8, "noncoherent_dma": 1, "guest_maxphyaddr": 40,
             "quirk_cd_nw_cleared": true, "feature_mtrr": true, "tdp": true,
             "max_mapping_level": "1G", "precedence": "kvm",
-            "memslots": [{"base": "0x0", "size": "0xa0000", "kind": "ram", "name": "low"}]}}
+            "memslots": [{"base_gpa": "0x0", "size_bytes": "0xa0000", "kind": "ram",
+                          "name": "low"}]}}
 
   Only ``vcpus`` and ``memslots`` are required in ``vm``; the rest take VmConfig's defaults.
 
-* every other line, one item::
+* every other line, one item: an operation, named and shaped as in the operation table
+  (:mod:`mtrremu.core.operations`; the same names as the API's ``Operation`` fields)::
 
-    {"op": "wrmsr", "vcpu": 0, "msr": "0x2ff", "value": "0xc06", "host": false}
-    {"op": "rdmsr", "vcpu": 0, "msr": "0x277", "host": false}
-    {"op": "cr0", "vcpu": 0, "value": "0x11", "host": false}
-    {"op": "reset", "vcpu": 1}
-    {"op": "init", "vcpu": 1}
-    {"op": "access", "vcpu": 0, "gpa": "0x100000"}
-    {"op": "fault_range", "vcpu": 0, "start": "0x0", "end": "0x40000000"}
+    {"op": "write_msr", "vcpu": 0, "msr": "0x2ff", "value": "0xc06", "host": false}
+    {"op": "write_msrs", "vcpu": 0, "msrs": [{"msr": "0x2ff", "value": "0x0"}]}
+    {"op": "read_msr", "vcpu": 0, "msr": "0x277", "host": false}
+    {"op": "write_cr0", "vcpu": 0, "value": "0x11", "host": false}
+    {"op": "reset_vcpu", "vcpu": 1}
+    {"op": "init_vcpu", "vcpu": 1}
+    {"op": "access_gpa", "vcpu": 0, "gpa": "0x100000"}
+    {"op": "fault_range", "vcpu": 0, "start_gpa": "0x0", "end_gpa": "0x40000000"}
+    {"op": "read_vcpu_state", "vcpu": 0}
     {"op": "attach_dma"}
     {"op": "detach_dma"}
-    {"burst": {"seed": 7, "lanes": [{"vcpu": 1, "ops": [{"op": "cr0", ...}]}]}}
+    {"op": "lookup_gpa", "gpa": "0xfd000000"}
+    {"op": "read_counters"}
+    {"op": "check_staleness", "vcpu": 0, "at_quiescence": false}
 
-Numbers are JSON integers or ``"0x…"`` strings; ``host`` defaults to false; gpas of
-``fault_range`` are 4 KiB aligned. Blank lines are ignored. :func:`load` rejects a malformed
-file with the line number and the reason.
+  or a burst of per-vCPU operations::
+
+    {"burst": {"seed": 7, "lanes": [{"vcpu": 1, "ops": [{"op": "write_cr0", ...}]}]}}
+
+Numbers are JSON integers or ``"0x…"`` strings (written: ``vcpu`` in decimal, the rest in
+hex); addresses are byte addresses (``gpa``, ``start_gpa``, ``end_gpa``), those of
+``fault_range`` 4 KiB aligned; ``host`` and ``at_quiescence`` default to false. Blank lines are
+ignored. :func:`load` rejects a malformed file with the line number and the reason.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from mtrremu.core.config import Memslot, MemslotKind, VmConfig
 from mtrremu.core.errors import InvalidArgument, MtrremuError
-from mtrremu.core.events import (
-    Access,
-    AttachDma,
-    Burst,
-    DetachDma,
-    FaultRange,
-    Init,
-    Item,
-    ReadMsr,
-    Reset,
-    VcpuOp,
-    WriteCr0,
-    WriteMsr,
-)
+from mtrremu.core.events import Burst, FaultRange, Item, MsrValue, Op, VcpuOp
 from mtrremu.core.memtype import Precedence
+from mtrremu.core.operations import BY_NAME, BY_TYPE
 from mtrremu.core.units import PAGE_SHIFT, PAGE_SIZE, Level
 
 FORMAT = "mtrremu-trace"
-VERSION = 1
-_OP_KINDS = frozenset(
-    {"wrmsr", "rdmsr", "cr0", "reset", "init", "access", "fault_range", "attach_dma", "detach_dma"}
-)
+VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -111,35 +108,23 @@ class TraceFormatError(InvalidArgument):
 # -- writing ------------------------------------------------------------------------------
 
 
-def _op_json(op: VcpuOp | AttachDma | DetachDma) -> dict[str, Any]:
-    if isinstance(op, WriteMsr):
-        return {
-            "op": "wrmsr",
-            "vcpu": op.vcpu,
-            "msr": hex(op.msr),
-            "value": hex(op.value),
-            "host": op.host,
-        }
-    if isinstance(op, ReadMsr):
-        return {"op": "rdmsr", "vcpu": op.vcpu, "msr": hex(op.msr), "host": op.host}
-    if isinstance(op, WriteCr0):
-        return {"op": "cr0", "vcpu": op.vcpu, "value": hex(op.value), "host": op.host}
-    if isinstance(op, Reset):
-        return {"op": "reset", "vcpu": op.vcpu}
-    if isinstance(op, Init):
-        return {"op": "init", "vcpu": op.vcpu}
-    if isinstance(op, Access):
-        return {"op": "access", "vcpu": op.vcpu, "gpa": hex(op.gfn << PAGE_SHIFT)}
-    if isinstance(op, FaultRange):
-        return {
-            "op": "fault_range",
-            "vcpu": op.vcpu,
-            "start": hex(op.start << PAGE_SHIFT),
-            "end": hex(op.end << PAGE_SHIFT),
-        }
-    if isinstance(op, AttachDma):
-        return {"op": "attach_dma"}
-    return {"op": "detach_dma"}
+#: Fields written in decimal; every other number is a "0x…" string.
+_DECIMAL = frozenset({"vcpu"})
+
+
+def _op_json(op: Op) -> dict[str, Any]:
+    """``{"op": <name>, <field>: …}`` from the operation's row in the table."""
+    kind = BY_TYPE[type(op)]
+    record: dict[str, Any] = {"op": kind.name}
+    for spec in kind.fields:
+        value = getattr(op, spec.name)
+        if spec.name == "msrs":
+            record["msrs"] = [{"msr": hex(e.msr), "value": hex(e.value)} for e in value]
+        elif isinstance(value, bool) or spec.name in _DECIMAL:
+            record[spec.name] = value
+        else:
+            record[spec.name] = hex(value)
+    return record
 
 
 def item_json(item: Item) -> dict[str, Any]:
@@ -161,8 +146,8 @@ def config_json(config: VmConfig) -> dict[str, Any]:
         "precedence": config.precedence.value,
         "memslots": [
             {
-                "base": hex(slot.base_gfn << PAGE_SHIFT),
-                "size": hex(slot.pages << PAGE_SHIFT),
+                "base_gpa": hex(slot.base_gfn << PAGE_SHIFT),
+                "size_bytes": hex(slot.pages << PAGE_SHIFT),
                 "kind": slot.kind.value,
                 "name": slot.name,
             }
@@ -222,40 +207,44 @@ class _Reader:
             raise self.fail(f"{key!r} must be true or false, not {raw!r}")
         return raw
 
-    def gpa(self, record: Mapping[str, Any], key: str) -> int:
-        value = self.number(record, key)
-        if value % PAGE_SIZE:
-            raise self.fail(f"{key!r} = {record[key]!r} is not 4 KiB aligned")
-        return value >> PAGE_SHIFT
-
-    def op(self, record: Any, *, in_burst: bool) -> VcpuOp | AttachDma | DetachDma:
+    def op(self, record: Any, *, in_burst: bool) -> Op:
         if not isinstance(record, dict):
             raise self.fail(f"an operation must be an object, not {record!r}")
-        kind = record.get("op")
-        if kind not in _OP_KINDS:
-            raise self.fail(f"unknown operation {kind!r}")
-        if kind in ("attach_dma", "detach_dma"):
-            if in_burst:
-                raise self.fail(f"{kind} cannot be part of a burst")
-            return AttachDma() if kind == "attach_dma" else DetachDma()
-        vcpu = self.number(record, "vcpu", bits=32)
-        if kind == "wrmsr":
-            msr, value = self.number(record, "msr", bits=32), self.number(record, "value")
-            return WriteMsr(vcpu, msr, value, self.flag(record, "host"))
-        if kind == "rdmsr":
-            return ReadMsr(vcpu, self.number(record, "msr", bits=32), self.flag(record, "host"))
-        if kind == "cr0":
-            return WriteCr0(vcpu, self.number(record, "value"), self.flag(record, "host"))
-        if kind == "reset":
-            return Reset(vcpu)
-        if kind == "init":
-            return Init(vcpu)
-        if kind == "access":
-            return Access(vcpu, self.number(record, "gpa") >> PAGE_SHIFT)
-        start, end = self.gpa(record, "start"), self.gpa(record, "end")
-        if end <= start:
-            raise self.fail("fault_range needs start < end")
-        return FaultRange(vcpu, start, end)
+        kind = BY_NAME.get(record.get("op"))  # type: ignore[arg-type]
+        if kind is None:
+            raise self.fail(f"unknown operation {record.get('op')!r}; known: {', '.join(BY_NAME)}")
+        if in_burst and not kind.per_vcpu:
+            raise self.fail(f"{kind.name} cannot be part of a burst")
+        values: dict[str, Any] = {}
+        for spec in kind.fields:
+            if spec.name == "msrs":
+                values["msrs"] = self.msrs(record)
+            elif spec.type in ("bool", bool):
+                values[spec.name] = self.flag(record, spec.name)
+            elif spec.name == "vcpu" and spec.default is not dataclasses.MISSING:
+                values["vcpu"] = self.number(record, "vcpu", bits=32) if "vcpu" in record else 0
+            else:
+                bits = 32 if spec.name in ("vcpu", "msr") else 64
+                values[spec.name] = self.number(record, spec.name, bits=bits)
+        unknown = set(record) - {"op", *values}
+        if unknown:
+            raise self.fail(f"{kind.name} has no field {sorted(unknown)[0]!r}")
+        op: Op = kind.type(**values)
+        if isinstance(op, FaultRange):
+            for name in ("start_gpa", "end_gpa"):
+                if getattr(op, name) % PAGE_SIZE:
+                    raise self.fail(f"{name!r} = {getattr(op, name):#x} is not 4 KiB aligned")
+            if op.end_gpa <= op.start_gpa:
+                raise self.fail("fault_range needs start_gpa < end_gpa")
+        return op
+
+    def msrs(self, record: Mapping[str, Any]) -> tuple[MsrValue, ...]:
+        entries = record.get("msrs")
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise self.fail('"msrs" must be a list of {"msr", "value"} objects')
+        return tuple(
+            MsrValue(self.number(e, "msr", bits=32), self.number(e, "value")) for e in entries
+        )
 
     def item(self, record: Any) -> Item:
         if isinstance(record, dict) and "burst" in record:
@@ -273,12 +262,13 @@ class _Reader:
                 seen.add(vcpu)
                 ops: list[VcpuOp] = []
                 for raw in lane["ops"]:
-                    op = self.op(raw, in_burst=True)
-                    assert not isinstance(op, (AttachDma, DetachDma))
+                    op = cast(VcpuOp, self.op(raw, in_burst=True))
                     if op.vcpu != vcpu:
                         raise self.fail(f"burst lane of vCPU {vcpu} holds an op of vCPU {op.vcpu}")
                     ops.append(op)
                 lanes.append((vcpu, tuple(ops)))
+            if not any(ops for _, ops in lanes):
+                raise self.fail("a burst needs at least one operation")
             return Burst(tuple(lanes), self.number(burst, "seed") if "seed" in burst else 0)
         return self.op(record, in_burst=False)
 
@@ -297,8 +287,8 @@ class _Reader:
                 raise self.fail(f'memslot kind must be "ram" or "device", not {kind!r}')
             memslots.append(
                 Memslot.from_bytes(
-                    self.number(slot, "base"),
-                    self.number(slot, "size"),
+                    self.number(slot, "base_gpa"),
+                    self.number(slot, "size_bytes"),
                     MemslotKind(kind),
                     str(slot.get("name", "")),
                 )
