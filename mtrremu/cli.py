@@ -57,6 +57,14 @@ def _size(text: str) -> int:
     return int(number) * scale
 
 
+def _size_text(count: int) -> str:
+    """``count`` bytes the way :func:`_size` reads them, with the largest exact suffix."""
+    for suffix, scale in sorted(SIZE_SUFFIXES.items(), key=lambda item: -item[1]):
+        if count and count % scale == 0:
+            return f"{count // scale}{suffix}"
+    return str(count)
+
+
 def _serve(args: argparse.Namespace) -> int:
     # grpc loads only for the command that serves.
     from mtrremu.server.app import DEFAULT_LISTEN, ServerSettings, serve  # noqa: PLC0415
@@ -213,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="run the gRPC server (mtrremu.v1)",
         description="Serve mtrremu.v1 with health checking and reflection until SIGINT/SIGTERM.",
+        epilog="SIZE is a byte count with an optional K, M, G or T suffix (powers of 1024). "
+        "Every limit, status and reason is described in docs/api.md.",
         formatter_class=_Help,
     )
     serve.add_argument(
@@ -221,22 +231,57 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ADDR",
         help="host:port or unix:/path (repeatable; default 127.0.0.1:50051)",
     )
-    serve.add_argument("--max-vms", type=int, default=defaults.max_vms)
     serve.add_argument(
-        "--max-vm-memory", type=_size, default=defaults.max_vm_memory_bytes, metavar="SIZE"
+        "--max-vms",
+        type=int,
+        default=defaults.max_vms,
+        metavar="N",
+        help="VMs held at once; CreateVm beyond it is RESOURCE_EXHAUSTED",
     )
     serve.add_argument(
-        "--max-total-memory", type=_size, default=defaults.max_total_memory_bytes, metavar="SIZE"
+        "--max-vm-memory",
+        type=_size,
+        default=defaults.max_vm_memory_bytes,
+        metavar="SIZE",
+        help="guest memory (RAM and device memslots) of one VM; the EPT costs at most about a "
+        f"byte per 4 KiB of it (default: {_size_text(defaults.max_vm_memory_bytes)})",
     )
     serve.add_argument(
-        "--max-batch-operations", type=int, default=defaults.max_batch_operations, metavar="N"
+        "--max-total-memory",
+        type=_size,
+        default=defaults.max_total_memory_bytes,
+        metavar="SIZE",
+        help="guest memory of all VMs together "
+        f"(default: {_size_text(defaults.max_total_memory_bytes)})",
     )
     serve.add_argument(
-        "--max-message-bytes", type=_size, default=defaults.max_message_bytes, metavar="SIZE"
+        "--max-batch-operations",
+        type=int,
+        default=defaults.max_batch_operations,
+        metavar="N",
+        help="operations in one Execute batch, each operation of a burst counted",
     )
-    serve.add_argument("--max-workers", type=int, default=256, help="server threads")
     serve.add_argument(
-        "--grace", type=float, default=5.0, help="seconds in-flight calls get at shutdown"
+        "--max-message-bytes",
+        type=_size,
+        default=defaults.max_message_bytes,
+        metavar="SIZE",
+        help="largest request message; replies never exceed 4 MiB "
+        f"(default: {_size_text(defaults.max_message_bytes)})",
+    )
+    serve.add_argument(
+        "--max-workers",
+        type=int,
+        default=256,
+        metavar="N",
+        help="server threads: calls served at once",
+    )
+    serve.add_argument(
+        "--grace",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="time in-flight calls get to finish at shutdown",
     )
     serve.add_argument("--plugin", action="append", metavar="MODULE", help=_PLUGIN_HELP)
     serve.add_argument(

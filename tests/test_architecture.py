@@ -1,4 +1,4 @@
-"""The dependency directions of engineering.md ("The shape we expect"), checked on the source.
+"""The dependency directions of docs/architecture.md#dependency-directions, checked on the source.
 
 core imports numpy and the standard library only; plugins reach the core only through the
 plugin API; nothing imports the CLI.

@@ -1,4 +1,5 @@
-"""The deterministic burst model (semantics.md §7): lock-step rounds, seeded order, real de-dup."""
+"""The deterministic burst model (docs/semantics.md#bursts): lock-step rounds, seeded order,
+real de-dup."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Real threads, one per vCPU, meeting in patch 9's zap list (semantics.md §7)."""
+"""Real threads, one per vCPU, meeting in patch 9's zap list (docs/semantics.md#the-zap-list)."""
 
 from __future__ import annotations
 

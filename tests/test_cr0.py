@@ -1,4 +1,5 @@
-"""CR0 and its four sources (semantics.md §3): guest writes, host writes, RESET and INIT."""
+"""CR0 and its four sources (docs/semantics.md#msrs-validity-and-cr0): guest writes, host
+writes, RESET and INIT."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The EPT store (semantics.md §6): leaves at three levels, zaps, visited entries, refaults.
+"""The EPT store (docs/semantics.md#events-and-zaps): leaves at three levels, zaps, visited
+entries, refaults.
 
 Counts are checked against hand-computed walks of the 4-level tree (512 entries a table).
 """

@@ -1,4 +1,5 @@
-"""Huge-page level reduction (semantics.md §5): MTRR edges, memslot edges, max level, profiles."""
+"""Huge-page level reduction (docs/semantics.md#huge-pages): MTRR edges, memslot edges, max
+level, profiles."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""Memory types: semantics.md §4 (one page's MTRR type) and §5 (huge-page consistency, the EPT
-memory type and IPAT a fault installs per profile).
+"""Memory types: one page's MTRR type (docs/semantics.md#the-memory-type-of-one-page), huge-page
+consistency and the EPT memory type and IPAT a fault installs per profile
+(docs/semantics.md#the-ept-entry-a-fault-installs).
 
 §4 is KVM's ``kvm_mtrr_get_guest_memory_type``: E=0 → disabled type; FE=1 below 1 MiB → the fixed
 type; else the valid variable ranges in KVM's list order (descending raw base) with KVM's

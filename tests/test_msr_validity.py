@@ -1,4 +1,4 @@
-"""MSR validity rules of semantics.md §3 ("The MSRs and CR0", "Validity").
+"""MSR validity rules of docs/semantics.md#msrs-validity-and-cr0.
 
 Every rule is checked twice: for a guest WRMSR (a #GP reported in the result, counted once, nothing
 changed) and for a host-initiated write (KVM_SET_MSRS: a ``RejectedHostWrite`` naming the MSR, no

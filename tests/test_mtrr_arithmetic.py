@@ -1,4 +1,5 @@
-"""Variable-range arithmetic and KVM's list order (semantics.md §3), and the fixed-range lookup.
+"""Variable-range arithmetic and KVM's list order (docs/semantics.md#msrs-validity-and-cr0), and
+the fixed-range lookup.
 
 A pair's span is KVM's ``var_mtrr_range`` in u64: ``start = base & ~0xFFF``, ``m = stored mask &
 ~0xFFF`` (stored masks have every bit at or above MAXPHYADDR set), ``end = (start | ~m) + 1``.

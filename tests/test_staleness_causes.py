@@ -1,4 +1,5 @@
-"""Every known way a strategy leaves stale leaves, each pinned by a focused test (semantics.md §9).
+"""Every known way a strategy leaves stale leaves, each pinned by a focused test
+(docs/oracle.md#declared-gaps).
 
 The stateful test attributes any new staleness outside its protocol to one of these causes:
 

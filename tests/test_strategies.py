@@ -1,4 +1,5 @@
-"""What each built-in strategy zaps for each event (semantics.md §6-§7)."""
+"""What each built-in strategy zaps for each event (docs/semantics.md#events-and-zaps,
+docs/semantics.md#the-built-in-strategies)."""
 
 from __future__ import annotations
 

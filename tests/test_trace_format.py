@@ -198,11 +198,11 @@ def test_a_hand_written_file_parses_every_item_kind(tmp_path: Path) -> None:
             '{"op": "fault_range", "vcpu": 1, "start_gpa": "0x0", "end_gpa": "0x40000"}',
             '{"op": "attach_dma"}',
             '{"op": "detach_dma"}',
-            '{"burst": {"seed": 7, "lanes": [{"vcpu": 1, "ops": [{"op": "init_vcpu", "vcpu": 1}]},'
-            ' {"vcpu": 0, "ops": [{"op": "reset_vcpu", "vcpu": 0}, {"op": "read_msr", "vcpu": 0,'
-            ' "msr": "0xfe"}]}]}}',
-            '{"burst": {"lanes": [{"vcpu": 0, "ops": []},'
-            ' {"vcpu": 1, "ops": [{"op": "read_vcpu_state", "vcpu": 1}]}]}}',
+            '{"burst": {"seed": 7, "lanes": [{"vcpu": 1, "operations": [{"op": "init_vcpu",'
+            ' "vcpu": 1}]}, {"vcpu": 0, "operations": [{"op": "reset_vcpu", "vcpu": 0},'
+            ' {"op": "read_msr", "vcpu": 0, "msr": "0xfe"}]}]}}',
+            '{"burst": {"lanes": [{"vcpu": 0, "operations": []},'
+            ' {"vcpu": 1, "operations": [{"op": "read_vcpu_state", "vcpu": 1}]}]}}',
             '{"op": "write_msrs", "vcpu": 1, "msrs": [{"msr": "0x2ff", "value": 0},'
             ' {"msr": 592, "value": "0x606060606060606"}]}',
             '{"op": "read_vcpu_state", "vcpu": 0}',
@@ -408,13 +408,19 @@ MALFORMED: list[tuple[str, list[str], int, str]] = [
     ),
     (
         "burst lane beyond the VM",
-        [header(), '{"burst": {"lanes": [{"vcpu": 5, "ops": [{"op": "init_vcpu", "vcpu": 5}]}]}}'],
+        [
+            header(),
+            '{"burst": {"lanes": [{"vcpu": 5, "operations": [{"op": "init_vcpu", "vcpu": 5}]}]}}',
+        ],
         2,
         "vCPU 5 does not exist (the trace's VM has 2)",
     ),
     (
         "burst lane with another vCPU's op",
-        [header(), '{"burst": {"lanes": [{"vcpu": 0, "ops": [{"op": "init_vcpu", "vcpu": 1}]}]}}'],
+        [
+            header(),
+            '{"burst": {"lanes": [{"vcpu": 0, "operations": [{"op": "init_vcpu", "vcpu": 1}]}]}}',
+        ],
         2,
         "burst lane of vCPU 0 holds an op of vCPU 1",
     ),
@@ -422,28 +428,28 @@ MALFORMED: list[tuple[str, list[str], int, str]] = [
         "burst with two lanes for one vCPU",
         [
             header(),
-            '{"burst": {"lanes": [{"vcpu": 1, "ops": []}, {"vcpu": 0, "ops": []},'
-            ' {"vcpu": "0x1", "ops": []}]}}',
+            '{"burst": {"lanes": [{"vcpu": 1, "operations": []}, {"vcpu": 0, "operations": []},'
+            ' {"vcpu": "0x1", "operations": []}]}}',
         ],
         2,
         "burst has two lanes for vCPU 1",
     ),
     (
         "attach_dma in a burst",
-        [header(), '{"burst": {"lanes": [{"vcpu": 0, "ops": [{"op": "attach_dma"}]}]}}'],
+        [header(), '{"burst": {"lanes": [{"vcpu": 0, "operations": [{"op": "attach_dma"}]}]}}'],
         2,
         "attach_dma cannot be part of a burst",
     ),
     (
         "detach_dma in a burst",
-        [header(), '{"burst": {"lanes": [{"vcpu": 0, "ops": [{"op": "detach_dma"}]}]}}'],
+        [header(), '{"burst": {"lanes": [{"vcpu": 0, "operations": [{"op": "detach_dma"}]}]}}'],
         2,
         "detach_dma cannot be part of a burst",
     ),
     ("burst without lanes", [header(), '{"burst": {"seed": 1}}'], 2, 'a burst needs a "lanes"'),
     (
         "burst without operations",
-        [header(), '{"burst": {"lanes": [{"vcpu": 0, "ops": []}]}}'],
+        [header(), '{"burst": {"lanes": [{"vcpu": 0, "operations": []}]}}'],
         2,
         "a burst needs at least one operation",
     ),
@@ -454,16 +460,16 @@ MALFORMED: list[tuple[str, list[str], int, str]] = [
         "access_gpa has no field 'gfn'",
     ),
     (
-        "burst lane without ops",
+        "burst lane without operations",
         [header(), '{"burst": {"lanes": [{"vcpu": 0}]}}'],
         2,
-        'each burst lane needs "vcpu" and an "ops" list',
+        'each burst lane needs "vcpu" and an "operations" list',
     ),
     (
         "burst seed over 64 bits",
         [
             header(),
-            '{"burst": {"seed": "0x1ffffffffffffffff", "lanes": [{"vcpu": 0, "ops": ['
+            '{"burst": {"seed": "0x1ffffffffffffffff", "lanes": [{"vcpu": 0, "operations": ['
             + OP
             + "]}]}}",
         ],

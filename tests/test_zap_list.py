@@ -1,4 +1,5 @@
-"""Patch 9's zap list (semantics.md §7): order, duplicate drop, draining, allocation failures."""
+"""Patch 9's zap list (docs/semantics.md#the-zap-list): order, duplicate drop, draining,
+allocation failures."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""What the series' cover letter published (semantics.md §7), to print next to our counts.
+"""What the series' cover letter published, to print next to our counts
+(docs/semantics.md#published-figures).
 
 "KVM: x86/mmu: refine memtype related mmu zap" v4, 16 GiB guest with a passthrough device,
 8 vCPUs, 3.1 GHz host, booting OVMF or SeaBIOS into Linux.

@@ -1,4 +1,5 @@
-"""The deterministic burst model (semantics.md §7): vCPUs acting at the same time, made exact.
+"""The deterministic burst model: vCPUs acting at the same time, made exact
+(docs/semantics.md#bursts).
 
 Inside a burst every vCPU has its own list of operations. They advance in lock-step rounds:
 round *r* runs each vCPU's *r*-th operation, in an order drawn from the seed. Every zap-list

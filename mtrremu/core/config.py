@@ -1,4 +1,4 @@
-"""A VM's configuration, fixed at creation (semantics.md §2)."""
+"""A VM's configuration, fixed at creation (docs/semantics.md#vm-configuration)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The counted costs of zapping and faulting (semantics.md §6), per VM and per event."""
+"""The counted costs of zapping and faulting (docs/counters.md), per VM and per event."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""CR0: the bits that matter here and KVM's rules for each way it changes (semantics.md §3)."""
+"""CR0: the bits that matter here and KVM's rules for each way it changes
+(docs/semantics.md#msrs-validity-and-cr0)."""
 
 from __future__ import annotations
 

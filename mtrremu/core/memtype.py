@@ -31,7 +31,7 @@ class Precedence(enum.Enum):
 
 
 class Profile(enum.Enum):
-    """Which kernel's memory-type rules apply (semantics.md §5)."""
+    """Which kernel's memory-type rules apply (docs/semantics.md#the-ept-entry-a-fault-installs)."""
 
     KVM_6_5 = "6.5"
     KVM_6_7 = "6.7"

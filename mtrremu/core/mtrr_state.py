@@ -2,7 +2,8 @@
 
 KVM keeps the valid variable pairs in a list ordered by descending raw PhysBase value (type byte
 included); a pair that becomes valid is inserted before the first entry whose raw base is less
-than or equal to its own. Memory types depend on that order (semantics.md §3-§4), so we keep it.
+than or equal to its own. Memory types depend on that order, so we keep it
+(docs/semantics.md#the-memory-type-of-one-page).
 
 Masks are stored as KVM 6.5 stores them: a written mask gets every bit at or above MAXPHYADDR
 set, and reads strip them again. A mask never written since the vCPU was created is 0, as in

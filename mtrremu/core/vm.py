@@ -187,7 +187,8 @@ class Vm:
 
     @property
     def honours_guest_mtrrs(self) -> bool:
-        """Whether guest MTRRs and CR0.CD decide EPT memory types now (semantics.md §2)."""
+        """Whether guest MTRRs and CR0.CD decide EPT memory types now
+        (docs/semantics.md#vm-configuration)."""
         return self._honours
 
     def vcpu(self, index: int) -> VCpu:
@@ -629,7 +630,8 @@ class Vm:
     # -- the oracle ------------------------------------------------------------------------
 
     def stale(self, vcpu: int, examples: int = EXAMPLES) -> StaleReport:
-        """Stale leaves with respect to ``vcpu`` (semantics.md §9), listing up to ``examples``."""
+        """Stale leaves with respect to ``vcpu`` (docs/oracle.md#stale-leaves), listing up to
+        ``examples``."""
         vc = self.vcpu(vcpu)
         with vc.lock:
             expected = self.plan(vc).values

@@ -20,7 +20,8 @@ _NAME = re.compile(r"[a-z0-9][a-z0-9.\-]*")
 class StrategySpec:
     """One zap strategy a plugin provides.
 
-    ``profile`` is the memory-type profile VMs using the strategy get (semantics.md §5).
+    ``profile`` is the memory-type profile VMs using the strategy get
+    (docs/semantics.md#the-ept-entry-a-fault-installs).
     ``options`` documents the option names the factory accepts (name → help); a VM asking for
     any other option is refused before the factory runs. ``known_gaps`` declares the KVM
     behaviour the strategy reproduces on purpose that leaves a vCPU's own view stale after its

@@ -36,7 +36,7 @@ File format (version 2), one JSON object per line:
 
   or a burst of per-vCPU operations::
 
-    {"burst": {"seed": 7, "lanes": [{"vcpu": 1, "ops": [{"op": "write_cr0", ...}]}]}}
+    {"burst": {"seed": 7, "lanes": [{"vcpu": 1, "operations": [{"op": "write_cr0", ...}]}]}}
 
 Numbers are JSON integers or ``"0x…"`` strings (written: ``vcpu`` in decimal, the rest in
 hex); addresses are byte addresses (``gpa``, ``start_gpa``, ``end_gpa``), those of
@@ -129,7 +129,9 @@ def _op_json(op: Op) -> dict[str, Any]:
 
 def item_json(item: Item) -> dict[str, Any]:
     if isinstance(item, Burst):
-        lanes = [{"vcpu": vcpu, "ops": [_op_json(op) for op in ops]} for vcpu, ops in item.lanes]
+        lanes = [
+            {"vcpu": vcpu, "operations": [_op_json(op) for op in ops]} for vcpu, ops in item.lanes
+        ]
         return {"burst": {"seed": item.seed, "lanes": lanes}}
     return _op_json(item)
 
@@ -254,14 +256,14 @@ class _Reader:
             lanes = []
             seen = set()
             for lane in burst["lanes"]:
-                if not isinstance(lane, dict) or not isinstance(lane.get("ops"), list):
-                    raise self.fail('each burst lane needs "vcpu" and an "ops" list')
+                if not isinstance(lane, dict) or not isinstance(lane.get("operations"), list):
+                    raise self.fail('each burst lane needs "vcpu" and an "operations" list')
                 vcpu = self.number(lane, "vcpu", bits=32)
                 if vcpu in seen:
                     raise self.fail(f"burst has two lanes for vCPU {vcpu}")
                 seen.add(vcpu)
                 ops: list[VcpuOp] = []
-                for raw in lane["ops"]:
+                for raw in lane["operations"]:
                     op = cast(VcpuOp, self.op(raw, in_burst=True))
                     if op.vcpu != vcpu:
                         raise self.fail(f"burst lane of vCPU {vcpu} holds an op of vCPU {op.vcpu}")

@@ -1,4 +1,4 @@
-"""Strategies that reproduce released kernels (semantics.md §6)."""
+"""Strategies that reproduce released kernels (docs/semantics.md#events-and-zaps)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """The series "KVM: x86/mmu: refine memtype related mmu zap" (v4), one strategy per row of its
-cover letter's table (semantics.md §7). All use the 6.7 memory-type profile (patch 7).
+cover letter's table (docs/semantics.md#the-built-in-strategies). All use the 6.7 memory-type
+profile (patch 7).
 
 =====================  ===========================================================
 ``zap-all``            Base2 (+ patches 6-8): zap all on every CD toggle; no MTRR-write
