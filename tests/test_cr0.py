@@ -7,7 +7,7 @@ import pytest
 
 from mtrremu.core import cr0
 from mtrremu.core.errors import InvalidArgument, RejectedHostWrite
-from tests.helpers import ALL_STRATEGIES, CD0, CD1, GIB, make_vm, set_deftype
+from tests.helpers import CD0, CD1, FAITHFUL, GIB, make_vm, set_deftype
 
 
 @pytest.mark.parametrize(
@@ -61,7 +61,7 @@ def test_reset_sets_cd_and_nw_and_init_keeps_them() -> None:
 
 
 @pytest.mark.parametrize("quirk", [True, False])
-@pytest.mark.parametrize("strategy", ALL_STRATEGIES)
+@pytest.mark.parametrize("strategy", FAITHFUL)
 def test_host_writes_reset_and_init_never_zap(strategy: str, quirk: bool) -> None:
     vm = make_vm(strategy, quirk_cd_nw_cleared=quirk)
     set_deftype(vm, 0, 0xC00)  # UC default: every CD flip changes every type

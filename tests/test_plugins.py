@@ -30,6 +30,7 @@ from tests.helpers import ALL_STRATEGIES, CD0, SERIES, gpa, leaves, run_command
 
 KVM_RELEASES = "mtrremu_strategies.kvm_releases"
 SERIES_PLUGIN = "mtrremu_strategies.series"
+EXPERIMENTAL_PLUGIN = "mtrremu_strategies.experimental"
 
 #: name -> (registering plugin, profile, class of the strategy object its factory builds)
 BUILTINS: dict[str, tuple[str, Profile, str]] = {
@@ -40,6 +41,8 @@ BUILTINS: dict[str, tuple[str, Profile, str]] = {
     "zap-all-serialized": (SERIES_PLUGIN, Profile.KVM_6_7, "ZapAllSerialized"),
     "fine-grained": (SERIES_PLUGIN, Profile.KVM_6_7, "FineGrained"),
     "fine-grained-split": (SERIES_PLUGIN, Profile.KVM_6_7, "FineGrainedSplit"),
+    "precise": (EXPERIMENTAL_PLUGIN, Profile.KVM_6_7, "Precise"),
+    "lazy": (EXPERIMENTAL_PLUGIN, Profile.KVM_6_7, "Lazy"),
 }
 
 THIRDPARTY_MODULE = "thirdparty_mtrremu_plugin"
@@ -179,7 +182,7 @@ def test_builtin_strategy_provenance(manager: PluginManager, name: str) -> None:
     assert registered.distribution == "mtrremu"
     assert registered.version == importlib.metadata.version("mtrremu")
     assert registered.spec.profile is profile
-    assert dict(registered.spec.options) == {}
+    assert set(registered.spec.options) == ({"scope"} if name == "lazy" else set())
 
 
 def test_series_strategies_use_the_6_7_profile(manager: PluginManager) -> None:
@@ -245,8 +248,20 @@ def test_unknown_strategy_lookup(manager: PluginManager) -> None:
 
 
 def test_builtin_strategy_refuses_options(manager: PluginManager) -> None:
-    with pytest.raises(InvalidArgument, match=r"does not take option\(s\) knob \(accepted: none\)"):
+    refused = r"does not take option\(s\) knob \(accepted: events\)"
+    with pytest.raises(InvalidArgument, match=refused):
         manager.create_vm(VmConfig(), "zap-all", {"knob": "1"})
+
+
+def test_every_strategy_takes_the_event_filter_and_its_factory_never_sees_it() -> None:
+    factory = RecordingFactory()
+    manager = PluginManager(
+        entry_points=False, plugins=[SpecPlugin("opts", [spec("tunable", factory, knob="help")])]
+    )
+    manager.create_vm(VmConfig(), "tunable", {"knob": "1", "events": "changed,acrn"})
+    assert factory.calls == [{"knob": "1"}]
+    with pytest.raises(InvalidArgument, match="events='sometimes'"):
+        manager.create_vm(VmConfig(), "tunable", {"events": "sometimes"})
 
 
 def test_declared_option_reaches_the_factory() -> None:
@@ -276,7 +291,7 @@ def test_undeclared_option_is_refused_before_the_factory_runs() -> None:
     with pytest.raises(InvalidArgument) as info:
         manager.create_vm(VmConfig(), "tunable", {"knob": "1", "dial": "2"})
     assert "dial" in str(info.value)
-    assert "accepted: knob" in str(info.value)
+    assert "accepted: events, knob" in str(info.value)
     assert factory.calls == []
 
 

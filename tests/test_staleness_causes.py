@@ -24,9 +24,9 @@ from mtrremu.core.memtypes import MemType
 from mtrremu.core.units import Level
 from mtrremu.core.vm import Vm
 from tests.helpers import (
-    ALL_STRATEGIES,
     CD0,
     CD1,
+    FAITHFUL,
     GIB,
     SERIES,
     gfn,
@@ -51,7 +51,7 @@ def uc_hole(strategy: str, *, cd0: bool = True) -> Vm:
     return vm
 
 
-@pytest.mark.parametrize("strategy", [s for s in ALL_STRATEGIES if s != "kvm-6.11"])
+@pytest.mark.parametrize("strategy", [s for s in FAITHFUL if s != "kvm-6.11"])
 def test_a_range_moved_with_e1_and_cd0_is_zapped_only_at_its_new_span(strategy: str) -> None:
     vm = uc_hole(strategy)
     assert mapping(vm.access(0, gpa(PAGE))).memtype == UC
@@ -79,7 +79,7 @@ def test_the_same_move_under_cd1_is_caught_by_the_cd_clear(strategy: str) -> Non
     assert vm.stale(0).clean
 
 
-@pytest.mark.parametrize("strategy", ALL_STRATEGIES)
+@pytest.mark.parametrize("strategy", FAITHFUL)
 def test_host_cr0_writes_change_cd_without_a_zap(strategy: str) -> None:
     vm = uc_hole(strategy)
     vm.access(0, gpa(PAGE))
@@ -93,7 +93,7 @@ def test_host_cr0_writes_change_cd_without_a_zap(strategy: str) -> None:
     assert (report.examples[0].have, report.examples[0].want) == (UC, want)
 
 
-@pytest.mark.parametrize("strategy", ALL_STRATEGIES)
+@pytest.mark.parametrize("strategy", FAITHFUL)
 def test_reset_sets_cd_without_a_zap(strategy: str) -> None:
     vm = uc_hole(strategy)
     vm.access(0, gpa(PAGE))

@@ -23,6 +23,9 @@ class Counters:
     * ``faults`` — leaves installed; ``refaults`` — faults on a gfn whose leaf a zap removed.
     * ``strategy_failures`` — strategy calls that raised or returned something other than a
       decision; each was replaced by a zap of everything (counted like any zap).
+    * ``events_filtered`` — MTRR writes the VM's event filter kept from the strategy.
+    * ``recalc_*`` — deferred re-evaluation: root entries marked at events, marks pushed down,
+      leaves re-evaluated (and changed) and huge leaves split on accesses.
     """
 
     zap_events: int = 0
@@ -48,6 +51,12 @@ class Counters:
     mmio_exits: int = 0
     guest_gp: int = 0
     strategy_failures: int = 0
+    events_filtered: int = 0
+    recalc_marks: int = 0
+    recalc_pushdowns: int = 0
+    recalc_leaves: int = 0
+    recalc_changed: int = 0
+    recalc_splits: int = 0
 
     @property
     def leaves_removed(self) -> int:

@@ -10,6 +10,8 @@ Entry byte::
     bit 7  LEAF    present leaf
     bit 6  ZAPPED  not present; a zap removed the leaf that mapped this span (refault tracking)
     bit 5  MMIO    not present; KVM's MMIO marker (4 KiB level, outside every memslot)
+    bit 4  RECALC  present leaf or table pointer: memory types at and below this entry must be
+                   re-evaluated before use (Xen's EMT-invalid mark; see :meth:`EptStore.mark`)
     bit 3  IPAT    leaf: ignore guest PAT
     bits 2:0       leaf: memory type
 
@@ -40,6 +42,7 @@ from mtrremu.core.units import (
 LEAF = 0x80
 ZAPPED = 0x40
 MMIO = 0x20
+RECALC = 0x10
 IPAT = 0x08
 TYPE_BITS = 0x07
 
@@ -66,6 +69,8 @@ class Entry:
     level: Level
     base_gfn: int
     byte: int
+    #: This entry or one above it on the path carries a re-evaluation mark.
+    recalc: bool = False
 
     @property
     def present(self) -> bool:
@@ -100,6 +105,28 @@ class ZapOutcome:
     @property
     def entries_visited(self) -> int:
         return sum(self.visited.values())
+
+
+@dataclass
+class MarkOutcome:
+    """What marking a range for re-evaluation did: root entries visited and marked."""
+
+    visited: int = 0
+    marked: int = 0
+
+
+@dataclass
+class RecalcOutcome:
+    """What resolving re-evaluation marks on an access did (see :meth:`EptStore.resolve`)."""
+
+    #: Marked table pointers whose mark moved down to the present entries of their table.
+    pushdowns: int = 0
+    #: Marked present leaves whose memory type was recomputed.
+    leaves: int = 0
+    #: Of those, the leaves whose type or IPAT changed.
+    changed: int = 0
+    #: Marked huge leaves whose span no longer has one type, split into marked smaller leaves.
+    splits: int = 0
 
 
 @dataclass
@@ -250,6 +277,9 @@ class EptStore:
         }
         self._pools[Level.ROOT].allocate(np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.uint8))
         self._leaves = dict.fromkeys(LEAF_LEVELS_DESCENDING, 0)
+        #: Some entry was ever marked for re-evaluation: only then do accesses resolve marks and
+        #: the oracle look for them, so stores that never see a mark pay nothing for them.
+        self.marked = False
 
     # -- introspection -------------------------------------------------------------------
 
@@ -272,16 +302,19 @@ class EptStore:
 
     def lookup(self, gfn: int) -> Entry:
         """The entry a hardware walk for ``gfn`` ends at."""
-        level, table, index = Level.ROOT, 0, (gfn >> Level.ROOT.shift) & 511
+        level, table, recalc = Level.ROOT, 0, False
         while True:
             pool = self._pools[level]
             index = (gfn >> level.shift) & 511
+            if self.marked:
+                recalc |= bool(pool.ent[table, index] & RECALC)
             if pool.child is not None:
                 child = int(pool.child[table, index])
                 if child >= 0:
                     level, table = Level(level - 1), child
                     continue
-            return Entry(level, (gfn >> level.shift) << level.shift, int(pool.ent[table, index]))
+            byte = int(pool.ent[table, index])
+            return Entry(level, (gfn >> level.shift) << level.shift, byte, recalc)
 
     def _table_for(self, gfn: int, level: Level) -> int:
         """The table at ``level`` on the path to ``gfn``, creating missing tables on the way.
@@ -426,6 +459,146 @@ class EptStore:
             return removed, np.zeros(0, dtype=np.int32)
         children = pool.child[rows, cols]
         return removed, children[children >= 0]
+
+    # -- deferred re-evaluation (Xen's approach) -------------------------------------------
+
+    def mark(self, rng: GfnRange) -> MarkOutcome:
+        """Mark the present root entries overlapping ``rng`` for re-evaluation.
+
+        Constant work whatever the guest's size: only the root table is visited. Leaves below a
+        mark stay present but no access may use them before :meth:`resolve` has re-evaluated
+        them, and the staleness oracle does not hold them against anyone.
+        """
+        end = min(rng.end, EPT_GFN_LIMIT)
+        if end <= rng.start:
+            return MarkOutcome()
+        shift = Level.ROOT.shift
+        lo, hi = rng.start >> shift, ((end - 1) >> shift) + 1
+        root = self._pools[Level.ROOT]
+        assert root.child is not None
+        entries = root.ent[0, lo:hi]
+        present = root.child[0, lo:hi] >= 0
+        entries[present] |= RECALC
+        marked = int(np.count_nonzero(present))
+        self.marked |= marked > 0
+        return MarkOutcome(hi - lo, marked)
+
+    def resolve(self, start: int, end: int, expected: IntervalMap) -> RecalcOutcome:
+        """Resolve every mark on the paths to the gfns ``[start, end)``, as accesses there
+        would (Xen's ``resolve_misconfig``): a marked table pointer passes its mark to the
+        present entries of its table; a marked huge leaf gets the type ``expected`` gives its
+        span, or is split into marked leaves of the next level if that span is mixed; a leaf
+        table holding a mark is re-evaluated whole (all its marked leaves at once).
+        ``expected`` holds the leaf byte a fresh fault by the accessing vCPU would write.
+        """
+        outcome = RecalcOutcome()
+
+        def step(
+            level: Level,
+            tables: npt.NDArray[np.int32],
+            base: Int64Array,
+            lo: Int64Array,
+            hi: Int64Array,
+        ) -> list[npt.NDArray[np.int32]]:
+            if level is Level.K4:
+                self._recompute_leaf_tables(tables, base, expected, outcome)
+                return []
+            return [
+                self._resolve_entries(
+                    level, tables, base, lo, hi, expected=expected, outcome=outcome
+                )
+            ]
+
+        if self.marked:
+            self._walk(start, end, step)
+        return outcome
+
+    def _recompute_leaf_tables(
+        self,
+        tables: npt.NDArray[np.int32],
+        base: Int64Array,
+        expected: IntervalMap,
+        outcome: RecalcOutcome,
+    ) -> None:
+        pool = self._pools[Level.K4]
+        rows = np.flatnonzero((pool.ent[tables] & RECALC).any(axis=1))
+        if not len(rows):
+            return
+        ids = tables[rows]
+        entries = pool.ent[ids]
+        leaves = (entries >= LEAF) & ((entries & RECALC) != 0)
+        plain = entries & np.uint8(~RECALC & 0xFF)
+        want = expected.values[expected.segment_of(base[rows][:, None] + _COLUMNS[None, :])]
+        outcome.leaves += int(np.count_nonzero(leaves))
+        outcome.changed += int(np.count_nonzero(leaves & (want != plain)))
+        pool.ent[ids] = np.where(leaves, want, plain)
+
+    def _resolve_entries(
+        self,
+        level: Level,
+        tables: npt.NDArray[np.int32],
+        base: Int64Array,
+        lo: Int64Array,
+        hi: Int64Array,
+        *,
+        expected: IntervalMap,
+        outcome: RecalcOutcome,
+    ) -> npt.NDArray[np.int32]:
+        """Resolve the marked entries of a non-leaf level inside ``[lo, hi)`` of each table;
+        returns the tables below those entries."""
+        pool, below = self._pools[level], self._pools[Level(level - 1)]
+        assert pool.child is not None
+        entries, children = pool.ent[tables], pool.child[tables]
+        inside = (lo[:, None] <= _COLUMNS) & (hi[:, None] > _COLUMNS)
+        marked = inside & ((entries & RECALC) != 0)
+        entries[marked] &= np.uint8(~RECALC & 0xFF)
+        pointers = marked & (children >= 0)
+        if pointers.any():
+            kids = children[pointers]
+            kid_entries = below.ent[kids]
+            present = kid_entries >= LEAF
+            if below.child is not None:
+                present |= below.child[kids] >= 0
+            kid_entries[present] |= RECALC
+            below.ent[kids] = kid_entries
+            outcome.pushdowns += len(kids)
+        huge = np.nonzero(marked & (entries >= LEAF))
+        if len(huge[0]):
+            gfns = base[huge[0]] + huge[1].astype(np.int64) * level.pages
+            uniform, want = expected.uniform(gfns, level.pages)
+            old = entries[huge]
+            outcome.leaves += int(np.count_nonzero(uniform))
+            outcome.changed += int(np.count_nonzero(uniform & (want != old)))
+            entries[huge] = np.where(uniform, want, old)
+            split = (huge[0][~uniform], huge[1][~uniform])
+            if len(split[0]):
+                ids = below.allocate(gfns[~uniform], old[~uniform] | np.uint8(RECALC))
+                children[split] = ids
+                entries[split] = 0
+                outcome.splits += len(ids)
+                self._leaves[level] -= len(ids)
+                self._leaves[Level(level - 1)] += ENTRIES_PER_TABLE * len(ids)
+        pool.ent[tables] = entries
+        pool.child[tables] = children
+        result: npt.NDArray[np.int32] = children[inside & (children >= 0)].astype(np.int32)
+        return result
+
+    def _hidden_tables(self) -> dict[Level, npt.NDArray[np.bool_]] | None:
+        """Per leaf level, per table id: whether a mark above the table covers all of it."""
+        if not self.marked:
+            return None
+        covered = {Level.ROOT: np.zeros(1, dtype=bool)}
+        for level in (Level.ROOT, Level.G1, Level.M2):
+            pool, below = self._pools[level], self._pools[Level(level - 1)]
+            assert pool.child is not None
+            hidden = np.zeros(len(below.base), dtype=bool)
+            ids = pool.live_ids()
+            if len(ids):
+                marked = ((pool.ent[ids] & RECALC) != 0) | covered[level][ids][:, None]
+                kids = pool.child[ids]
+                hidden[kids[marked & (kids >= 0)]] = True
+            covered[Level(level - 1)] = hidden
+        return covered
 
     def populate(self, start: int, end: int, plan: PopulatePlan) -> PopulateOutcome:
         """Fault every gfn of ``[start, end)`` in ascending order, as a guest touching each.
@@ -581,8 +754,10 @@ class EptStore:
         of ``expected`` is compared in one pass (the common case), so the cost is a few passes
         over the entry bytes. With ``within`` (sorted, disjoint ``(starts, ends)`` gfn ranges)
         only the tables overlapping those ranges are looked at: every leaf overlapping them is
-        reported if it disagrees, and some others may be.
+        reported if it disagrees, and some others may be. Leaves awaiting re-evaluation (marked,
+        or under a mark) are never reported: nothing can use them before they are re-evaluated.
         """
+        hidden = self._hidden_tables()
         for level in LEAF_LEVELS_DESCENDING:
             pool = self._pools[level]
             ids = pool.live_ids()
@@ -595,6 +770,8 @@ class EptStore:
             same, row_value = expected.uniform(base, span)
             entries = pool.ent[ids]
             leaves = entries >= LEAF
+            if hidden is not None:
+                leaves &= ((entries & RECALC) == 0) & ~hidden[level][ids][:, None]
             wrong = leaves & (entries != row_value[:, None]) & same[:, None]
             rows, cols = np.nonzero(wrong)
             parts = [(rows, cols, np.ones(len(rows), dtype=bool), row_value[rows])]

@@ -178,6 +178,8 @@ class Lookup:
     mapping: Mapping | None
     zapped: bool
     mmio: bool
+    #: A re-evaluation mark lies on the page's path: the next access re-evaluates its type.
+    recalc_pending: bool = False
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,8 @@ class MtrrState:
 
     def __post_init__(self) -> None:
         self._high = msrs.reserved_gpa_bits(self.maxphyaddr)
+        # What the last write replaced: (msr, stored value, variable list order or None).
+        self._undo: tuple[int, int, list[int] | None] | None = None
 
     # -- registers ------------------------------------------------------------------------
 
@@ -76,15 +78,42 @@ class MtrrState:
     def write(self, msr: int, value: int) -> None:
         """Store an already validated MTRR MSR value (defType, fixed or variable)."""
         if msr == msrs.DEFTYPE:
+            self._undo = (msr, self.deftype, None)
             self.deftype = value
         elif msrs.is_var_msr(msr):
+            pair, is_mask = msrs.var_pair(msr)
+            stored = self.masks[pair] if is_mask else self.bases[pair]
+            self._undo = (msr, stored, list(self.order))
             self._write_var(msr, value)
         elif msrs.is_fixed_msr(msr):
+            self._undo = (msr, self.read(msr), None)
             slot = msrs.fixed_msr_slot(msr)
             self.fixed[8 * slot : 8 * slot + 8] = value.to_bytes(8, "little")
         else:
             raise ValueError(f"{msrs.msr_name(msr)} is not an MTRR MSR")
         self.version += 1
+
+    def before_last_write(self) -> MtrrState:
+        """A copy of these registers as they were before the last accepted write (an
+        unchanged copy if none was made yet), the variable list order included."""
+        state = self.copy()
+        if self._undo is None:
+            return state
+        msr, stored, order = self._undo
+        if msr == msrs.DEFTYPE:
+            state.deftype = stored
+        elif order is not None:
+            pair, is_mask = msrs.var_pair(msr)
+            if is_mask:
+                state.masks[pair] = stored
+            else:
+                state.bases[pair] = stored
+            state.order = order
+        else:
+            slot = msrs.fixed_msr_slot(msr)
+            state.fixed[8 * slot : 8 * slot + 8] = stored.to_bytes(8, "little")
+        state.version = -1
+        return state
 
     def _write_var(self, msr: int, value: int) -> None:
         pair, is_mask = msrs.var_pair(msr)

@@ -9,20 +9,27 @@ list, split by memslot or not), counts it and reports it. The VM calls the strat
   the VM honours guest MTRRs;
 * ``on_cd_toggle`` — after a guest CR0 write that flipped CD, while the VM honours guest MTRRs
   (host writes, RESET and INIT never reach a strategy);
-* ``on_dma_transition`` — when the non-coherent DMA count goes 0→1 or 1→0 with EPT on.
+* ``on_dma_transition`` — when the non-coherent DMA count goes 0→1 or 1→0 with EPT on;
+* ``on_host_cd_change`` (optional) — after a host CR0 write (KVM_SET_SREGS) or a RESET flipped
+  CD, while the VM honours guest MTRRs. KVM does not zap there; a strategy without this method
+  is not called, and the VM does nothing.
 
-Views are read-only and valid only during the call.
+Views are read-only and valid only during the call. :func:`memtype_map` and
+:func:`changed_ranges` give a strategy the exact effect of an event on a vCPU's memory types.
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from mtrremu.core import cr0 as cr0_bits
 from mtrremu.core import msrs
 from mtrremu.core.config import Memslot, VmConfig
+from mtrremu.core.fault import FaultView, Memslots
+from mtrremu.core.interval_map import IntervalMap
 from mtrremu.core.memtype import EptMemtype, Profile, disabled_type
 from mtrremu.core.mtrr_state import MtrrState
 from mtrremu.core.units import U64_MASK, ZAP_ALL, GfnRange, gpa_to_gfn
@@ -36,6 +43,10 @@ class Route(enum.Enum):
     #: Queue on the VM-wide zap list, then drain it or wait for the vCPU draining it (patch 9).
     #: The drain-or-wait happens even when nothing was queued.
     LIST = "list"
+    #: Zap nothing now: mark the root entries overlapping each range for re-evaluation (Xen's
+    #: approach). An access through a mark re-evaluates memory types on its path with the
+    #: accessing vCPU's view (docs/semantics.md#deferred-re-evaluation).
+    MARK = "mark"
 
 
 class AllocFailure(enum.Enum):
@@ -121,6 +132,14 @@ class MtrrView:
     def read(self, msr: int) -> int:
         return self._state.read(msr)
 
+    def snapshot(self) -> tuple[int, ...]:
+        """Every MTRR MSR as read back: equal snapshots give equal memory types."""
+        return self._state.snapshot()
+
+    def before_write(self) -> MtrrView:
+        """These MTRRs as they were before the write being handled (in ``on_mtrr_write``)."""
+        return MtrrView(self._state.before_last_write())
+
 
 class _VcpuState(Protocol):
     index: int
@@ -152,11 +171,13 @@ class VcpuView:
 
 @dataclass(frozen=True)
 class VmView:
-    """The VM-wide facts a strategy may use."""
+    """The VM-wide facts a strategy may use, every vCPU's view included."""
 
     config: VmConfig
     profile: Profile
     noncoherent_dma: int
+    vcpus: tuple[VcpuView, ...] = ()
+    slots: Memslots | None = field(default=None, repr=False, compare=False)
 
     @property
     def memslots(self) -> tuple[Memslot, ...]:
@@ -186,6 +207,8 @@ class ZapStrategy(Protocol):
 
 #: The methods of :class:`ZapStrategy`, in the order the module docstring lists them.
 STRATEGY_HOOKS = ("on_mtrr_write", "on_cd_toggle", "on_dma_transition")
+#: Methods a strategy may implement besides them (same signature as ``on_cd_toggle``).
+OPTIONAL_HOOKS = ("on_host_cd_change",)
 
 
 def protocol_gaps(strategy: object) -> list[str]:
@@ -231,3 +254,47 @@ def kvm_mtrr_write_range(vcpu: VcpuView, msr: int) -> GfnRange | None:
         pair, _ = msrs.var_pair(msr)
         return mtrr.pair_range(pair)
     raise ValueError(f"{msrs.msr_name(msr)} does not affect memory types")
+
+
+def memtype_map(
+    vm: VmView,
+    vcpu: VcpuView,
+    *,
+    cd: bool | None = None,
+    noncoherent_dma: bool | None = None,
+    mtrr: MtrrView | None = None,
+) -> IntervalMap:
+    """What a fault by ``vcpu`` would install, per gfn: an :class:`IntervalMap` of encoded leaf
+    bytes (type, IPAT and the present bit; 0 outside every memslot).
+
+    The vCPU's state as it is now, unless ``cd``, ``noncoherent_dma`` (attached or not) or
+    ``mtrr`` (e.g. ``vcpu.mtrr.before_write()``) say otherwise. Built per segment of the MTRRs
+    and memslots (O(ranges), never per page), by the very rules a fault uses.
+    """
+    slots = vm.slots if vm.slots is not None else Memslots(vm.config)
+    view = FaultView(
+        vm.profile,
+        vm.config,
+        slots,
+        vm.noncoherent_dma > 0 if noncoherent_dma is None else noncoherent_dma,
+        vcpu.cd if cd is None else cd,
+        (vcpu.mtrr if mtrr is None else mtrr)._state,
+    )
+    return IntervalMap.build(view.breakpoints(), view.leaf_byte)
+
+
+def changed_ranges(before: IntervalMap, after: IntervalMap) -> tuple[GfnRange, ...]:
+    """The gfn ranges where two memory-type maps differ, sorted, abutting ones merged."""
+    starts, ends = before.differences(after)
+    return merge_ranges(zip(starts.tolist(), ends.tolist(), strict=True))
+
+
+def merge_ranges(spans: Iterable[tuple[int, int]]) -> tuple[GfnRange, ...]:
+    """``[start, end)`` spans as sorted ranges, overlapping or abutting ones merged."""
+    merged: list[list[int]] = []
+    for start, end in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return tuple(GfnRange(start, end) for start, end in merged)

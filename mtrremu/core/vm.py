@@ -27,6 +27,7 @@ from mtrremu.core.errors import (
     ResourceExhausted,
     UnknownVcpu,
 )
+from mtrremu.core.event_filter import ALL_EVENTS, EventFilter
 from mtrremu.core.events import (
     Access,
     AccessInfo,
@@ -68,7 +69,14 @@ from mtrremu.core.oracle import (
     leaf_key_ranges,
     newly_stale,
 )
-from mtrremu.core.strategy import NO_ZAP, StrategyFailure, VmView, ZapDecision, ZapStrategy
+from mtrremu.core.strategy import (
+    NO_ZAP,
+    StrategyFailure,
+    VcpuView,
+    VmView,
+    ZapDecision,
+    ZapStrategy,
+)
 from mtrremu.core.units import (
     EPT_GFN_LIMIT,
     PAGE_SHIFT,
@@ -138,6 +146,7 @@ class Vm:
         strategy_name: str = "",
         observer: Observer = NULL_OBSERVER,
         known_gaps: frozenset[Gap] = frozenset(),
+        event_filter: EventFilter = ALL_EVENTS,
     ) -> None:
         self.config = config
         self.strategy = strategy
@@ -145,6 +154,10 @@ class Vm:
         self._on_mtrr_write = strategy.on_mtrr_write
         self._on_cd_toggle = strategy.on_cd_toggle
         self._on_dma_transition = strategy.on_dma_transition
+        self._on_host_cd_change: Callable[[VmView, VcpuView], object] | None = getattr(
+            strategy, "on_host_cd_change", None
+        )
+        self._filter = event_filter
         self.profile = profile
         self.vm_id = vm_id
         self.strategy_name = strategy_name
@@ -157,7 +170,7 @@ class Vm:
         self._mmu_lock = threading.Lock()
         self._vm_lock = threading.Lock()
         self.zap_list = ZapList(self._zap, posted_window=config.zap_list_posted_window)
-        self._engine = ZapEngine(self._zap, self.zap_list, config.sorted_memslots())
+        self._engine = ZapEngine(self._zap, self._mark, self.zap_list, config.sorted_memslots())
         self._plans: dict[int, tuple[tuple[int, bool, bool], FaultPlan]] = {}
         # A 4-level EPT translates 48 bits: a larger MAXPHYADDR is accepted (its MSR rules
         # matter) but gpas beyond the EPT are refused.
@@ -176,7 +189,13 @@ class Vm:
 
     def _refresh_view(self) -> None:
         """The strategy's view and the honoured flag change only with the DMA count."""
-        self._view = VmView(self.config, self.profile, self._dma)
+        self._view = VmView(
+            self.config,
+            self.profile,
+            self._dma,
+            tuple(vc.view for vc in self.vcpus),
+            self.memslots,
+        )
         self._honours = self.profile.honours_guest_mtrrs and self.config.tdp and self._dma > 0
 
     # -- state -----------------------------------------------------------------------------
@@ -215,7 +234,7 @@ class Vm:
             if entry.present
             else None
         )
-        return Lookup(mapping, entry.zapped, entry.mmio)
+        return Lookup(mapping, entry.zapped, entry.mmio, entry.recalc)
 
     def leaf_runs(self) -> list[tuple[Level, int, int, int]]:
         """Present leaves as runs (see :meth:`EptStore.leaf_runs`), taken under the MMU lock."""
@@ -239,6 +258,23 @@ class Vm:
         counters.add_zap(outcome)
         if self._observer.active:
             self._observer.zap_executed(self.vm_id, rng, outcome)
+
+    def _mark(self, rng: GfnRange, counters: Counters) -> None:
+        with self._mmu_lock:
+            outcome = self.store.mark(rng)
+        counters.entries_visited_root += outcome.visited
+        counters.recalc_marks += outcome.marked
+        counters.tlb_flushes += int(outcome.marked > 0)
+
+    def _resolve(self, vc: VCpu, start: int, end: int, counters: Counters) -> None:
+        """An access to ``[start, end)`` by ``vc`` meets re-evaluation marks: resolve them on
+        its paths with ``vc``'s view (the caller holds ``vc``'s lock and the MMU lock)."""
+        outcome = self.store.resolve(start, end, self.plan(vc).values)
+        counters.recalc_pushdowns += outcome.pushdowns
+        counters.recalc_leaves += outcome.leaves
+        counters.recalc_changed += outcome.changed
+        counters.recalc_splits += outcome.splits
+        counters.tlb_flushes += int(outcome.changed + outcome.splits > 0)
 
     def _finish(self, result: EventResult, *, faulted_vcpu: int | None = None) -> EventResult:
         """Account the event, then tell observers (state is consistent by then)."""
@@ -314,6 +350,7 @@ class Vm:
             if msr == _PAT:
                 vc.pat = value
             else:
+                dropped = self._filter.active and self._filter.drops(vc.mtrr, vc.cd, msr, value)
                 if self._track and self._honours:
                     old_span = (
                         vc.mtrr.var_range_gfns(msrs.var_pair(msr)[0])
@@ -329,7 +366,9 @@ class Vm:
                     )
                 vc.mtrr.write(msr, value)
                 self._dirty = self._track
-                if self._honours:
+                if self._honours and dropped:
+                    result.counters.events_filtered += 1
+                elif self._honours:
                     try:
                         decision: object = self._on_mtrr_write(self._view, vc.view, msr)
                     except Exception as error:  # a plugin's bug: reported, never fatal
@@ -338,6 +377,14 @@ class Vm:
         if result.own_counters is None and not self._observer.active and not self._dirty:
             return result
         return self._finish(result)
+
+    def _host_cd_change(self, vc: VCpu, what: str) -> None:
+        """A host CR0 write or RESET flipped ``vc``'s CD (called before the change, under its
+        lock): only a strategy with ``on_host_cd_change`` is asked, and then checked."""
+        if self._on_host_cd_change is None or not self._honours:
+            return
+        if self._track:
+            self._expect_event(vc, "on_host_cd_change", what)
 
     def read_msr(self, vcpu: int, msr: int, *, host: bool = False) -> EventResult:
         """RDMSR (an unknown index is a #GP) or KVM_GET_MSRS (an error)."""
@@ -389,15 +436,25 @@ class Vm:
             result.cd_toggled = bool((old ^ new) & cr0_bits.CD)
             if result.cd_toggled and not op.host and self._honours and self._track:
                 self._expect_event(vc, "on_cd_toggle", f"guest CR0 write of {value:#x}")
+            if result.cd_toggled and op.host:
+                self._host_cd_change(vc, f"host CR0 write of {value:#x}")
             vc.cr0 = result.value = new
             self._dirty |= self._track and result.cd_toggled
-            if result.cd_toggled and not op.host and self._honours:
-                try:
-                    decision: object = self._on_cd_toggle(self._view, vc.view)
-                except Exception as error:  # a plugin's bug: reported, never fatal
-                    decision = _raised("on_cd_toggle", error)
-                self._decide(result, decision, "on_cd_toggle", defer_drain)
+            if result.cd_toggled and self._honours:
+                self._ask_cd(result, vc, op.host, defer_drain)
         return self._finish(result)
+
+    def _ask_cd(self, result: EventResult, vc: VCpu, host: bool, defer_drain: bool) -> None:
+        """Ask the strategy about a CD flip that has happened (guest, or host with the hook)."""
+        hook = "on_host_cd_change" if host else "on_cd_toggle"
+        ask = self._on_host_cd_change if host else self._on_cd_toggle
+        if ask is None:
+            return
+        try:
+            decision: object = ask(self._view, vc.view)
+        except Exception as error:  # a plugin's bug: reported, never fatal
+            decision = _raised(hook, error)
+        self._decide(result, decision, hook, defer_drain)
 
     def reset(self, vcpu: int) -> EventResult:
         """RESET: CR0 back to 0x60000010 (CD=NW=1) without any zap; MTRRs and PAT are left to
@@ -409,8 +466,12 @@ class Vm:
         result = EventResult(op)
         with vc.lock:
             result.cd_toggled = not vc.cd
+            if result.cd_toggled:
+                self._host_cd_change(vc, "RESET")
             vc.cr0 = result.value = cr0_bits.RESET_VALUE
             self._dirty |= self._track and result.cd_toggled
+            if result.cd_toggled and self._honours:
+                self._ask_cd(result, vc, True, defer_drain)
         return self._finish(result)
 
     def init(self, vcpu: int) -> EventResult:
@@ -437,6 +498,8 @@ class Vm:
         result = EventResult(op)
         counters = result.counters
         with vc.lock, self._mmu_lock:
+            if self.store.marked:
+                self._resolve(vc, gfn, gfn + 1, counters)
             entry = self.store.lookup(gfn)
             if entry.present:
                 counters.hits += 1
@@ -484,6 +547,8 @@ class Vm:
         with vc.lock:
             plan = self.plan(vc)
             with self._mmu_lock:
+                if self.store.marked:
+                    self._resolve(vc, start, end, result.counters)
                 outcome = self.store.populate(start, end, plan)
         inside = self.memslots.pages_in(start, end)
         result.counters.add_populate(outcome)

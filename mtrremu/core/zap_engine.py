@@ -60,10 +60,12 @@ class ZapEngine:
     def __init__(
         self,
         zap: Callable[[GfnRange, Counters], None],
+        mark: Callable[[GfnRange, Counters], None],
         zap_list: ZapList,
         memslots: tuple[Memslot, ...],
     ) -> None:
         self._zap = zap
+        self._mark = mark
         self.zap_list = zap_list
         self._memslots = memslots
 
@@ -74,9 +76,10 @@ class ZapEngine:
         if decision.zap_event:
             counters.zap_events += 1
         counters.ranges_requested += len(decision.ranges)
-        if decision.route is Route.DIRECT:
+        if decision.route is not Route.LIST:
+            act = self._zap if decision.route is Route.DIRECT else self._mark
             for rng in decision.ranges:
-                self._zap(rng, counters)
+                act(rng, counters)
             return report
         for index, rng in enumerate(decision.ranges):
             parts = split_by_memslots(rng, self._memslots) if decision.split_by_memslot else [rng]

@@ -7,13 +7,17 @@ A plugin is a module or object with ``@hookimpl`` functions named after the hook
     my_strategies = "my_package.strategies"
 
 A strategy implements :class:`ZapStrategy` (three methods, each returning a
-:class:`ZapDecision`) and is registered as a :class:`StrategySpec`. Everything a strategy may
-read or return is re-exported here.
+:class:`ZapDecision`, and optionally ``on_host_cd_change``) and is registered as a
+:class:`StrategySpec`. Everything a strategy may read or return is re-exported here, with the
+helpers that give an event's exact effect on memory types (:func:`memtype_map`,
+:func:`changed_ranges`, :func:`merge_ranges`).
 """
 
 import pluggy
 
 from mtrremu.core.config import Memslot, MemslotKind, VmConfig
+from mtrremu.core.errors import InvalidArgument
+from mtrremu.core.interval_map import IntervalMap
 from mtrremu.core.memtype import EptMemtype, Profile
 from mtrremu.core.memtypes import MemType
 from mtrremu.core.msrs import msr_name
@@ -27,7 +31,10 @@ from mtrremu.core.strategy import (
     VmView,
     ZapDecision,
     ZapStrategy,
+    changed_ranges,
     kvm_mtrr_write_range,
+    memtype_map,
+    merge_ranges,
 )
 from mtrremu.core.units import ZAP_ALL, GfnRange
 from mtrremu.plugin.records import StrategyFactory, StrategySpec
@@ -42,6 +49,8 @@ __all__ = [
     "EptMemtype",
     "Gap",
     "GfnRange",
+    "InvalidArgument",
+    "IntervalMap",
     "MemType",
     "Memslot",
     "MemslotKind",
@@ -56,6 +65,9 @@ __all__ = [
     "ZapDecision",
     "ZapStrategy",
     "hookimpl",
+    "changed_ranges",
     "kvm_mtrr_write_range",
+    "memtype_map",
+    "merge_ranges",
     "msr_name",
 ]

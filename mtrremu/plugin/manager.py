@@ -18,9 +18,11 @@ from types import ModuleType
 
 import pluggy
 
+from mtrremu.core import event_filter as event_filter_option
 from mtrremu.core.config import VmConfig
 from mtrremu.core.ept import ZapOutcome
 from mtrremu.core.errors import BrokenStrategy, InvalidArgument, PluginConflict, UnknownStrategy
+from mtrremu.core.event_filter import EventFilter
 from mtrremu.core.events import EventResult
 from mtrremu.core.observer import NULL_OBSERVER, Observer
 from mtrremu.core.strategy import ZapStrategy, protocol_gaps
@@ -30,7 +32,11 @@ from mtrremu.plugin import hookspecs
 from mtrremu.plugin.records import StrategySpec
 
 ENTRY_POINT_GROUP = "mtrremu"
-BUILTIN_PLUGINS = ("mtrremu_strategies.kvm_releases", "mtrremu_strategies.series")
+BUILTIN_PLUGINS = (
+    "mtrremu_strategies.kvm_releases",
+    "mtrremu_strategies.series",
+    "mtrremu_strategies.experimental",
+)
 _OBSERVER_HOOKS = ("mtrremu_zap_executed", "mtrremu_fault", "mtrremu_event_handled")
 _log = logging.getLogger(__name__)
 
@@ -195,13 +201,14 @@ class PluginManager:
         bad = sorted(k for k, v in options.items() if not isinstance(v, str))
         if bad:
             raise InvalidArgument(f"strategy option values must be strings: {', '.join(bad)}")
-        unknown = sorted(set(options) - set(registered.spec.options))
+        accepted = accepted_options(registered)
+        unknown = sorted(set(options) - set(accepted))
         if unknown:
-            accepted = ", ".join(sorted(registered.spec.options)) or "none"
             raise InvalidArgument(
                 f"strategy {strategy!r} does not take option(s) {', '.join(unknown)} "
-                f"(accepted: {accepted})"
+                f"(accepted: {', '.join(sorted(accepted))})"
             )
+        event_filter = EventFilter.parse(options.pop(event_filter_option.OPTION, "all"))
         return Vm(
             config or VmConfig(),
             build_strategy(registered, options),
@@ -210,19 +217,34 @@ class PluginManager:
             strategy_name=strategy,
             observer=self.observer(),
             known_gaps=registered.spec.known_gaps,
+            event_filter=event_filter,
         )
+
+
+#: Options every strategy takes, handled by the VM (never passed to a factory).
+COMMON_OPTIONS = {event_filter_option.OPTION: event_filter_option.OPTION_HELP}
+
+
+def accepted_options(registered: RegisteredStrategy) -> dict[str, str]:
+    """Every option a VM using ``registered`` may ask for (name → help): its own and the
+    options every strategy takes."""
+    return {**registered.spec.options, **COMMON_OPTIONS}
 
 
 def build_strategy(registered: RegisteredStrategy, options: Mapping[str, str]) -> ZapStrategy:
     """One VM's strategy object from ``registered``'s factory, checked against the protocol.
 
-    A factory that raises, or builds an object lacking a :class:`ZapStrategy` method, is the
-    plugin's bug: :class:`BrokenStrategy` names the strategy, its distribution and the cause.
+    A factory raising :class:`InvalidArgument` refuses an option's value (the caller's
+    error). A factory that raises anything else, or builds an object lacking a
+    :class:`ZapStrategy` method, is the plugin's bug: :class:`BrokenStrategy` names the
+    strategy, its distribution and the cause.
     """
     origin = f"{registered.distribution} {registered.version}".strip()
     origin += f", plugin {registered.plugin}"
     try:
         strategy = registered.spec.factory(options)
+    except InvalidArgument:
+        raise  # the factory refused an option's value: the caller's error, not the plugin's
     except Exception as error:
         why = f"its factory raised {type(error).__name__}: {error}"
         raise BrokenStrategy(registered.name, origin, why) from error

@@ -363,6 +363,7 @@ def outcome_message(result: EventResult, into: pb.EventOutcome | None = None) ->
     if result.lookup is not None:
         found, lookup = result.lookup, message.lookup
         lookup.zapped, lookup.mmio = found.zapped, found.mmio
+        lookup.recalc_pending = found.recalc_pending
         if found.mapping is not None:
             mapping_message(found.mapping, found.mapping.memtype, lookup.mapping)
         lookup.SetInParent()

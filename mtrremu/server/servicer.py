@@ -18,6 +18,7 @@ from mtrremu.core.burst import execute_one
 from mtrremu.core.errors import InvalidArgument, MtrremuError, ResourceExhausted
 from mtrremu.core.events import BurstResult, ItemResult
 from mtrremu.core.operations import OPERATIONS, OperationKind
+from mtrremu.plugin.manager import accepted_options
 from mtrremu.rpc import convert
 from mtrremu.rpc.status import abort
 from mtrremu.rpc.transport import REPLY_CHUNK_BYTES, REPLY_LIMIT_BYTES
@@ -101,7 +102,7 @@ class Servicer:
                     name=s.name,
                     description=s.spec.description,
                     profile=convert.profile_message(s.spec.profile),
-                    options=dict(s.spec.options),
+                    options=accepted_options(s),
                     plugin=s.plugin,
                     distribution=s.distribution,
                     version=s.version,
