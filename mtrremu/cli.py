@@ -18,6 +18,7 @@ from mtrremu.ab.published import ROWS
 from mtrremu.ab.report import print_report, write_charts, write_csv, write_jsonl
 from mtrremu.ab.runner import (
     DEFAULT_WORKLOADS,
+    EXPERIMENTS,
     LAYOUTS,
     Plan,
     default_strategies,
@@ -315,8 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
         "-s",
         "--strategy",
         action="append",
-        metavar="NAME",
-        help=f"a strategy (default: {', '.join(ROWS)}, and every installed non-built-in one)",
+        metavar="NAME[:OPT=VAL,...]",
+        help=f"a strategy, with options if any, e.g. lazy:scope=changed or kvm-6.5:events=acrn "
+        f"(default: {', '.join((*ROWS, *EXPERIMENTS))}, and every installed non-built-in one)",
     )
     ab.add_argument(
         "--plugin",

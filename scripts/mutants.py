@@ -4,8 +4,8 @@ variant, with the built-in strategies as controls.
 
 A mutant is *caught* by a run when the run's verdict is STALE. The last line reads
 ``mutants=<n> caught_default=<n> caught_all=<n>``; the exit status is 0 when every mutant is
-caught by the default job and by some workload, and the series' strategies stay clean on every
-run; 1 otherwise.
+caught by the default job and by some workload, and the series' strategies and our experimental
+ones stay clean on every run; 1 otherwise.
 
     python scripts/mutants.py [--executor local:N]
 """
@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mtrremu.ab.published import ROWS
-from mtrremu.ab.runner import DEFAULT_WORKLOADS, RunSpec, executor_for, run_all
+from mtrremu.ab.runner import DEFAULT_WORKLOADS, EXPERIMENTS, RunSpec, executor_for, run_all
 from mtrremu.testing.mutants import MUTANTS
 
 PLUGIN = "mtrremu.testing.mutants"
@@ -40,8 +40,9 @@ CONFIGS: tuple[tuple[str, str, tuple[tuple[str, Any], ...]], ...] = (
     ("W6 kvm", "W6", ()),
     ("W6 cd0", "W6", (("variant", "cd0"),)),
 )
-#: The series' strategies must stay clean everywhere; released KVM is shown for comparison.
-SERIES = tuple(name for name in ROWS if name != "kvm-6.5")
+#: The series' strategies and ours must stay clean everywhere; released KVM is shown for
+#: comparison.
+SERIES = (*(name for name in ROWS if name != "kvm-6.5"), *EXPERIMENTS)
 CONTROLS = ("kvm-6.5", "kvm-6.7", "kvm-6.11", *SERIES)
 
 

@@ -1,5 +1,7 @@
 """Regenerate the README's results block: the default job's tables, in-process, as
-``mtrremu ab`` prints them (every number in them is reproducible; wall times are left out).
+``mtrremu ab`` prints them (every number in them is reproducible; wall times are left out),
+and its W2 chart, ``docs/images/ab-w2.png`` (the check compares the text only: PNG bytes
+depend on the matplotlib build).
 
     python scripts/readme_results.py          # rewrite the block
     python scripts/readme_results.py --check  # exit 1 if the README is out of date
@@ -9,19 +11,24 @@ from __future__ import annotations
 
 import argparse
 import io
+import shutil
 import sys
+import tempfile
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
-from mtrremu.ab.report import LEGEND, published_table, tables
+from mtrremu.ab.report import LEGEND, published_table, tables, write_charts
 from mtrremu.ab.runner import InlineExecutor, Plan, default_strategies, run_all
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+CHART = ROOT / "docs" / "images" / "ab-w2.png"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
 
-def block() -> str:
+def block() -> tuple[str, list[dict[str, Any]]]:
     records = run_all(Plan(strategies=default_strategies()).specs(), InlineExecutor())
     out = io.StringIO()
     console = Console(file=out, width=120, color_system=None, force_terminal=False)
@@ -32,7 +39,7 @@ def block() -> str:
     if extra is not None:
         console.print(extra)
     lines = [line.rstrip() for line in out.getvalue().splitlines()]
-    return "\n".join([BEGIN, "```text", *lines, "```", END])
+    return "\n".join([BEGIN, "```text", *lines, "```", END]), records
 
 
 def main() -> int:
@@ -42,13 +49,18 @@ def main() -> int:
     text = README.read_text()
     head, _, rest = text.partition(BEGIN)
     _, _, tail = rest.partition(END)
-    updated = head + block() + tail
+    results, records = block()
+    updated = head + results + tail
     if args.check:
         if updated != text:
             print("README.md's results are out of date: run python scripts/readme_results.py")
             return 1
         return 0
     README.write_text(updated)
+    with tempfile.TemporaryDirectory() as folder:
+        (chart,) = write_charts([r for r in records if r["workload"] == "W2"], Path(folder))
+        CHART.parent.mkdir(exist_ok=True)
+        shutil.copyfile(chart, CHART)
     return 0
 
 

@@ -63,7 +63,11 @@ CONFIG_FIELDS = {
     "max_mapping_level",
     "memslots",
 }
-COUNTERS = {f.name for f in dataclasses.fields(Counters)} | {"leaves_removed", "entries_visited"}
+COUNTERS = {f.name for f in dataclasses.fields(Counters)} | {
+    "leaves_removed",
+    "entries_visited",
+    "recalc_work",
+}
 
 
 def records_of(out: Path) -> list[dict[str, Any]]:
@@ -268,8 +272,9 @@ def test_charts_are_one_real_png_per_workload_and_configuration(cross: Run) -> N
         assert data[:8] == PNG_SIGNATURE, path.name
         assert len(data) > 10_000, path.name
         image = np.asarray(matplotlib.image.imread(path))
-        # 15 inches wide at 100 dpi; two rows of panels, 1.6 + 0.32 inches per strategy each.
-        assert image.shape[:2] == (round(2 * 100 * (1.6 + 0.32 * 2)), 1500), path.name
+        # 15 inches wide at 100 dpi; three rows of panels (seven metrics, three a row), 1.6 +
+        # 0.32 inches per strategy each.
+        assert image.shape[:2] == (round(3 * 100 * (1.6 + 0.32 * 2)), 1500), path.name
         # RGBA floats in [0, 1]: pack each pixel's four bytes into one number.
         rgba = np.rint(image * 255).astype(np.uint32)
         packed = (rgba[..., 0] << 24) | (rgba[..., 1] << 16) | (rgba[..., 2] << 8) | rgba[..., 3]

@@ -130,6 +130,7 @@ def remote_shape(result: pb.OperationResult) -> tuple[object, ...]:
     counters["entries_visited"] = sum(
         counters[f"entries_visited_{s}"] for s in ("root", "1g", "2m", "4k")
     )
+    counters["recalc_work"] = 512 * counters["recalc_pushdowns"] + counters["recalc_leaves"]
     return ("ok", result.outcome.HasField("guest_fault"), counters)
 
 

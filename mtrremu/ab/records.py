@@ -5,7 +5,8 @@ Fields:
 ``schema``            ``"mtrremu.ab/2"``
 ``workload``          ``"W1"``… or a trace file's name; ``params`` its parameters
                       (seed included, sizes in bytes); ``seed``
-``strategy``          name; ``profile`` (``"6.5"``…); ``plugin``: ``{"name", "distribution",
+``strategy``          name, with its options if any (``lazy:scope=changed``);
+                      ``profile`` (``"6.5"``…); ``plugin``: ``{"name", "distribution",
                       "version"}`` of the plugin providing it
 ``config``            the VM: ``vcpus``, ``memory_bytes`` (all memslots), ``quirk_cd_nw_cleared``,
                       ``feature_mtrr``, ``guest_maxphyaddr``, ``max_mapping_level``,
@@ -23,7 +24,8 @@ Fields:
 ``refused``           operations the emulator refused, by reason (``HOST_WRITE_REJECTED``,
                       ``FAILED_PRECONDITION``, …); they changed nothing
 ``counters``          every counter of :class:`mtrremu.core.counters.Counters`, plus the totals
-                      ``leaves_removed`` and ``entries_visited`` (zeros if the replay never ran)
+                      ``leaves_removed``, ``entries_visited`` and ``recalc_work`` (zeros if
+                      the replay never ran)
 ``staleness``         the oracle at quiescent points: ``checks``, ``stale_points``,
                       ``stale_leaves_max``; ``at_end``: stale leaves at the end (``null`` if
                       the vCPUs disagree then, or the replay never ran); after each event:

@@ -31,6 +31,7 @@ TABLE_COUNTERS = (
     ("entries\nvisited", "entries_visited"),
     ("TLB\nflush", "tlb_flushes"),
     ("re-\nfaults", "refaults"),
+    ("de-\nferred", "recalc_work"),
 )
 #: The chart's panels: the headline (next to the published counts) first, then counted work.
 CHART_METRICS = (
@@ -40,6 +41,7 @@ CHART_METRICS = (
     "entries_visited",
     "tlb_flushes",
     "refaults",
+    "recalc_work",
 )
 STALE_STYLE = "bold white on red"
 FAILED_STYLE = "bold black on yellow"

@@ -41,6 +41,19 @@ LAYOUTS = ("default", "merged")
 DEFAULT_WORKLOADS = ("W1", "W2", "W7")
 
 
+def parse_strategy(text: str) -> tuple[str, dict[str, str]]:
+    """``NAME`` or ``NAME:OPTION=VALUE[,OPTION=VALUE]`` (e.g. ``lazy:scope=changed``,
+    ``kvm-6.5:events=acrn``): the strategy's name and its options."""
+    name, _, rest = text.partition(":")
+    options: dict[str, str] = {}
+    for item in filter(None, rest.split(",")):
+        key, equals, value = item.partition("=")
+        if not equals or not key:
+            raise InvalidArgument(f"strategy {text!r}: options are OPTION=VALUE, not {item!r}")
+        options[key] = value
+    return name, options
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """One run. ``overrides`` are workload parameters; ``vm`` overrides VM flags after the
@@ -49,6 +62,7 @@ class RunSpec:
     refused operation fail the run."""
 
     workload: str
+    #: A name, with options if any (see :func:`parse_strategy`).
     strategy: str
     seed: int = 1
     overrides: tuple[tuple[str, Any], ...] = ()
@@ -123,7 +137,7 @@ def run(spec: RunSpec) -> dict[str, Any]:
     of a job go on and every output is written.
     """
     trace = trace_for(spec)
-    registered = manager_for(spec.plugins).strategy(spec.strategy)
+    registered = manager_for(spec.plugins).strategy(parse_strategy(spec.strategy)[0])
     started = time.perf_counter()
     replay: Replay | None = None
     failure: dict[str, Any] | None
@@ -156,7 +170,8 @@ def verdict_failure(replay: Replay, strict_trace: bool) -> dict[str, Any] | None
 
 
 def _replay(spec: RunSpec, trace: Trace) -> Replay:
-    vm = manager_for(spec.plugins).create_vm(trace.config, spec.strategy, vm_id="ab")
+    name, options = parse_strategy(spec.strategy)
+    vm = manager_for(spec.plugins).create_vm(trace.config, name, options, vm_id="ab")
     results = operation_results(execute(vm, trace.items))
     refused, first_failure = _tally(
         (r.reason, None)
@@ -174,7 +189,7 @@ def _replay_remote(spec: RunSpec, trace: Trace) -> Replay:
 
     assert spec.target is not None
     with rpc.Client(spec.target, timeout=600) as connection:
-        remote = connection.create_vm(trace.config, spec.strategy)
+        remote = connection.create_vm(trace.config, *parse_strategy(spec.strategy))
         try:
             refused, first_failure = _tally(
                 (r.error.reason, None)
@@ -253,7 +268,8 @@ class Plan:
         configs = list(itertools.product(*(_or_none(axis) for axis in axes)))
         vm_configs = list(itertools.product(*(_or_none(axis) for axis in vm_axes)))
         for strategy in self.strategies:
-            manager_for(self.plugins).strategy(strategy)  # unknown names fail before anything runs
+            # Unknown names and options fail before anything runs.
+            manager_for(self.plugins).check_options(*parse_strategy(strategy))
         specs = []
         sources = [(w, None) for w in self.workloads] + [("trace", t) for t in self.traces]
         for (name, trace_file), config, vm_config, seed, strategy in itertools.product(
@@ -285,11 +301,15 @@ def _or_none(axis: list[tuple[str, Any]]) -> list[tuple[str, Any] | None]:
     return list(axis) if axis else [None]
 
 
+#: Our own strategies, compared with the series in the default job.
+EXPERIMENTS = ("precise", "lazy", "lazy:scope=changed")
+
+
 def default_strategies(plugins: tuple[str, ...] = ()) -> list[str]:
-    """The series' rows, then every strategy not built in: installed ones and those of the
-    plugin modules ``plugins``."""
+    """The series' rows and our experimental strategies, then every strategy not built in:
+    installed ones and those of the plugin modules ``plugins``."""
     extras = [s.name for s in manager_for(plugins).strategies() if s.plugin not in BUILTIN_PLUGINS]
-    return [*ROWS, *extras]
+    return [*ROWS, *EXPERIMENTS, *extras]
 
 
 # -- executing ------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 from mtrremu.core.ept import PopulateOutcome, ZapOutcome
-from mtrremu.core.units import Level
+from mtrremu.core.units import ENTRIES_PER_TABLE, Level
 
 
 @dataclass
@@ -71,6 +71,12 @@ class Counters:
             + self.entries_visited_4k
         )
 
+    @property
+    def recalc_work(self) -> int:
+        """Deferred re-evaluation work on accesses: entries re-marked by push-downs (a table of
+        512 each) plus leaves re-evaluated."""
+        return self.recalc_pushdowns * ENTRIES_PER_TABLE + self.recalc_leaves
+
     def add(self, other: Counters) -> None:
         for name in COUNTER_NAMES:
             value = getattr(other, name)
@@ -95,10 +101,11 @@ class Counters:
         self.refaults += outcome.refaults
 
     def as_dict(self) -> dict[str, int]:
-        """Every counter plus the two totals, in a stable order."""
+        """Every counter plus the three totals, in a stable order."""
         data = asdict(self)
         data["leaves_removed"] = self.leaves_removed
         data["entries_visited"] = self.entries_visited
+        data["recalc_work"] = self.recalc_work
         return data
 
     def copy(self) -> Counters:

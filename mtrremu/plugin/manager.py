@@ -187,6 +187,22 @@ class PluginManager:
             return _PluggyObserver(self._pm.hook)
         return NULL_OBSERVER
 
+    def check_options(self, strategy: str, options: Mapping[str, object]) -> EventFilter:
+        """Refuse an unknown strategy, an option it does not take or a bad event filter (the
+        strategy's own option values are its factory's to judge); returns the event filter."""
+        registered = self.strategy(strategy)
+        bad = sorted(k for k, v in options.items() if not isinstance(v, str))
+        if bad:
+            raise InvalidArgument(f"strategy option values must be strings: {', '.join(bad)}")
+        accepted = accepted_options(registered)
+        unknown = sorted(set(options) - set(accepted))
+        if unknown:
+            raise InvalidArgument(
+                f"strategy {strategy!r} does not take option(s) {', '.join(unknown)} "
+                f"(accepted: {', '.join(sorted(accepted))})"
+            )
+        return EventFilter.parse(str(options.get(event_filter_option.OPTION, "all")))
+
     def create_vm(
         self,
         config: VmConfig | None = None,
@@ -198,17 +214,8 @@ class PluginManager:
         """A VM using the named strategy, built once and called directly by the VM."""
         registered = self.strategy(strategy)
         options = dict(options or {})
-        bad = sorted(k for k, v in options.items() if not isinstance(v, str))
-        if bad:
-            raise InvalidArgument(f"strategy option values must be strings: {', '.join(bad)}")
-        accepted = accepted_options(registered)
-        unknown = sorted(set(options) - set(accepted))
-        if unknown:
-            raise InvalidArgument(
-                f"strategy {strategy!r} does not take option(s) {', '.join(unknown)} "
-                f"(accepted: {', '.join(sorted(accepted))})"
-            )
-        event_filter = EventFilter.parse(options.pop(event_filter_option.OPTION, "all"))
+        event_filter = self.check_options(strategy, options)
+        options.pop(event_filter_option.OPTION, None)
         return Vm(
             config or VmConfig(),
             build_strategy(registered, options),

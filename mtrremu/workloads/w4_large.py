@@ -81,15 +81,24 @@ def restore_booted(b: TraceBuilder, table: dict[int, int]) -> None:
         b.add([b.write_cr0(vcpu, LINUX_CR0, host=True)])
 
 
+#: Below 1 MiB, only [0, 640 KiB) is usable RAM in a PC's e820 map.
+LEGACY_AREA_START, LEGACY_AREA_END = 0xA0000, 0x100000
+
+
 def ram_shares(b: TraceBuilder, fraction: float) -> list[tuple[int, int, int]]:
     """Each vCPU's ``(vcpu, gpa, size)`` shares of ``fraction`` of every RAM slot (``ram-*``;
-    not the flash or a device's RAM)."""
+    not the flash or a device's RAM). The legacy area [0xA0000, 1 MiB) is left out even where a
+    slot holds RAM there: the firmware's e820 map does not offer it to the kernel as usable
+    memory (option ROMs and the BIOS live there)."""
     shares = []
     for slot in b.config.sorted_memslots():
         if not slot.name.startswith("ram"):
             continue
         start = slot.base_gfn << PAGE_SHIFT
-        size = int((slot.pages << PAGE_SHIFT) * fraction) & ~(2 * MIB - 1)
+        end = slot.end_gfn << PAGE_SHIFT
+        if LEGACY_AREA_START <= start < LEGACY_AREA_END:
+            start = LEGACY_AREA_END
+        size = int((end - start) * fraction) & ~(2 * MIB - 1)
         per = max(size // len(b.vcpus) & ~(2 * MIB - 1), 2 * MIB)
         offset = 0
         for vcpu in b.vcpus:
