@@ -30,7 +30,11 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 #: The cross product most tests share: 2 vCPU counts x 2 seeds x 2 strategies on W3.
 CROSS = ["-w", "W3", "--vcpus", "2", "--vcpus", "3", "--seed", "1", "--seed", "2"]
 CROSS += ["-s", "zap-all", "-s", "fine-grained"]
-W1_SMALL = ["-w", "W1", "--vcpus", "2", "--memory", "4G", "-s", "zap-all", "-s", "fine-grained"]
+#: W1, small, under a series row and our experimental strategies (options included).
+W1_SMALL = [
+    *("-w", "W1", "--vcpus", "2", "--memory", "4G"),
+    *("-s", "zap-all", "-s", "fine-grained", "-s", "precise", "-s", "lazy:scope=changed"),
+]
 #: Every record field records.py documents.
 RECORD_FIELDS = {
     "schema",

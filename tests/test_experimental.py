@@ -9,12 +9,15 @@ from typing import Any
 import pytest
 
 from mtrremu.ab.runner import RunSpec, run
+from mtrremu.client import Client
 from mtrremu.core import msrs
+from mtrremu.core.errors import MtrremuError
 from mtrremu.core.memtypes import MemType
 from mtrremu.core.strategy import changed_ranges, memtype_map, merge_ranges
 from mtrremu.core.units import GfnRange, Level
 from mtrremu.core.vm import Vm
 from mtrremu.plugin.manager import PluginManager
+from mtrremu.v1 import emulator_pb2 as pb
 from tests.helpers import (
     CD0,
     CD1,
@@ -24,6 +27,7 @@ from tests.helpers import (
     leaves,
     make_vm,
     programmed,
+    serving,
     set_deftype,
     set_var,
     var_mask,
@@ -271,3 +275,33 @@ def test_filtered_runs_stay_clean_and_save_zap_events(workload: str) -> None:
     counters = record["counters"]
     assert counters["zap_events"] + counters["events_filtered"] >= plain["counters"]["zap_events"]
     assert counters["zap_events"] <= plain["counters"]["zap_events"]
+
+
+# -- over gRPC ----------------------------------------------------------------------------------
+
+
+def test_lazy_over_grpc_reports_pending_marks_and_counts_deferred_work() -> None:
+    config = make_vm("lazy").config
+    with serving() as server, Client(server.addresses[0]) as client:
+        names = {s.name: dict(s.options) for s in client.list_strategies()}
+        assert {"precise", "lazy"} <= set(names)
+        assert set(names["lazy"]) == {"scope", "events"}
+        with pytest.raises(MtrremuError) as refused:
+            client.create_vm(config, "lazy", {"scope": "sometimes"})
+        assert refused.value.status == "INVALID_ARGUMENT"
+        vm = client.create_vm(config, "lazy", {"scope": "changed", "events": "changed"})
+        vm.write_msr(0, msrs.DEFTYPE, 0xC06, host=True)
+        vm.write_cr0(0, CD0)
+        vm.fault_range(0, 0, 4 * GIB)
+        outcome = vm.write_msr(0, msrs.PHYSBASE0, 2 * GIB | MemType.UC)
+        assert outcome.counters.recalc_marks == 0  # the mask is not valid yet: nothing changes
+        outcome = vm.write_msr(0, msrs.PHYSBASE0 + 1, var_mask(GIB))
+        assert outcome.counters.recalc_marks == 1
+        assert vm.lookup(2 * GIB).recalc_pending
+        assert vm.write_msr(0, msrs.PHYSBASE0 + 1, var_mask(GIB)).counters.events_filtered == 1
+        hit = vm.access(0, 2 * GIB)
+        assert hit.access.mapping.memory_type == pb.MEMORY_TYPE_UC
+        assert hit.counters.recalc_changed == 1
+        assert not vm.lookup(2 * GIB).recalc_pending
+        assert vm.counters().recalc_work == 512 * 1 + 1
+        assert vm.staleness(at_quiescence=True).stale_leaves == 0

@@ -78,10 +78,11 @@ class Counters:
         return self.recalc_pushdowns * ENTRIES_PER_TABLE + self.recalc_leaves
 
     def add(self, other: Counters) -> None:
-        for name in COUNTER_NAMES:
-            value = getattr(other, name)
+        # On every event's path: the instance dicts hold exactly the counter fields.
+        mine = self.__dict__
+        for name, value in other.__dict__.items():
             if value:
-                setattr(self, name, getattr(self, name) + value)
+                mine[name] += value
 
     def add_zap(self, outcome: ZapOutcome) -> None:
         """Account one executed zap."""

@@ -302,19 +302,33 @@ class EptStore:
 
     def lookup(self, gfn: int) -> Entry:
         """The entry a hardware walk for ``gfn`` ends at."""
-        level, table, recalc = Level.ROOT, 0, False
+        level, table = Level.ROOT, 0
         while True:
             pool = self._pools[level]
             index = (gfn >> level.shift) & 511
-            if self.marked:
-                recalc |= bool(pool.ent[table, index] & RECALC)
             if pool.child is not None:
                 child = int(pool.child[table, index])
                 if child >= 0:
                     level, table = Level(level - 1), child
                     continue
             byte = int(pool.ent[table, index])
-            return Entry(level, (gfn >> level.shift) << level.shift, byte, recalc)
+            base = (gfn >> level.shift) << level.shift
+            if self.marked:
+                return Entry(level, base, byte, self._marked_path(gfn, level))
+            return Entry(level, base, byte)
+
+    def _marked_path(self, gfn: int, last: Level) -> bool:
+        """Whether an entry on the path to ``gfn``, down to ``last``, carries a mark."""
+        table = 0
+        for level in (Level.ROOT, *LEAF_LEVELS_DESCENDING):
+            pool = self._pools[level]
+            index = (gfn >> level.shift) & 511
+            if pool.ent[table, index] & RECALC:
+                return True
+            if level is last or pool.child is None:
+                return False
+            table = int(pool.child[table, index])
+        return False
 
     def _table_for(self, gfn: int, level: Level) -> int:
         """The table at ``level`` on the path to ``gfn``, creating missing tables on the way.

@@ -83,7 +83,8 @@ class MtrrState:
         elif msrs.is_var_msr(msr):
             pair, is_mask = msrs.var_pair(msr)
             stored = self.masks[pair] if is_mask else self.bases[pair]
-            self._undo = (msr, stored, list(self.order))
+            # _write_var replaces the order list rather than changing it: the old one is kept.
+            self._undo = (msr, stored, self.order)
             self._write_var(msr, value)
         elif msrs.is_fixed_msr(msr):
             self._undo = (msr, self.read(msr), None)
@@ -108,7 +109,7 @@ class MtrrState:
                 state.masks[pair] = stored
             else:
                 state.bases[pair] = stored
-            state.order = order
+            state.order = list(order)
         else:
             slot = msrs.fixed_msr_slot(msr)
             state.fixed[8 * slot : 8 * slot + 8] = stored.to_bytes(8, "little")
@@ -117,19 +118,19 @@ class MtrrState:
 
     def _write_var(self, msr: int, value: int) -> None:
         pair, is_mask = msrs.var_pair(msr)
-        if self.pair_valid(pair):
-            self.order.remove(pair)
+        was_valid = self.pair_valid(pair)
         if is_mask:
             self.masks[pair] = value | self._high
         else:
             self.bases[pair] = value
+        if not (was_valid or self.pair_valid(pair)):
+            return
+        order = [other for other in self.order if other != pair]
         if self.pair_valid(pair):
             base = self.bases[pair]
-            at = next(
-                (i for i, other in enumerate(self.order) if base >= self.bases[other]),
-                len(self.order),
-            )
-            self.order.insert(at, pair)
+            at = next((i for i, other in enumerate(order) if base >= self.bases[other]), len(order))
+            order.insert(at, pair)
+        self.order = order
 
     def read(self, msr: int) -> int:
         """Read an MTRR MSR back as a guest would (masks without the internal high bits)."""
