@@ -355,6 +355,17 @@ class MemtypeMachine(RuleBasedStateMachine):
     # -- invariants --------------------------------------------------------------------
 
     @invariant()
+    def every_usable_leaf_agrees_with_some_vcpu(self) -> None:
+        """The experimental strategies' guarantee for other vCPUs' views: a leaf may be wrong
+        for some vCPUs while they disagree, never for all of them."""
+        if not self.gapless:
+            return
+        stale_for_all = self._stale(0)
+        for vcpu in range(1, self.vcpus):
+            stale_for_all = np.intersect1d(stale_for_all, self._stale(vcpu))
+        assert not len(stale_for_all), f"{len(stale_for_all)} leaves are stale for every vCPU"
+
+    @invariant()
     def store_accounts_for_its_leaves(self) -> None:
         listed = sum(len(gfns) for _, gfns, _ in self.vm.store.leaves())
         assert listed == self.vm.store.leaf_total
