@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """A/B benchmark: the default job and the large W4 run, in-process, timed in one run.
 
-* the default job: W1, W2 and W7 with 8 vCPUs and 16 GiB under the five series rows;
-* W4 with 416 vCPUs on 1.5 TiB at 2 MiB leaves (``cache_aps_init``) under the same rows.
+* the default job: W1, W2 and W7 with 8 vCPUs and 16 GiB under the five series rows and our
+  three experimental configurations (``precise``, ``lazy``, ``lazy:scope=changed``);
+* W4 with 416 vCPUs on 1.5 TiB at 2 MiB leaves (``cache_aps_init``) under the same strategies.
 
 Last line: ``default_job_seconds=<x> w4_1_5TiB_seconds=<y> peak_rss_mib=<z>`` (targets on a
 2-core machine: 60 s, 120 s, 2048 MiB).
