@@ -55,6 +55,9 @@ RECORD_FIELDS = {
     "counters",
     "staleness",
     "published",
+    "cycles_model",
+    "cycles_parts",
+    "cycles_basis",
     "wall_seconds",
     "mtrremu_version",
 }
@@ -92,8 +95,9 @@ def stable(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in r.items() if k != "wall_seconds"} for r in records]
 
 
-def outcome(r: dict[str, Any]) -> tuple[str, str, dict[str, int], dict[str, int | None]]:
-    return r["label"], r["strategy"], r["counters"], r["staleness"]
+def outcome(r: dict[str, Any]) -> tuple[object, ...]:
+    """What a run found: the same in-process and through a server."""
+    return r["label"], r["strategy"], r["counters"], r["staleness"], r["cycles_model"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,7 +238,9 @@ def test_the_csv_has_a_row_per_run_with_the_same_counters(cross: Run) -> None:
     head = ["workload", "label", "strategy", "profile", "distribution", "version", "seed"]
     head += ["vcpus", "memory_bytes", "mode", "verdict", "failure", "refused", *sorted(COUNTERS)]
     head += ["stale_checks", "stale_points", "stale_leaves_max", "stale_at_end"]
-    head += ["event_checks", "stale_events", "stale_event_leaves_max", "excused", "wall_seconds"]
+    head += ["event_checks", "stale_events", "stale_event_leaves_max", "excused"]
+    head += ["cycles_model", "cycles_work", "cycles_waiting", "cycles_yields", "cycles_basis"]
+    head += ["wall_seconds"]
     assert rows[0] == head
     assert len(rows) == 1 + len(cross.records)
     for row, r in zip(rows[1:], cross.records, strict=True):
@@ -251,6 +257,8 @@ def test_the_csv_has_a_row_per_run_with_the_same_counters(cross: Run) -> None:
         assert int(cells["memory_bytes"]) == r["config"]["memory_bytes"]
         assert cells["mode"] == r["mode"]
         assert cells["verdict"] == r["verdict"] == "clean"
+        assert float(cells["cycles_model"]) == r["cycles_model"]
+        assert cells["cycles_basis"] == r["cycles_basis"] == "prediction"  # W3: none published
         assert cells["failure"] == cells["refused"] == ""
         staleness = r["staleness"]
         assert int(cells["stale_checks"]) == staleness["checks"]

@@ -23,8 +23,8 @@ def test_the_default_ab_job_reproduces_the_published_counts(tmp_path: object) ->
     assert "84 =84" in done.stdout and "74 =74" in done.stdout
     assert "50 =50" in done.stdout and "42 =42" in done.stdout
     assert "≠" not in done.stdout.split("zap events:")[0]
-    # Three workloads under the series' five rows and our three experimental configurations.
-    assert "verdict:    24 runs: 24 clean (exit status 0)" in done.stdout
+    # Three workloads under the series' eight rows and our three experimental configurations.
+    assert "verdict:    33 runs: 33 clean (exit status 0)" in done.stdout
     assert f"JSON Lines: {tmp_path}/ab.jsonl" in done.stdout
 
 

@@ -41,6 +41,9 @@ BUILTINS: dict[str, tuple[str, Profile, str]] = {
     "zap-all-serialized": (SERIES_PLUGIN, Profile.KVM_6_7, "ZapAllSerialized"),
     "fine-grained": (SERIES_PLUGIN, Profile.KVM_6_7, "FineGrained"),
     "fine-grained-split": (SERIES_PLUGIN, Profile.KVM_6_7, "FineGrainedSplit"),
+    "zap-all-shared": (SERIES_PLUGIN, Profile.KVM_6_7, "ZapAll"),
+    "fine-grained-shared": (SERIES_PLUGIN, Profile.KVM_6_7, "FineGrained"),
+    "fine-grained-split-shared": (SERIES_PLUGIN, Profile.KVM_6_7, "FineGrainedSplit"),
     "precise": (EXPERIMENTAL_PLUGIN, Profile.KVM_6_7, "Precise"),
     "lazy": (EXPERIMENTAL_PLUGIN, Profile.KVM_6_7, "Lazy"),
 }

@@ -11,7 +11,9 @@ The stateful test attributes any new staleness outside its protocol to one of th
 * the fine-grained zap reads only the toggling vCPU's MTRRs, so leaves faulted under another
   vCPU's view survive it;
 * with the posted zap-list window a vCPU can return with its range still queued
-  (``test_concurrency.py``).
+  (``test_concurrency.py``);
+* a zap under the MMU lock held for read (patch 12, the ``*-shared`` rows) leaves a huge leaf
+  straddling the range's edge in place.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import pytest
 
 from mtrremu.core import msrs
+from mtrremu.core.config import Memslot
 from mtrremu.core.memtype import WB_IPAT, WB_NO_IPAT, EptMemtype
 from mtrremu.core.memtypes import MemType
 from mtrremu.core.units import Level
@@ -29,11 +32,13 @@ from tests.helpers import (
     FAITHFUL,
     GIB,
     SERIES,
+    SHARED,
     gfn,
     gpa,
     make_vm,
     mapping,
     set_deftype,
+    set_fixed_all,
     set_var,
 )
 
@@ -147,3 +152,20 @@ def test_fine_grained_reads_only_the_toggling_vcpus_mtrrs(strategy: str, survive
     assert result.zap is not None
     assert vm.stale(0).clean
     assert vm.stale(1).count == (1 if survives else 0)
+
+
+@pytest.mark.parametrize("strategy", SHARED)
+def test_a_shared_lock_zap_leaves_a_straddling_huge_leaf(strategy: str) -> None:
+    vm = make_vm(strategy, memslots=(Memslot.from_bytes(0, 4 * GIB),), track_staleness=True)
+    set_deftype(vm, 0, 0xC06)  # E, FE, WB default; every fixed range WB (reset values are 0)
+    set_fixed_all(vm, 0, MemType.WB)
+    vm.write_cr0(0, CD0)
+    assert mapping(vm.access(0, 0x100000)).level is Level.G1  # [0, 1 GiB) is one leaf
+    # A fixed-range write with E=1, FE=1, CD=0 zaps its span, [0, 512 KiB): inside the leaf.
+    result = vm.write_msr(0, msrs.FIXED_MSRS[0], 0)  # [0, 512 KiB) becomes UC
+    assert result.counters.straddling_skipped == 1
+    assert result.counters.leaves_removed == 0
+    stale = vm.stale(0)
+    assert stale.count == 1 and stale.by_level[Level.G1] == 1
+    assert vm.staleness.excused == {"straddling-leaf": 1}
+    assert vm.staleness.stale_events == 0

@@ -33,6 +33,12 @@ Fields:
                       ``excused`` (events a declared gap of the strategy explained, by gap)
                       and ``first_stale_event`` (see :class:`mtrremu.core.vm.StalenessLog`)
 ``published``         the cover letter's numbers for this setup, or ``null``
+``cycles_model``      the timing model's cycles spent inside zap calls, in millions (3.1 GHz
+                      host; docs/timing.md), or ``null`` if the replay never ran;
+                      ``cycles_parts``: ``{"work", "waiting", "yields"}`` (millions);
+                      ``cycles_basis``: ``"calibration"`` where the cover letter published
+                      cycles for the setup (the model was fitted on them), else
+                      ``"prediction"``
 ``wall_seconds``      how long the replay took (the only field that is not reproducible)
 ``mtrremu_version``   the emulator's version
 """
@@ -44,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 from mtrremu.ab.published import published
 from mtrremu.core.counters import Counters
 from mtrremu.core.oracle import STALENESS_COUNTS
+from mtrremu.core.timing import DEFAULT_COSTS, model_cycles
 from mtrremu.core.units import PAGE_SHIFT
 from mtrremu.plugin.manager import RegisteredStrategy, own_version
 from mtrremu.workloads.trace import Trace
@@ -73,6 +80,12 @@ def record(
         refused: dict[str, int] = {}
     else:
         counters, staleness, refused = replay.counters, replay.staleness, replay.refused
+    cycles = (
+        None
+        if replay is None
+        else model_cycles(replay.rounds, DEFAULT_COSTS, registered.spec.mmu_lock).millions()
+    )
+    fitted = pub is not None and pub.cycles_m is not None
     return {
         "schema": SCHEMA,
         "workload": spec.workload,
@@ -109,6 +122,9 @@ def record(
         "published": None
         if pub is None
         else {"firmware": pub.firmware, "zap_count": pub.zap_count, "cycles_m": pub.cycles_m},
+        "cycles_model": None if cycles is None else cycles.pop("total"),
+        "cycles_parts": cycles,
+        "cycles_basis": "calibration" if fitted else "prediction",
         "wall_seconds": round(seconds, 4),
         "mtrremu_version": own_version(),
     }

@@ -42,6 +42,7 @@ CHART_METRICS = (
     "tlb_flushes",
     "refaults",
     "recalc_work",
+    "cycles_model",
 )
 STALE_STYLE = "bold white on red"
 FAILED_STYLE = "bold black on yellow"
@@ -131,7 +132,8 @@ def tables(records: Sequence[dict[str, Any]]) -> list[Table]:
         )
         _strategy_column(table, rows)
         table.add_column("verdict", no_wrap=True, min_width=7)
-        headers = ["zap\nevents", *(h for h, _ in TABLE_COUNTERS), "re-\nfused"]
+        headers = ["zap\nevents", *(h for h, _ in TABLE_COUNTERS), "cycles M\n(model)"]
+        headers += ["re-\nfused"]
         headers += ["stale\npts/ev", "ex-\ncused"]
         for header in headers:
             width = max(len(line) for line in header.splitlines())
@@ -143,6 +145,7 @@ def tables(records: Sequence[dict[str, Any]]) -> list[Table]:
                 _verdict(r),
                 _zap_events(r),
                 *(f"{counters[key]:,}" for _, key in TABLE_COUNTERS),
+                _modelled(r),
                 str(sum(r["refused"].values())),
                 _stale(r),
                 str(sum(r["staleness"]["excused"].values())),
@@ -157,17 +160,18 @@ def published_table(records: Sequence[dict[str, Any]]) -> Table | None:
     if not rows:
         return None
     result = Table(
-        title="Next to the cover letter (8 vCPUs, 16 GiB): (published) columns are its "
-        "figures, (ours) are counted here",
+        title="Next to the cover letter (8 vCPUs, 16 GiB): (pub.) columns are its figures, "
+        "(ours) are counted here, (model) is the timing model fitted on them",
         show_lines=False,
     )
     result.add_column("workload", no_wrap=True)
     _strategy_column(result, rows)
     for name in (
         "zap events (ours)",
-        "zap cnt (published)",
-        "cycles, M (published)",
-        "cycles vs zap-all (published)",
+        "zap cnt (pub.)",
+        "cycles, M (pub.)",
+        "cycles, M (model)",
+        "cycles vs zap-all (pub.)",
         "entries visited vs zap-all (ours)",
         "leaves removed vs zap-all (ours)",
     ):
@@ -184,11 +188,21 @@ def published_table(records: Sequence[dict[str, Any]]) -> Table | None:
             str(r["counters"]["zap_events"]),
             str(pub["zap_count"]),
             f"{cycles:,.2f}" if cycles is not None else "",
+            _modelled(r),
             _ratio(cycles, ref_cycles),
             _ratio(r["counters"]["entries_visited"], _counter(ref, "entries_visited")),
             _ratio(r["counters"]["leaves_removed"], _counter(ref, "leaves_removed")),
         )
     return result
+
+
+def _modelled(record: dict[str, Any]) -> str:
+    """The timing model's cycles (millions); ``~`` marks a prediction (no published figure for
+    the setup to calibrate on)."""
+    cycles = record["cycles_model"]
+    if cycles is None:
+        return ""
+    return f"{'~' if record['cycles_basis'] == 'prediction' else ''}{cycles:,.2f}"
 
 
 def _counter(record: dict[str, Any] | None, name: str) -> float | None:
@@ -207,7 +221,9 @@ LEGEND = (
     "zap path); '=N'/'≠N' compares it with the count the cover letter published. Every other "
     "number is counted here. stale pts/ev: quiescent points with stale leaves / events that "
     "left their own vCPU's view stale (+N: stale leaves at the end). excused: events whose stale "
-    "leaves a KVM gap the strategy declares explains. refused: operations the emulator refused "
+    "leaves a KVM gap the strategy declares explains. cycles M (model): the timing model's "
+    "cycles spent inside zap calls, in millions (docs/timing.md); ~ marks a prediction, without "
+    "a published figure for the setup. refused: operations the emulator refused "
     "(they changed nothing). Wall times are in the JSON Lines and CSV files."
 )
 
@@ -219,7 +235,7 @@ def print_report(records: Sequence[dict[str, Any]], console: Console) -> None:
     extra = published_table(records)
     if extra is not None:
         console.print(extra)
-        console.print("Published reductions the counted work cannot show:")
+        console.print("What the timing model leaves out:")
         for note in NOT_MODELLED:
             console.print(f"  - {note}")
     for r in records:
@@ -261,12 +277,15 @@ def write_jsonl(records: Iterable[dict[str, Any]], path: Path) -> None:
 
 
 def write_csv(records: Sequence[dict[str, Any]], path: Path) -> None:
-    """One row per run: identity columns, the verdict, every counter, the oracle, wall time."""
+    """One row per run: identity columns, the verdict, every counter, the oracle, the timing
+    model, wall time."""
     counters = sorted({k for r in records for k in r["counters"]})
     head = ["workload", "label", "strategy", "profile", "distribution", "version", "seed"]
     head += ["vcpus", "memory_bytes", "mode", "verdict", "failure", "refused"]
     tail = ["stale_checks", "stale_points", "stale_leaves_max", "stale_at_end"]
-    tail += ["event_checks", "stale_events", "stale_event_leaves_max", "excused", "wall_seconds"]
+    tail += ["event_checks", "stale_events", "stale_event_leaves_max", "excused"]
+    tail += ["cycles_model", "cycles_work", "cycles_waiting", "cycles_yields", "cycles_basis"]
+    tail += ["wall_seconds"]
     with path.open("w", newline="") as out:
         writer = csv.writer(out)
         writer.writerow(head + counters + tail)
@@ -298,6 +317,12 @@ def write_csv(records: Sequence[dict[str, Any]], path: Path) -> None:
                     s["stale_events"],
                     s["stale_event_leaves_max"],
                     " ".join(f"{gap}={n}" for gap, n in s["excused"].items()),
+                    r["cycles_model"],
+                    *(
+                        (r["cycles_parts"] or {}).get(part)
+                        for part in ("work", "waiting", "yields")
+                    ),
+                    r["cycles_basis"],
                     r["wall_seconds"],
                 ]
             )
@@ -347,7 +372,7 @@ def _chart(rows: Sequence[dict[str, Any]], title: str, path: Path) -> None:
     places = list(range(len(rows)))
     for index, metric in enumerate(CHART_METRICS):
         axes = grid[index // columns][index % columns]
-        values = [r["counters"][metric] for r in rows]
+        values = [_metric(r, metric) for r in rows]
         axes.barh(places, values, color=colours, edgecolor="black", linewidth=0.4)
         ends = list(values)
         panel = metric.replace("_", " ")
@@ -392,6 +417,12 @@ def _chart(rows: Sequence[dict[str, Any]], title: str, path: Path) -> None:
     )
     figure.savefig(path)
     plt.close(figure)
+
+
+def _metric(record: dict[str, Any], metric: str) -> float:
+    if metric == "cycles_model":
+        return float(record["cycles_model"] or 0.0)
+    return float(record["counters"][metric])
 
 
 def _published_marks(axes: Any, rows: Sequence[dict[str, Any]]) -> None:

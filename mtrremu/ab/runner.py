@@ -27,9 +27,11 @@ from mtrremu.ab.published import ROWS
 from mtrremu.ab.records import record
 from mtrremu.core.burst import execute
 from mtrremu.core.config import Memslot, MemslotKind
+from mtrremu.core.counters import COUNTER_NAMES
 from mtrremu.core.errors import BrokenStrategy, InvalidArgument
 from mtrremu.core.events import Refused, operation_results
 from mtrremu.core.oracle import STALENESS_COUNTS, StalenessLog
+from mtrremu.core.timing import ZapCall, rounds_of
 from mtrremu.plugin.manager import BUILTIN_PLUGINS, manager_for
 from mtrremu.workloads import build, workload
 from mtrremu.workloads.trace import Trace, load
@@ -127,6 +129,8 @@ class Replay:
     refused: dict[str, int]
     #: The first event the strategy failed on: (hook, error).
     strategy_failure: tuple[str, str] | None
+    #: The zap calls, grouped into what ran at the same time (the timing model's input).
+    rounds: list[tuple[ZapCall, ...]]
 
 
 def run(spec: RunSpec) -> dict[str, Any]:
@@ -172,16 +176,17 @@ def verdict_failure(replay: Replay, strict_trace: bool) -> dict[str, Any] | None
 def _replay(spec: RunSpec, trace: Trace) -> Replay:
     name, options = parse_strategy(spec.strategy)
     vm = manager_for(spec.plugins).create_vm(trace.config, name, options, vm_id="ab")
-    results = operation_results(execute(vm, trace.items))
+    items = execute(vm, trace.items)
     refused, first_failure = _tally(
         (r.reason, None)
         if isinstance(r, Refused)
         else (None, None if r.strategy_failure is None else astuple(r.strategy_failure))
-        for r in results
+        for r in operation_results(items)
     )
     end = vm.stale_at_quiescence()
     staleness = _staleness(vm.staleness, None if end is None else end.count)
-    return Replay(vm.counters_snapshot().as_dict(), staleness, refused, first_failure)
+    counters = vm.counters_snapshot().as_dict()
+    return Replay(counters, staleness, refused, first_failure, rounds_of(items))
 
 
 def _replay_remote(spec: RunSpec, trace: Trace) -> Replay:
@@ -191,18 +196,36 @@ def _replay_remote(spec: RunSpec, trace: Trace) -> Replay:
     with rpc.Client(spec.target, timeout=600) as connection:
         remote = connection.create_vm(trace.config, *parse_strategy(spec.strategy))
         try:
+            results = remote.execute(trace.items)
             refused, first_failure = _tally(
                 (r.error.reason, None)
                 if r.HasField("error")
                 else (None, _remote_failure(r.outcome))
-                for r in remote.execute(trace.items)
+                for r in results
             )
             counters = remote.counters().as_dict()
             report = remote.staleness(at_quiescence=True)
         finally:
             remote.delete()
     at_end = report.stale_leaves if report.HasField("stale_leaves") else None
-    return Replay(counters, _staleness(report.tracking, at_end), refused, first_failure)
+    staleness = _staleness(report.tracking, at_end)
+    return Replay(counters, staleness, refused, first_failure, _remote_rounds(results))
+
+
+def _remote_rounds(results: Iterable[Any]) -> list[tuple[ZapCall, ...]]:
+    """:func:`rounds_of` for the batch stream's results: a burst's operations that share an
+    entry and a lane index ran in one round."""
+    rounds: dict[tuple[int, int], list[ZapCall]] = {}
+    for result in results:
+        if result.HasField("error"):
+            continue
+        key = (result.entry, result.lane.index if result.HasField("lane") else -1)
+        counters = {name: getattr(result.outcome.counters, name) for name in COUNTER_NAMES}
+        call = ZapCall.of(counters)
+        calls = rounds.setdefault(key, [])
+        if call is not None:
+            calls.append(call)
+    return [tuple(calls) for calls in rounds.values() if calls]
 
 
 def _remote_failure(outcome: Any) -> tuple[str, str] | None:

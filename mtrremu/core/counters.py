@@ -24,6 +24,8 @@ class Counters:
     * ``strategy_failures`` — strategy calls that raised or returned something other than a
       decision; each was replaced by a zap of everything (counted like any zap).
     * ``events_filtered`` — MTRR writes the VM's event filter kept from the strategy.
+    * ``straddling_skipped`` — huge leaves a shared-lock zap (patch 12) left in place because
+      they straddle the range's edge.
     * ``recalc_*`` — deferred re-evaluation: root entries marked at events, marks pushed down,
       leaves re-evaluated (and changed) and huge leaves split on accesses.
     """
@@ -57,6 +59,7 @@ class Counters:
     recalc_leaves: int = 0
     recalc_changed: int = 0
     recalc_splits: int = 0
+    straddling_skipped: int = 0
 
     @property
     def leaves_removed(self) -> int:
@@ -94,7 +97,11 @@ class Counters:
         self.entries_visited_1g += outcome.visited[Level.G1]
         self.entries_visited_2m += outcome.visited[Level.M2]
         self.entries_visited_4k += outcome.visited[Level.K4]
-        if outcome.leaves_removed:
+        if outcome.shared:
+            # Patch 12 flushes once per entry it zaps, and leaves straddling huge leaves.
+            self.tlb_flushes += outcome.entries_zapped
+            self.straddling_skipped += outcome.straddling_skipped
+        elif outcome.leaves_removed:
             self.tlb_flushes += 1
 
     def add_populate(self, outcome: PopulateOutcome) -> None:

@@ -97,6 +97,12 @@ class ZapOutcome:
         default_factory=lambda: dict.fromkeys(LEAF_LEVELS_DESCENDING, 0)
     )
     visited: dict[Level, int] = field(default_factory=lambda: dict.fromkeys(Level, 0))
+    #: Run under the MMU lock held for read (:meth:`EptStore.zap_shared`).
+    shared: bool = False
+    #: Shared-lock zaps only: entries zapped (leaves and whole subtrees), one TLB flush each.
+    entries_zapped: int = 0
+    #: Shared-lock zaps only: huge leaves straddling the range's edge, left in place.
+    straddling_skipped: int = 0
 
     @property
     def leaves_removed(self) -> int:
@@ -456,6 +462,66 @@ class EptStore:
 
         self._walk(rng.start, rng.end, step)
         return outcome
+
+    def zap_shared(self, rng: GfnRange) -> ZapOutcome:
+        """Patch 12's zap under the MMU lock held for read (docs/semantics.md#patch-12).
+
+        Every entry below the root whose whole span lies inside ``rng`` is zapped where it
+        stands: a leaf is removed, a table pointer drops its whole subtree (leaves counted by
+        level), without descending; both leave the entry ZAPPED. A huge leaf that straddles the
+        range's edge is left in place and counted (``straddling_skipped``): it may now hold a
+        stale type. Only tables straddling the range are descended.
+        """
+        outcome = ZapOutcome(shared=True)
+
+        def step(
+            level: Level,
+            tables: npt.NDArray[np.int32],
+            base: Int64Array,
+            lo: Int64Array,
+            hi: Int64Array,
+        ) -> list[npt.NDArray[np.int32]]:
+            pool = self._pools[level]
+            outcome.visited[level] += int((hi - lo).sum())
+            entries = pool.ent[tables]
+            children = None if pool.child is None else pool.child[tables]
+            starts = base[:, None] + _COLUMNS[None, :] * level.pages
+            inside = (lo[:, None] <= _COLUMNS) & (hi[:, None] > _COLUMNS)
+            covered = inside & (starts >= rng.start) & (starts + level.pages <= rng.end)
+            if level is Level.ROOT:
+                covered[:] = False  # only entries of level 1 GiB and below are zapped whole
+            leaves = entries >= LEAF
+            pointers = np.zeros_like(leaves) if children is None else children >= 0
+            outcome.straddling_skipped += int(np.count_nonzero(inside & ~covered & leaves))
+            zapped_leaves = covered & leaves
+            zapped_tables = covered & pointers
+            outcome.entries_zapped += int(np.count_nonzero(zapped_leaves | zapped_tables))
+            removed = int(np.count_nonzero(zapped_leaves))
+            if removed:
+                outcome.removed[level] += removed
+                self._leaves[level] -= removed
+            if zapped_tables.any():
+                assert children is not None
+                for below, count in self._drop_subtrees(Level(level - 1), children[zapped_tables]):
+                    outcome.removed[below] += count
+                children[zapped_tables] = -1
+            entries[zapped_leaves | zapped_tables] = ZAPPED
+            pool.ent[tables] = entries
+            if children is None:
+                return []
+            assert pool.child is not None
+            pool.child[tables] = children
+            return [children[inside & ~covered & (children >= 0)].astype(np.int32)]
+
+        self._walk(rng.start, rng.end, step)
+        return outcome
+
+    def _drop_subtrees(self, level: Level, ids: npt.NDArray[np.int32]) -> list[tuple[Level, int]]:
+        """Release the tables ``ids`` (at ``level``) and everything below; the leaves they held,
+        per level."""
+        before = dict(self._leaves)
+        self._release_subtree(level, ids)
+        return [(lvl, before[lvl] - self._leaves[lvl]) for lvl in LEAF_LEVELS_DESCENDING]
 
     @staticmethod
     def _zap_entries(

@@ -160,6 +160,9 @@ class Gap(enum.Enum):
     #: A variable range rewritten while MTRRs are enabled is zapped at its new span only (KVM
     #: computes the span after the write): excuses the leaves overlapping the pair's old span.
     MOVED_RANGE = "moved-range"
+    #: A zap under the MMU lock held for read (patch 12) leaves a huge leaf straddling the
+    #: range's edge in place: excuses the leaves that straddle an edge of the event's ranges.
+    STRADDLING_LEAF = "straddling-leaf"
 
 
 def leaf_key_ranges(keys: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.int64], ...]:

@@ -49,6 +49,16 @@ class Route(enum.Enum):
     MARK = "mark"
 
 
+class MmuLock(enum.Enum):
+    """How a strategy's zaps hold the MMU lock (docs/semantics.md#patch-12)."""
+
+    #: Exclusively, as KVM's zaps do: every entry overlapping the range is visited.
+    WRITE = "write"
+    #: Shared (patch 12): entries wholly inside the range are zapped where they stand, whole
+    #: subtrees at once; a huge leaf straddling the range's edge is left in place.
+    READ = "read"
+
+
 class AllocFailure(enum.Enum):
     """What a LIST decision does if queueing a range fails to allocate (patch 9 vs patch 10)."""
 

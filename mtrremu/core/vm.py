@@ -71,6 +71,7 @@ from mtrremu.core.oracle import (
 )
 from mtrremu.core.strategy import (
     NO_ZAP,
+    MmuLock,
     StrategyFailure,
     VcpuView,
     VmView,
@@ -105,6 +106,8 @@ class _EventCheck:
     what: str
     #: A variable pair's span before the write (what :attr:`Gap.MOVED_RANGE` excuses).
     old_span: GfnRange | None = None
+    #: The event's result: its zap ranges bound what :attr:`Gap.STRADDLING_LEAF` excuses.
+    result: EventResult | None = None
 
 
 #: How much of a failing strategy's error or return value a report quotes.
@@ -147,6 +150,7 @@ class Vm:
         observer: Observer = NULL_OBSERVER,
         known_gaps: frozenset[Gap] = frozenset(),
         event_filter: EventFilter = ALL_EVENTS,
+        mmu_lock: MmuLock = MmuLock.WRITE,
     ) -> None:
         self.config = config
         self.strategy = strategy
@@ -158,6 +162,7 @@ class Vm:
             strategy, "on_host_cd_change", None
         )
         self._filter = event_filter
+        self.mmu_lock = mmu_lock
         self.profile = profile
         self.vm_id = vm_id
         self.strategy_name = strategy_name
@@ -165,6 +170,7 @@ class Vm:
         self.memslots = Memslots(config)
         self.vcpus = tuple(VCpu.create(i, config.guest_maxphyaddr) for i in range(config.vcpus))
         self.store = EptStore()
+        self._store_zap = self.store.zap if mmu_lock is MmuLock.WRITE else self.store.zap_shared
         self.counters = Counters()
         self._dma = config.noncoherent_dma
         self._mmu_lock = threading.Lock()
@@ -254,7 +260,7 @@ class Vm:
 
     def _zap(self, rng: GfnRange, counters: Counters) -> None:
         with self._mmu_lock:
-            outcome = self.store.zap(rng)
+            outcome = self._store_zap(rng)
         counters.add_zap(outcome)
         if self._observer.active:
             self._observer.zap_executed(self.vm_id, rng, outcome)
@@ -283,6 +289,10 @@ class Vm:
                 self.counters.add(result.counters)
         if (self._dirty or self._event_checks) and not self._bursting:
             self.checkpoint()
+        elif self._event_checks and not (result.zap is not None and result.zap.pending_drain):
+            # In a burst an event whose zaps have all run is checked now: later operations of
+            # its round are other vCPUs' doing (their faults may well disagree with it).
+            self._check_events(only=result)
         if self._observer.active:
             if faulted_vcpu is not None:
                 self._observer.fault(self.vm_id, faulted_vcpu, result)
@@ -363,6 +373,7 @@ class Vm:
                         "on_mtrr_write",
                         f"{who} write of {value:#x} to {msrs.msr_name(msr)}",
                         old_span,
+                        result,
                     )
                 vc.mtrr.write(msr, value)
                 self._dirty = self._track
@@ -378,13 +389,13 @@ class Vm:
             return result
         return self._finish(result)
 
-    def _host_cd_change(self, vc: VCpu, what: str) -> None:
+    def _host_cd_change(self, vc: VCpu, what: str, result: EventResult) -> None:
         """A host CR0 write or RESET flipped ``vc``'s CD (called before the change, under its
         lock): only a strategy with ``on_host_cd_change`` is asked, and then checked."""
         if self._on_host_cd_change is None or not self._honours:
             return
         if self._track:
-            self._expect_event(vc, "on_host_cd_change", what)
+            self._expect_event(vc, "on_host_cd_change", what, result=result)
 
     def read_msr(self, vcpu: int, msr: int, *, host: bool = False) -> EventResult:
         """RDMSR (an unknown index is a #GP) or KVM_GET_MSRS (an error)."""
@@ -435,9 +446,11 @@ class Vm:
             new = value if op.host else cr0_bits.guest_value(value)
             result.cd_toggled = bool((old ^ new) & cr0_bits.CD)
             if result.cd_toggled and not op.host and self._honours and self._track:
-                self._expect_event(vc, "on_cd_toggle", f"guest CR0 write of {value:#x}")
+                self._expect_event(
+                    vc, "on_cd_toggle", f"guest CR0 write of {value:#x}", result=result
+                )
             if result.cd_toggled and op.host:
-                self._host_cd_change(vc, f"host CR0 write of {value:#x}")
+                self._host_cd_change(vc, f"host CR0 write of {value:#x}", result)
             vc.cr0 = result.value = new
             self._dirty |= self._track and result.cd_toggled
             if result.cd_toggled and self._honours:
@@ -467,7 +480,7 @@ class Vm:
         with vc.lock:
             result.cd_toggled = not vc.cd
             if result.cd_toggled:
-                self._host_cd_change(vc, "RESET")
+                self._host_cd_change(vc, "RESET", result)
             vc.cr0 = result.value = cr0_bits.RESET_VALUE
             self._dirty |= self._track and result.cd_toggled
             if result.cd_toggled and self._honours:
@@ -587,7 +600,7 @@ class Vm:
                 views = {vc.signature(): vc for vc in self.vcpus}
                 what = "non-coherent DMA " + ("attach (0->1)" if delta > 0 else "detach (1->0)")
                 for vc in views.values():
-                    self._expect_event(vc, "on_dma_transition", what)
+                    self._expect_event(vc, "on_dma_transition", what, result=result)
             self._dma += delta
             result.value = self._dma
             self._refresh_view()
@@ -709,15 +722,26 @@ class Vm:
         return all(vc.signature() == state for vc in self.vcpus[1:])
 
     def _expect_event(
-        self, vc: VCpu, hook: str, what: str, old_span: GfnRange | None = None
+        self,
+        vc: VCpu,
+        hook: str,
+        what: str,
+        old_span: GfnRange | None = None,
+        result: EventResult | None = None,
     ) -> None:
         """Remember what ``vc`` expects before an event, to check it after the event's zaps."""
-        self._event_checks.append(_EventCheck(vc, self.plan(vc).values, hook, what, old_span))
+        check = _EventCheck(vc, self.plan(vc).values, hook, what, old_span, result)
+        self._event_checks.append(check)
 
-    def _check_events(self) -> None:
+    def _check_events(self, only: EventResult | None = None) -> None:
         """The oracle after events (see :class:`StalenessLog`): leaves each event left newly
-        stale for its vCPU, less what the strategy's declared gaps explain."""
-        checks, self._event_checks = self._event_checks, []
+        stale for its vCPU, less what the strategy's declared gaps explain. ``only``: just the
+        checks of that event."""
+        if only is None:
+            checks, self._event_checks = self._event_checks, []
+        else:
+            checks = [c for c in self._event_checks if c.result is only]
+            self._event_checks = [c for c in self._event_checks if c.result is not only]
         log = self.staleness
         for check in checks:
             with check.vcpu.lock:
@@ -754,6 +778,15 @@ class Vm:
             inside = (gfns < span.end) & (gfns + pages > span.start)
             if inside.any():
                 return Gap.MOVED_RANGE, keys[~inside]
+        zap = None if check.result is None else check.result.zap
+        if zap is not None and Gap.STRADDLING_LEAF in self.known_gaps:
+            gfns, pages = leaf_key_ranges(keys)
+            straddling = np.zeros(len(keys), dtype=bool)
+            for rng in zap.requested:
+                overlaps = (gfns < rng.end) & (gfns + pages > rng.start)
+                straddling |= overlaps & ((gfns < rng.start) | (gfns + pages > rng.end))
+            if straddling.any():
+                return Gap.STRADDLING_LEAF, keys[~straddling]
         return None, keys
 
     def checkpoint(self) -> None:

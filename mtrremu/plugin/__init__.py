@@ -25,6 +25,7 @@ from mtrremu.core.oracle import Gap
 from mtrremu.core.strategy import (
     NO_ZAP,
     AllocFailure,
+    MmuLock,
     MtrrView,
     Route,
     VcpuView,
@@ -54,6 +55,7 @@ __all__ = [
     "MemType",
     "Memslot",
     "MemslotKind",
+    "MmuLock",
     "MtrrView",
     "Profile",
     "Route",

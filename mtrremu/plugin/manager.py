@@ -225,6 +225,7 @@ class PluginManager:
             observer=self.observer(),
             known_gaps=registered.spec.known_gaps,
             event_filter=event_filter,
+            mmu_lock=registered.spec.mmu_lock,
         )
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from mtrremu.core.memtype import Profile
 from mtrremu.core.oracle import Gap
-from mtrremu.core.strategy import ZapStrategy
+from mtrremu.core.strategy import MmuLock, ZapStrategy
 
 #: Builds one VM's strategy object from its (already validated) options.
 StrategyFactory = Callable[[Mapping[str, str]], ZapStrategy]
@@ -27,6 +27,7 @@ class StrategySpec:
     behaviour the strategy reproduces on purpose that leaves a vCPU's own view stale after its
     event (:class:`~mtrremu.core.oracle.Gap`): the oracle reports what a declared gap explains
     as excused, by name, not as stale. A strategy meant to be correct declares none.
+    ``mmu_lock`` says how every zap of its VMs holds the MMU lock.
     """
 
     name: str
@@ -35,6 +36,8 @@ class StrategySpec:
     factory: StrategyFactory
     options: Mapping[str, str] = field(default_factory=dict)
     known_gaps: frozenset[Gap] = frozenset()
+    #: How the strategy's zaps hold the MMU lock (patch 12 holds it for read).
+    mmu_lock: MmuLock = MmuLock.WRITE
 
     def __post_init__(self) -> None:
         if not _NAME.fullmatch(self.name):

@@ -10,6 +10,11 @@ profile (patch 7).
                        from the default (the seed)
 ``fine-grained-split`` + patch 11: general-path ranges cut to their memslot parts
 =====================  ===========================================================
+
+Patch 12 (zapping under the MMU lock held for read) combines with three of them, as the cover
+letter measured: ``zap-all-shared`` (Base2 + 12), ``fine-grained-shared`` (+ 9 + 10 + 12) and
+``fine-grained-split-shared`` (+ 9 + 10 + 11 + 12). The decisions are the same as without it;
+only how each zap holds the lock and walks the EPT changes (``StrategySpec.mmu_lock``).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from mtrremu.plugin import (
     AllocFailure,
     Gap,
     GfnRange,
+    MmuLock,
     Profile,
     Route,
     StrategySpec,
@@ -35,6 +41,9 @@ from mtrremu.plugin import (
 #: The series keeps KVM's variable-range arithmetic: a range rewritten while MTRRs are enabled
 #: (and the writer has CD=0) is zapped at its new span only.
 SERIES_GAPS = frozenset({Gap.MOVED_RANGE})
+
+#: Patch 12 leaves a huge leaf straddling a zapped range's edge in place.
+SHARED_GAPS = SERIES_GAPS | {Gap.STRADDLING_LEAF}
 
 #: The fixed ranges' span, queued whole when any of them is not the default type.
 FIXED_AREA = GfnRange(0, 0x100000 >> 12)
@@ -115,9 +124,31 @@ class FineGrainedSplit(FineGrained):
     split = True
 
 
+#: (name, row, strategy class) of the rows patch 12 was measured with.
+SHARED_ROWS = (
+    ("zap-all-shared", "Base2 + patch 12", ZapAll),
+    ("fine-grained-shared", "Base2 + patches 9+10+12", FineGrained),
+    ("fine-grained-split-shared", "Base2 + patches 9+10+11+12", FineGrainedSplit),
+)
+
+
+def _shared(name: str, row: str, cls: type[ZapAll]) -> StrategySpec:
+    return StrategySpec(
+        name,
+        f"The series' {row}: the decisions of the row without patch 12, each zap run under "
+        "the MMU lock held for read: entries wholly inside the range are zapped with their "
+        "subtrees, a huge leaf straddling its edge is left in place, one TLB flush per entry.",
+        Profile.KVM_6_7,
+        lambda options: cls(),
+        known_gaps=SHARED_GAPS,
+        mmu_lock=MmuLock.READ,
+    )
+
+
 @hookimpl
 def mtrremu_strategies() -> Iterable[StrategySpec]:
     return (
+        *(_shared(*row) for row in SHARED_ROWS),
         StrategySpec(
             "zap-all",
             "The series' Base2 (patches 6-8): every guest CD toggle zaps all; MTRR writes zap "
