@@ -12,10 +12,13 @@ REPLY_CHUNK_BYTES = 1 << 20
 
 
 def server_options(max_request_bytes: int) -> list[tuple[str, int]]:
-    """gRPC server options: requests up to ``max_request_bytes``, replies up to the limit."""
+    """gRPC server options: requests up to ``max_request_bytes``, replies up to the limit, an
+    exclusive port."""
     return [
         ("grpc.max_receive_message_length", max_request_bytes),
         ("grpc.max_send_message_length", REPLY_LIMIT_BYTES),
+        # A second server on the same port must fail to start, not share the port's traffic.
+        ("grpc.so_reuseport", 0),
     ]
 
 

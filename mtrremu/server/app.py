@@ -8,10 +8,14 @@ new calls are refused, in-flight calls get ``grace`` seconds to finish.
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import socket
+import stat
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent import futures
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import grpc
@@ -70,17 +74,35 @@ class EmulatorServer:
         self._stopped = threading.Event()
 
     def start(self) -> list[str]:
-        """Bind and start; returns the bound addresses (a ``:0`` port replaced by the real one)."""
+        """Bind and start; returns the bound addresses (a ``:0`` port replaced by the real one).
+
+        Addresses are exclusive: a port or a unix path another server holds is refused
+        (:class:`InvalidArgument`), a stale unix socket is replaced, and a unix socket is
+        created readable and writable by its owner only, whatever the umask.
+        """
+        sockets = []
         for address in self.settings.listen:
-            port = self._server.add_insecure_port(address)
+            if address.startswith("unix:"):
+                path = unix_path(address)
+                claim_unix_path(path)
+                sockets.append(path)
+            try:
+                with _owner_only_umask(address.startswith("unix:")):
+                    port = self._server.add_insecure_port(address)
+            except RuntimeError:
+                port = 0
             if not port:
-                raise InvalidArgument(f"cannot listen on {address!r}")
+                raise InvalidArgument(
+                    f"cannot listen on {address!r}: the address is in use or not valid"
+                )
             if address.startswith("unix:"):
                 self.addresses.append(address)
             else:
                 host = address.rsplit(":", 1)[0]
                 self.addresses.append(f"{host}:{port}")
         self._server.start()
+        for path in sockets:
+            os.chmod(path, 0o600)
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving mtrremu.v1 on %s", ", ".join(self.addresses))
@@ -98,6 +120,48 @@ class EmulatorServer:
 
     def wait(self) -> None:
         self._stopped.wait()
+
+
+def unix_path(address: str) -> str:
+    """The filesystem path of a ``unix:PATH`` or ``unix://PATH`` address."""
+    path = address.removeprefix("unix:")
+    return path.removeprefix("//") if path.startswith("///") else path
+
+
+def claim_unix_path(path: str) -> None:
+    """Make ``path`` free for a new socket: refuse one a live server answers on, or a file
+    that is not a socket; remove a stale socket (nothing listens on it any more)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise InvalidArgument(f"cannot listen on unix:{path}: it exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)  # stale: left by a server that is gone
+        return
+    except OSError as error:
+        raise InvalidArgument(f"cannot listen on unix:{path}: {error}") from None
+    finally:
+        probe.close()
+    raise InvalidArgument(f"cannot listen on unix:{path}: another server is listening on it")
+
+
+@contextmanager
+def _owner_only_umask(active: bool) -> Iterator[None]:
+    """Create files owner-only while binding a unix socket (the mode is set again after)."""
+    if not active:
+        yield
+        return
+    previous = os.umask(0o177)
+    try:
+        yield
+    finally:
+        os.umask(previous)
 
 
 def serve(settings: ServerSettings, *, announce: Sequence[str] = ()) -> None:
