@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from mtrremu.core.errors import InvalidArgument
 from mtrremu.plugin.manager import PluginManager, manager_for
 from mtrremu.rpc.transport import server_options
-from mtrremu.server.interceptor import LoggingInterceptor
+from mtrremu.server.interceptor import LoggingInterceptor, limit_logging
 from mtrremu.server.limits import Limits, VmTable
 from mtrremu.server.servicer import Servicer, service
 from mtrremu.v1 import emulator_pb2 as pb
@@ -51,6 +51,7 @@ class EmulatorServer:
 
     def __init__(self, settings: ServerSettings, manager: PluginManager | None = None) -> None:
         self.settings = settings
+        limit_logging()
         self._server = grpc.server(
             futures.ThreadPoolExecutor(
                 max_workers=settings.max_workers, thread_name_prefix="mtrremu"

@@ -1,4 +1,5 @@
-"""A server interceptor logging each call: method, status code and duration."""
+"""A server interceptor logging each call (method, status code, duration), and the rate limit
+on the server's log lines."""
 
 from __future__ import annotations
 
@@ -10,6 +11,41 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 log = logging.getLogger("mtrremu.server")
+
+
+class RateLimit(logging.Filter):
+    """Lets at most ``per_second`` records through per second; the first record let through
+    after some were dropped says how many. One client flooding the server with bad calls
+    cannot flood its log."""
+
+    def __init__(self, per_second: int = 50, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.per_second = per_second
+        self._clock = clock
+        self._second = -1
+        self._passed = 0
+        self.dropped = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        second = int(self._clock())
+        if second != self._second:
+            self._second, self._passed = second, 0
+        if self._passed >= self.per_second:
+            self.dropped += 1
+            return False
+        self._passed += 1
+        if self.dropped:
+            record.msg = f"{record.msg} ({self.dropped} log lines suppressed before this one)"
+            self.dropped = 0
+        return True
+
+
+def limit_logging(per_second: int = 50) -> None:
+    """Put one :class:`RateLimit` on the server's logger and gRPC's own (once per process)."""
+    for name in ("mtrremu.server", "grpc._server"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RateLimit) for f in logger.filters):
+            logger.addFilter(RateLimit(per_second))
 
 
 def _code(context: grpc.ServicerContext) -> str:

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 
 from mtrremu.core.burst import execute_one
 from mtrremu.core.errors import InvalidArgument, MtrremuError, ResourceExhausted
@@ -185,12 +185,42 @@ class Servicer:
             yield response
 
 
+class Undecodable:
+    """What a request that is not a valid message decodes to: the handler refuses it with
+    INVALID_ARGUMENT (gRPC would answer INTERNAL and log a traceback for each)."""
+
+    def __init__(self, message: str, error: Exception) -> None:
+        self.error = InvalidArgument(f"the request is not a valid {message}: {error}")
+
+
+def _decoder(message_type: type[Message]) -> Callable[[bytes], Message | Undecodable]:
+    name = message_type.DESCRIPTOR.full_name
+
+    def decode(data: bytes) -> Message | Undecodable:
+        try:
+            return message_type.FromString(data)
+        except DecodeError as error:
+            return Undecodable(name, error)
+
+    return decode
+
+
+def _decoded(request: Any) -> Any:
+    """``request``, or its error if it did not decode; a stream's messages are checked as they
+    arrive."""
+    if isinstance(request, Undecodable):
+        raise request.error
+    if isinstance(request, Message):
+        return request
+    return (_decoded(message) for message in request)
+
+
 def _translated(handler: Unary) -> Unary:
     """Map domain errors raised by a unary handler to their status."""
 
     def wrapper(request: Any, context: grpc.ServicerContext) -> Message:
         try:
-            return handler(request, context)
+            return handler(_decoded(request), context)
         except MtrremuError as error:
             abort(context, error)
 
@@ -202,7 +232,7 @@ def _translated_stream(handler: Streaming) -> Streaming:
 
     def wrapper(request: Any, context: grpc.ServicerContext) -> Iterator[Message]:
         try:
-            yield from handler(request, context)
+            yield from handler(_decoded(request), context)
         except MtrremuError as error:
             abort(context, error)
 
@@ -213,7 +243,7 @@ def _unary(handler: Unary, rpc: str) -> grpc.RpcMethodHandler[Any, Any]:
     method = pb.DESCRIPTOR.services_by_name["EmulatorService"].methods_by_name[rpc]
     return grpc.unary_unary_rpc_method_handler(
         _translated(handler),
-        request_deserializer=getattr(pb, method.input_type.name).FromString,
+        request_deserializer=_decoder(getattr(pb, method.input_type.name)),
         response_serializer=getattr(pb, method.output_type.name).SerializeToString,
     )
 
@@ -231,12 +261,12 @@ def service(servicer: Servicer) -> grpc.GenericRpcHandler[Any, Any]:
     handlers = {rpc: _unary(handler, rpc) for rpc, handler in unary.items()}
     handlers["DumpLeaves"] = grpc.unary_stream_rpc_method_handler(
         _translated_stream(servicer.DumpLeaves),
-        request_deserializer=pb.DumpLeavesRequest.FromString,
+        request_deserializer=_decoder(pb.DumpLeavesRequest),
         response_serializer=pb.DumpLeavesResponse.SerializeToString,
     )
     handlers["Execute"] = grpc.stream_stream_rpc_method_handler(
         _translated_stream(servicer.Execute),
-        request_deserializer=pb.ExecuteRequest.FromString,
+        request_deserializer=_decoder(pb.ExecuteRequest),
         response_serializer=pb.ExecuteResponse.SerializeToString,
     )
     return grpc.method_handlers_generic_handler(SERVICE, handlers)
