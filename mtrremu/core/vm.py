@@ -162,15 +162,16 @@ class Vm:
             strategy, "on_host_cd_change", None
         )
         self._filter = event_filter
-        self.mmu_lock = mmu_lock
         self.profile = profile
         self.vm_id = vm_id
         self.strategy_name = strategy_name
         self._observer = observer
         self.memslots = Memslots(config)
         self.vcpus = tuple(VCpu.create(i, config.guest_maxphyaddr) for i in range(config.vcpus))
-        self.store = EptStore()
-        self._store_zap = self.store.zap if mmu_lock is MmuLock.WRITE else self.store.zap_shared
+        self.mmu_lock = mmu_lock
+        self._new_store()
+        #: Deleted (:meth:`close`): batches stop, nothing is applied any more.
+        self.closed = False
         self.counters = Counters()
         self._dma = config.noncoherent_dma
         self._mmu_lock = threading.Lock()
@@ -192,6 +193,20 @@ class Vm:
         self._handlers: dict[type[Any], Callable[[Any, bool], EventResult]] = {
             kind.type: getattr(self, f"_{kind.name}") for kind in OPERATIONS
         }
+
+    def close(self) -> None:
+        """The VM is deleted: free its EPT now (not whenever the cycle collector gets to the
+        VM object) and refuse every later operation (:attr:`closed`)."""
+        with self._mmu_lock:
+            self.closed = True
+            self._new_store()
+            self._plans.clear()
+
+    def _new_store(self) -> None:
+        """An empty EPT, zapped the way the strategy's lock mode says."""
+        self.store = EptStore()
+        shared = self.mmu_lock is MmuLock.READ
+        self._store_zap = self.store.zap_shared if shared else self.store.zap
 
     def _refresh_view(self) -> None:
         """The strategy's view and the honoured flag change only with the DMA count."""

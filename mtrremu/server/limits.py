@@ -110,9 +110,13 @@ class VmTable:
         return self.get(vm_id).vm
 
     def delete(self, vm_id: str) -> None:
+        """Forget the VM and free its EPT at once; a batch running on it stops at its next
+        operation."""
         with self._lock:
-            if self._vms.pop(vm_id, None) is None:
-                raise UnknownVm(vm_id)
+            entry = self._vms.pop(vm_id, None)
+        if entry is None:
+            raise UnknownVm(vm_id)
+        entry.vm.close()
 
     def created_after(self, serial: int) -> Iterator[Entry]:
         """The VMs created after the one numbered ``serial``, oldest first."""

@@ -15,7 +15,7 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 
 from mtrremu.core.burst import execute_one
-from mtrremu.core.errors import InvalidArgument, MtrremuError, ResourceExhausted
+from mtrremu.core.errors import InvalidArgument, MtrremuError, ResourceExhausted, UnknownVm
 from mtrremu.core.events import BurstResult, ItemResult
 from mtrremu.core.operations import OPERATIONS, OperationKind
 from mtrremu.plugin.manager import accepted_options
@@ -26,8 +26,6 @@ from mtrremu.server.limits import Entry, VmTable
 from mtrremu.v1 import emulator_pb2 as pb
 
 SERVICE = pb.DESCRIPTOR.services_by_name["EmulatorService"].full_name
-#: Execute looks for a cancelled call between operations, every this many.
-CANCEL_CHECK_INTERVAL = 64
 #: What a result adds to a response besides its own size: its tag and length prefix.
 RESULT_OVERHEAD_BYTES = 5
 DEFAULT_PAGE_SIZE = 100
@@ -141,8 +139,12 @@ class Servicer:
     ) -> Iterator[pb.ExecuteResponse]:
         """Batches in order, each answered by responses of at most REPLY_CHUNK_BYTES; a refused
         operation is an error result and the batch goes on. An unknown VM or an oversized batch
-        ends the stream with its status; a cancelled call stops between operations."""
+        ends the stream with its status. A call that ends (cancelled, deadline, the client
+        gone) applies no operation after the one running; a VM deleted meanwhile ends the
+        stream with VM_NOT_FOUND before its next operation."""
         limit = self.table.limits.max_batch_operations
+        ended: list[bool] = []
+        context.add_callback(lambda: ended.append(True))
         for request in request_iterator:
             vm = self.table.vm(request.vm_id)
             size = convert.batch_size(request.operations)
@@ -158,8 +160,10 @@ class Servicer:
             response = pb.ExecuteResponse(batch_id=batch_id)
             used = 0
             for entry, op in enumerate(request.operations):
-                if entry % CANCEL_CHECK_INTERVAL == 0 and not context.is_active():
+                if ended:
                     return
+                if vm.closed:
+                    raise UnknownVm(request.vm_id)
                 result: ItemResult | MtrremuError
                 try:
                     result = execute_one(vm, operation(op))
