@@ -86,6 +86,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_workers=args.max_workers,
         grace_seconds=args.grace,
         plugins=tuple(args.plugin or ()),
+        reflection=not args.no_reflection,
     )
     serve(settings, announce=["mtrremu: serving on {addresses}"])
     return 0
@@ -285,6 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="time in-flight calls get to finish at shutdown",
     )
     serve.add_argument("--plugin", action="append", metavar="MODULE", help=_PLUGIN_HELP)
+    serve.add_argument(
+        "--no-reflection",
+        action="store_true",
+        help="do not serve gRPC server reflection (it lists the services to any client)",
+    )
     serve.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning"], help="log detail"
     )

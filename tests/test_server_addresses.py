@@ -8,7 +8,11 @@ import socket
 import stat
 from pathlib import Path
 
+import grpc
 import pytest
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
 
 from mtrremu.client import Client
 from mtrremu.core.errors import InvalidArgument
@@ -65,3 +69,24 @@ def test_a_file_in_the_way_is_a_message_not_a_traceback(tmp_path: Path) -> None:
     assert "exists and is not a socket" in done.stderr
     assert "Traceback" not in done.stderr
     assert path.read_text() == "mine\n"
+
+
+def test_a_non_loopback_address_without_tls_is_warned_about(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with serving("127.0.0.1:0"):
+        assert "without TLS" not in caplog.text
+    with serving("0.0.0.0:0"):
+        assert "listening on 0.0.0.0:0 without TLS or authentication" in caplog.text
+
+
+def test_reflection_can_be_turned_off() -> None:
+    with serving() as on, grpc.insecure_channel(on.addresses[0]) as channel:
+        assert (
+            "mtrremu.v1.EmulatorService"
+            in ProtoReflectionDescriptorDatabase(channel).get_services()
+        )
+    with serving(reflection=False) as off, grpc.insecure_channel(off.addresses[0]) as channel:
+        with pytest.raises(grpc.RpcError) as refused:
+            ProtoReflectionDescriptorDatabase(channel).get_services()
+        assert refused.value.code() is grpc.StatusCode.UNIMPLEMENTED

@@ -7,6 +7,7 @@ new calls are refused, in-flight calls get ``grace`` seconds to finish.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import signal
@@ -44,6 +45,8 @@ class ServerSettings:
     grace_seconds: float = 5.0
     #: Plugin modules to load besides the installed plugins (``--plugin``).
     plugins: tuple[str, ...] = ()
+    #: Serve gRPC server reflection (``--no-reflection`` turns it off).
+    reflection: bool = True
 
 
 class EmulatorServer:
@@ -63,14 +66,15 @@ class EmulatorServer:
         self._server.add_generic_rpc_handlers((service(Servicer(self.table)),))
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        reflection.enable_server_reflection(
-            (
-                SERVICE_NAME,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ),
-            self._server,
-        )
+        if settings.reflection:
+            reflection.enable_server_reflection(
+                (
+                    SERVICE_NAME,
+                    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                    reflection.SERVICE_NAME,
+                ),
+                self._server,
+            )
         self.addresses: list[str] = []
         self._stopped = threading.Event()
 
@@ -83,6 +87,12 @@ class EmulatorServer:
         """
         sockets = []
         for address in self.settings.listen:
+            if not (address.startswith("unix:") or is_loopback(address)):
+                log.warning(
+                    "listening on %s without TLS or authentication: any host that reaches it "
+                    "can create, drive and delete VMs",
+                    address,
+                )
             if address.startswith("unix:"):
                 path = unix_path(address)
                 claim_unix_path(path)
@@ -121,6 +131,17 @@ class EmulatorServer:
 
     def wait(self) -> None:
         self._stopped.wait()
+
+
+def is_loopback(address: str) -> bool:
+    """Whether a ``host:port`` address is on a loopback interface."""
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def unix_path(address: str) -> str:
