@@ -19,7 +19,7 @@ from mtrremu.core.ept import LEAF, MMIO, ZAPPED, EptStore, encode_leaf
 from mtrremu.core.memtype import WB_IPAT, WB_NO_IPAT
 from mtrremu.core.memtypes import MemType
 from mtrremu.core.units import EPT_GFN_LIMIT, ZAP_ALL, GfnRange, Level
-from mtrremu.core.vm import Vm
+from mtrremu.core.vm import MMIO_TABLES_MIN, Vm, mmio_table_budget
 from tests.helpers import GIB, MIB, MemslotKind, gfn, gpa, leaves, make_vm, set_deftype, set_var
 
 WB = encode_leaf(WB_NO_IPAT)
@@ -244,3 +244,16 @@ def test_leaf_runs_of_a_store_whose_tables_hold_no_leaves_are_empty() -> None:
     store.install(7, Level.K4, WB)
     store.install(8, Level.K4, WB)
     assert list(store.leaf_runs()) == [(Level.K4, 7, 2, WB)]
+
+
+def test_mmio_markers_stop_making_tables_at_the_vms_budget() -> None:
+    vm = make_vm("zap-all", memslots=(Memslot.from_bytes(0, 4096),))
+    budget = mmio_table_budget(vm.config)
+    assert budget == MMIO_TABLES_MIN  # 4 KiB of RAM: the floor
+    before = sum(vm.store.table_counts().values())
+    exits = [vm.access(0, (i + 1) * 2 * MIB).counters.mmio_exits for i in range(5 * budget)]
+    assert exits == [1] * (5 * budget)  # every access is an MMIO exit, marker or not
+    made = sum(vm.store.table_counts().values()) - before
+    assert made == vm.store.mmio_tables <= budget
+    assert vm.lookup(2 * MIB).mmio  # the first markers were left...
+    assert not vm.lookup(5 * budget * 2 * MIB).mmio  # ...the last ones could not be

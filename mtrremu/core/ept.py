@@ -274,7 +274,7 @@ class EptStore:
     byte per 4 KiB page plus the tables above, which is what a server's memory limits bound.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, mmio_table_budget: int = 1 << 30) -> None:
         self._pools = {
             Level.ROOT: _Pool(Level.ROOT, 1),
             Level.G1: _Pool(Level.G1, 4),
@@ -283,6 +283,10 @@ class EptStore:
         }
         self._pools[Level.ROOT].allocate(np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.uint8))
         self._leaves = dict.fromkeys(LEAF_LEVELS_DESCENDING, 0)
+        #: Tables made for MMIO markers so far, and how many may be (memory the guest's own
+        #: memslots do not bound; see :meth:`mark_mmio`).
+        self.mmio_tables = 0
+        self.mmio_table_budget = mmio_table_budget
         #: Some entry was ever marked for re-evaluation: only then do accesses resolve marks and
         #: the oracle look for them, so stores that never see a mark pay nothing for them.
         self.marked = False
@@ -383,10 +387,28 @@ class EptStore:
         self._leaves[level] += 1
         return refault
 
-    def mark_mmio(self, gfn: int) -> None:
-        """Leave KVM's non-present MMIO marker for an access outside every memslot."""
+    def mark_mmio(self, gfn: int) -> bool:
+        """Leave KVM's non-present MMIO marker for an access outside every memslot, unless the
+        tables it needs would take the store past :attr:`mmio_table_budget` tables made for
+        markers; returns whether the marker was left."""
+        missing = self._missing_tables(gfn)
+        if missing and self.mmio_tables + missing > self.mmio_table_budget:
+            return False
+        self.mmio_tables += missing
         table = self._table_for(gfn, Level.K4)
         self._pools[Level.K4].ent[table, gfn & 511] |= MMIO
+        return True
+
+    def _missing_tables(self, gfn: int) -> int:
+        """How many tables the path to ``gfn``'s 4 KiB entry lacks."""
+        table = 0
+        for level in (Level.ROOT, Level.G1, Level.M2):
+            child = self._pools[level].child
+            assert child is not None
+            table = int(child[table, (gfn >> level.shift) & 511])
+            if table < 0:
+                return int(level) - 1
+        return 0
 
     def _release_subtree(self, level: Level, ids: npt.NDArray[np.int32]) -> None:
         while len(ids):

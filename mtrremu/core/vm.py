@@ -136,6 +136,17 @@ def _leaf(key: int, expected: IntervalMap) -> StaleLeaf:
     )
 
 
+#: MMIO markers may always use this many tables, however little memory the VM has.
+MMIO_TABLES_MIN = 64
+
+
+def mmio_table_budget(config: VmConfig) -> int:
+    """Tables a VM's EPT may make for MMIO markers: as many 4 KiB tables as its memory could
+    need (one per 2 MiB), at least :data:`MMIO_TABLES_MIN`. So markers at most double what the
+    server's memory limits already allow for the VM's EPT."""
+    return max(MMIO_TABLES_MIN, config.memory_pages // 512)
+
+
 class Vm:
     """One emulated VM. Create it through the plugin manager, which picks the strategy."""
 
@@ -204,7 +215,7 @@ class Vm:
 
     def _new_store(self) -> None:
         """An empty EPT, zapped the way the strategy's lock mode says."""
-        self.store = EptStore()
+        self.store = EptStore(mmio_table_budget=mmio_table_budget(self.config))
         shared = self.mmu_lock is MmuLock.READ
         self._store_zap = self.store.zap_shared if shared else self.store.zap
 
