@@ -27,9 +27,10 @@ from mtrremu.ab.runner import (
     spawned_server,
     trace_for,
 )
-from mtrremu.core.errors import MtrremuError
+from mtrremu.core.errors import InvalidArgument, MtrremuError
 from mtrremu.core.units import SIZE_SUFFIXES
 from mtrremu.plugin.manager import default_manager
+from mtrremu.rpc.transport import Tls
 from mtrremu.server.limits import Limits
 from mtrremu.workloads import WORKLOADS
 from mtrremu.workloads.trace import save
@@ -87,9 +88,30 @@ def _serve(args: argparse.Namespace) -> int:
         grace_seconds=args.grace,
         plugins=tuple(args.plugin or ()),
         reflection=not args.no_reflection,
+        tls=_tls(args),
     )
     serve(settings, announce=["mtrremu: serving on {addresses}"])
     return 0
+
+
+def _tls(args: argparse.Namespace) -> Tls | None:
+    """The server's TLS material from ``--tls-*``, or None; a half-given pair is an error."""
+    if not (args.tls_cert or args.tls_key or args.tls_client_ca):
+        return None
+    if not (args.tls_cert and args.tls_key):
+        raise InvalidArgument("--tls-cert and --tls-key go together")
+
+    def read(path: str) -> bytes:
+        try:
+            return Path(path).read_bytes()
+        except OSError as error:
+            raise InvalidArgument(f"cannot read {path}: {error.strerror}") from None
+
+    return Tls(
+        read(args.tls_cert),
+        read(args.tls_key),
+        read(args.tls_client_ca) if args.tls_client_ca else None,
+    )
 
 
 def _switch(text: str) -> bool:
@@ -286,6 +308,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="time in-flight calls get to finish at shutdown",
     )
     serve.add_argument("--plugin", action="append", metavar="MODULE", help=_PLUGIN_HELP)
+    serve.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        help="PEM certificate chain: serve TCP addresses over TLS (with --tls-key)",
+    )
+    serve.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
+    serve.add_argument(
+        "--tls-client-ca",
+        metavar="FILE",
+        help="PEM CA: require every client to present a certificate it signed",
+    )
     serve.add_argument(
         "--no-reflection",
         action="store_true",

@@ -46,7 +46,7 @@ from mtrremu.core.events import (
 from mtrremu.core.operations import BY_TYPE
 from mtrremu.rpc import convert
 from mtrremu.rpc.status import raise_domain
-from mtrremu.rpc.transport import DEFAULT_MAX_MESSAGE_BYTES, client_options
+from mtrremu.rpc.transport import DEFAULT_MAX_MESSAGE_BYTES, Tls, client_options
 from mtrremu.v1 import emulator_pb2 as pb
 from mtrremu.v1 import emulator_pb2_grpc as pb_grpc
 
@@ -64,12 +64,21 @@ def _call(method: Callable[[], T]) -> T:
 class Client:
     """A connection to one server (``host:port`` or ``unix:/path``)."""
 
-    def __init__(self, target: str, *, timeout: float | None = 60.0) -> None:
+    def __init__(
+        self, target: str, *, timeout: float | None = 60.0, tls: Tls | None = None
+    ) -> None:
         self.target = target
         self.timeout = timeout
-        self.channel = grpc.insecure_channel(
-            target, options=client_options(DEFAULT_MAX_MESSAGE_BYTES)
-        )
+        options = client_options(DEFAULT_MAX_MESSAGE_BYTES)
+        if tls is None:
+            self.channel = grpc.insecure_channel(target, options=options)
+        else:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=tls.peer_ca,
+                private_key=tls.private_key,
+                certificate_chain=tls.cert_chain,
+            )
+            self.channel = grpc.secure_channel(target, credentials, options=options)
         self.stub = pb_grpc.EmulatorServiceStub(self.channel)
 
     def close(self) -> None:

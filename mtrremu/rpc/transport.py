@@ -2,6 +2,23 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Tls:
+    """PEM material for one end of a TLS connection.
+
+    A server needs ``cert_chain`` and ``private_key``; with ``peer_ca`` it also requires every
+    client to present a certificate that CA signed. A client needs ``peer_ca`` (the CA that
+    signed the server's certificate) and, for a server that verifies clients, its own
+    ``cert_chain`` and ``private_key``.
+    """
+
+    cert_chain: bytes | None = None
+    private_key: bytes | None = None
+    peer_ca: bytes | None = None
+
 #: Largest request message a server accepts (and a client sends) unless configured otherwise.
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 #: No reply message is ever larger than this: a gRPC client's default receive limit, so a

@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha import reflection
 
 from mtrremu.core.errors import InvalidArgument
 from mtrremu.plugin.manager import PluginManager, manager_for
-from mtrremu.rpc.transport import server_options
+from mtrremu.rpc.transport import Tls, server_options
 from mtrremu.server.interceptor import LoggingInterceptor, limit_logging
 from mtrremu.server.limits import Limits, VmTable
 from mtrremu.server.servicer import Servicer, service
@@ -47,6 +47,9 @@ class ServerSettings:
     plugins: tuple[str, ...] = ()
     #: Serve gRPC server reflection (``--no-reflection`` turns it off).
     reflection: bool = True
+    #: TLS for every TCP address (``--tls-cert``, ``--tls-key``, ``--tls-client-ca``); unix
+    #: sockets stay plain (owner-only).
+    tls: Tls | None = None
 
 
 class EmulatorServer:
@@ -87,7 +90,7 @@ class EmulatorServer:
         """
         sockets = []
         for address in self.settings.listen:
-            if not (address.startswith("unix:") or is_loopback(address)):
+            if not (address.startswith("unix:") or is_loopback(address) or self.settings.tls):
                 log.warning(
                     "listening on %s without TLS or authentication: any host that reaches it "
                     "can create, drive and delete VMs",
@@ -99,7 +102,7 @@ class EmulatorServer:
                 sockets.append(path)
             try:
                 with _owner_only_umask(address.startswith("unix:")):
-                    port = self._server.add_insecure_port(address)
+                    port = self._bind(address)
             except RuntimeError:
                 port = 0
             if not port:
@@ -118,6 +121,18 @@ class EmulatorServer:
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving mtrremu.v1 on %s", ", ".join(self.addresses))
         return self.addresses
+
+    def _bind(self, address: str) -> int:
+        tls = self.settings.tls
+        if tls is None or address.startswith("unix:"):
+            return self._server.add_insecure_port(address)
+        assert tls.cert_chain is not None and tls.private_key is not None
+        credentials = grpc.ssl_server_credentials(
+            [(tls.private_key, tls.cert_chain)],
+            root_certificates=tls.peer_ca,
+            require_client_auth=tls.peer_ca is not None,
+        )
+        return self._server.add_secure_port(address, credentials)
 
     def stop(self, grace: float | None = None) -> threading.Event:
         """Graceful shutdown: NOT_SERVING, refuse new calls, let in-flight ones finish."""
