@@ -31,6 +31,7 @@ from mtrremu.core.errors import InvalidArgument, MtrremuError
 from mtrremu.core.units import SIZE_SUFFIXES
 from mtrremu.plugin.manager import default_manager
 from mtrremu.rpc.transport import Tls
+from mtrremu.server.fairness import StreamLimits
 from mtrremu.server.limits import Limits
 from mtrremu.workloads import WORKLOADS
 from mtrremu.workloads.trace import save
@@ -89,6 +90,11 @@ def _serve(args: argparse.Namespace) -> int:
         plugins=tuple(args.plugin or ()),
         reflection=not args.no_reflection,
         tls=_tls(args),
+        streams=StreamLimits(
+            max_streams=args.max_streams,
+            max_streams_per_client=args.max_streams_per_client,
+            stream_idle_seconds=args.stream_idle_timeout,
+        ),
     )
     serve(settings, announce=["mtrremu: serving on {addresses}"])
     return 0
@@ -241,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing = commands.add_parser("strategies", help="list the installed zap strategies")
     listing.set_defaults(run=_strategies)
     defaults = Limits()
+    streams = StreamLimits()
     serve = commands.add_parser(
         "serve",
         help="run the gRPC server (mtrremu.v1)",
@@ -306,6 +313,28 @@ def build_parser() -> argparse.ArgumentParser:
         default=5.0,
         metavar="SECONDS",
         help="time in-flight calls get to finish at shutdown",
+    )
+    serve.add_argument(
+        "--max-streams",
+        type=int,
+        default=streams.max_streams,
+        metavar="N",
+        help="Execute and DumpLeaves streams running at once; the worker threads beyond them "
+        "stay free for unary calls and health checks (must be below --max-workers)",
+    )
+    serve.add_argument(
+        "--max-streams-per-client",
+        type=int,
+        default=streams.max_streams_per_client,
+        metavar="N",
+        help="streams one client (host address; all unix-socket clients are one) runs at once",
+    )
+    serve.add_argument(
+        "--stream-idle-timeout",
+        type=float,
+        default=streams.stream_idle_seconds,
+        metavar="SECONDS",
+        help="a stream with no request and no work for this long is cancelled",
     )
     serve.add_argument("--plugin", action="append", metavar="MODULE", help=_PLUGIN_HELP)
     serve.add_argument(

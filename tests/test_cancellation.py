@@ -13,33 +13,27 @@ import grpc
 import pytest
 
 from mtrremu.client import Client
+from mtrremu.core import msrs
 from mtrremu.core.config import Memslot, VmConfig
-from mtrremu.core.events import FaultRange
+from mtrremu.core.events import FaultRange, Op, WriteMsr
 from mtrremu.core.units import GIB, MIB, Level
 from mtrremu.rpc import convert
 from mtrremu.v1 import emulator_pb2 as pb
 from tests.helpers import serving
 
-SLICE = 64 * MIB
-SLICES = 128  # 8 GiB at 4 KiB leaves: seconds of work, far longer than the waits below
+SPAN = 256 * MIB
+PAGES = SPAN // 4096
+PAIRS = 10_000  # 20,000 operations: the largest batch; seconds of work
 CONFIG = VmConfig(
-    vcpus=1,
-    noncoherent_dma=1,
-    max_mapping_level=Level.K4,
-    memslots=(Memslot.from_bytes(0, SLICES * SLICE),),
+    vcpus=1, noncoherent_dma=1, max_mapping_level=Level.K4, memslots=(Memslot.from_bytes(0, SPAN),)
 )
 
 
 def batch(vm_id: str) -> Iterator[pb.ExecuteRequest]:
-    operations = [
-        convert.operation_message(FaultRange(0, i * SLICE, (i + 1) * SLICE)) for i in range(SLICES)
-    ]
+    """Fault the whole VM in, zap it all (a defType write under zap-all), again and again."""
+    pair: list[Op] = [FaultRange(0, 0, SPAN), WriteMsr(0, msrs.DEFTYPE, 0xC06, host=True)]
+    operations = [convert.operation_message(op) for _ in range(PAIRS) for op in pair]
     yield pb.ExecuteRequest(vm_id=vm_id, operations=operations, batch_id=0)
-
-
-def applied_slices(client: Client, vm_id: str) -> list[bool]:
-    vm = client.vm(vm_id)
-    return [vm.lookup(i * SLICE).HasField("mapping") for i in range(SLICES)]
 
 
 def wait_until_started(client: Client, vm_id: str) -> None:
@@ -51,24 +45,24 @@ def wait_until_started(client: Client, vm_id: str) -> None:
 
 def test_a_cancelled_batch_stops_and_what_took_effect_is_a_prefix() -> None:
     with serving() as server, Client(server.addresses[0]) as client:
-        vm = client.create_vm(CONFIG, "fine-grained")
+        vm = client.create_vm(CONFIG, "zap-all")
         call = client.stub.Execute(batch(vm.vm_id))
         wait_until_started(client, vm.vm_id)
         call.cancel()  # type: ignore[no-untyped-call]
-        time.sleep(0.3)  # longer than one slice takes: the server has noticed by now
-        settled = vm.counters().faults
+        time.sleep(0.3)  # hundreds of operations' time: the server has stopped by now
+        counters = vm.counters()
         time.sleep(0.5)
-        assert vm.counters().faults == settled  # nothing more is applied
-        done = applied_slices(client, vm.vm_id)
-        count = sum(done)
-        assert 0 < count < SLICES
-        assert done == [True] * count + [False] * (SLICES - count)
-        assert settled == count * (SLICE // 4096)
+        assert vm.counters() == counters  # nothing more is applied
+        # Whole pairs, in order: each fault installed every page, each write zapped them all.
+        faulted, zapped = counters.faults // PAGES, counters.zap_events
+        assert counters.faults == faulted * PAGES
+        assert 0 < faulted < PAIRS
+        assert zapped in (faulted - 1, faulted)
 
 
 def test_deleting_a_vm_stops_its_batch_and_frees_its_ept_at_once() -> None:
     with serving() as server, Client(server.addresses[0]) as client:
-        vm = client.create_vm(CONFIG, "fine-grained")
+        vm = client.create_vm(CONFIG, "zap-all")
         store = weakref.ref(server.table.vm(vm.vm_id).store)
         outcome: list[grpc.RpcError] = []
 

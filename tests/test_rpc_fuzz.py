@@ -65,6 +65,7 @@ from mtrremu.core import msrs
 from mtrremu.core.config import MAX_DMA_DEVICES as MAX_DMA
 from mtrremu.rpc.transport import REPLY_CHUNK_BYTES
 from mtrremu.server.app import SERVICE_NAME
+from mtrremu.server.fairness import StreamLimits
 from mtrremu.server.limits import Limits
 from mtrremu.v1 import emulator_pb2 as pb
 from mtrremu.v1 import emulator_pb2_grpc as pb_grpc
@@ -1873,7 +1874,7 @@ class Run:
 
 @pytest.fixture(scope="module")
 def run() -> Iterator[Run]:
-    with serving(limits=LIMITS, max_workers=16) as server:
+    with serving(limits=LIMITS, max_workers=16, streams=StreamLimits(max_streams=8)) as server:
         channel = grpc.insecure_channel(
             server.addresses[0],
             options=[

@@ -19,6 +19,7 @@ class Tls:
     private_key: bytes | None = None
     peer_ca: bytes | None = None
 
+
 #: Largest request message a server accepts (and a client sends) unless configured otherwise.
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 #: No reply message is ever larger than this: a gRPC client's default receive limit, so a

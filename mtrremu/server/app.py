@@ -26,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from mtrremu.core.errors import InvalidArgument
 from mtrremu.plugin.manager import PluginManager, manager_for
 from mtrremu.rpc.transport import Tls, server_options
+from mtrremu.server.fairness import StreamGuard, StreamLimits
 from mtrremu.server.interceptor import LoggingInterceptor, limit_logging
 from mtrremu.server.limits import Limits, VmTable
 from mtrremu.server.servicer import Servicer, service
@@ -50,6 +51,17 @@ class ServerSettings:
     #: TLS for every TCP address (``--tls-cert``, ``--tls-key``, ``--tls-client-ca``); unix
     #: sockets stay plain (owner-only).
     tls: Tls | None = None
+    #: Bounds on streaming calls (``--max-streams``, ``--max-streams-per-client``,
+    #: ``--stream-idle-timeout``); the worker threads beyond ``max_streams`` stay free for
+    #: unary calls and health checks.
+    streams: StreamLimits = field(default_factory=StreamLimits)
+
+    def __post_init__(self) -> None:
+        if self.streams.max_streams >= self.max_workers:
+            raise InvalidArgument(
+                f"max_streams ({self.streams.max_streams}) must be below max_workers "
+                f"({self.max_workers}): the rest serve unary calls and health checks"
+            )
 
 
 class EmulatorServer:
@@ -66,7 +78,8 @@ class EmulatorServer:
             options=server_options(settings.limits.max_message_bytes),
         )
         self.table = VmTable(settings.limits, manager or manager_for(settings.plugins))
-        self._server.add_generic_rpc_handlers((service(Servicer(self.table)),))
+        self.guard = StreamGuard(settings.streams)
+        self._server.add_generic_rpc_handlers((service(Servicer(self.table), self.guard),))
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         if settings.reflection:
@@ -141,6 +154,7 @@ class EmulatorServer:
             self.settings.grace_seconds if grace is None else grace
         )
         done.wait()
+        self.guard.close()
         self._stopped.set()
         return done
 

@@ -22,6 +22,7 @@ from mtrremu.plugin.manager import accepted_options
 from mtrremu.rpc import convert
 from mtrremu.rpc.status import abort
 from mtrremu.rpc.transport import REPLY_CHUNK_BYTES, REPLY_LIMIT_BYTES
+from mtrremu.server.fairness import Stream, StreamGuard
 from mtrremu.server.limits import Entry, VmTable
 from mtrremu.v1 import emulator_pb2 as pb
 
@@ -252,7 +253,40 @@ def _unary(handler: Unary, rpc: str) -> grpc.RpcMethodHandler[Any, Any]:
     )
 
 
-def service(servicer: Servicer) -> grpc.GenericRpcHandler[Any, Any]:
+def _guarded(handler: Streaming, guard: StreamGuard) -> Streaming:
+    """A stream within the guard's bounds: admitted or refused at once, kept alive by its
+    requests and responses, cancelled by the guard when idle, released when it ends."""
+
+    def wrapper(request: Any, context: grpc.ServicerContext) -> Iterator[Message]:
+        stream = guard.admit(context)
+        try:
+            if not isinstance(request, Message):
+                request = _tracked(request, stream)
+            for response in handler(request, context):
+                stream.touch()
+                yield response
+                stream.touch()
+        except grpc.RpcError:
+            if context.is_active():
+                raise
+            # The call was cancelled (by its client, or by the guard as idle): nothing to say.
+        finally:
+            guard.release(stream)
+
+    return wrapper
+
+
+def _tracked(requests: Iterator[Any], stream: Stream) -> Iterator[Any]:
+    """Mark the stream busy from each request's arrival until the next one is asked for."""
+    for request in requests:
+        stream.working = 1
+        stream.touch()
+        yield request
+        stream.working = 0
+        stream.touch()
+
+
+def service(servicer: Servicer, guard: StreamGuard) -> grpc.GenericRpcHandler[Any, Any]:
     """Every RPC of the service, ready for ``grpc.Server.add_generic_rpc_handlers``."""
     unary: dict[str, Unary] = {
         "CreateVm": servicer.CreateVm,
@@ -264,12 +298,12 @@ def service(servicer: Servicer) -> grpc.GenericRpcHandler[Any, Any]:
     unary |= {kind.rpc: servicer.operation(kind) for kind in OPERATIONS}
     handlers = {rpc: _unary(handler, rpc) for rpc, handler in unary.items()}
     handlers["DumpLeaves"] = grpc.unary_stream_rpc_method_handler(
-        _translated_stream(servicer.DumpLeaves),
+        _translated_stream(_guarded(servicer.DumpLeaves, guard)),
         request_deserializer=_decoder(pb.DumpLeavesRequest),
         response_serializer=pb.DumpLeavesResponse.SerializeToString,
     )
     handlers["Execute"] = grpc.stream_stream_rpc_method_handler(
-        _translated_stream(servicer.Execute),
+        _translated_stream(_guarded(servicer.Execute, guard)),
         request_deserializer=_decoder(pb.ExecuteRequest),
         response_serializer=pb.ExecuteResponse.SerializeToString,
     )
