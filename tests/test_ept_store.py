@@ -7,6 +7,7 @@ Counts are checked against hand-computed walks of the 4-level tree (512 entries 
 from __future__ import annotations
 
 import random
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -257,3 +258,58 @@ def test_mmio_markers_stop_making_tables_at_the_vms_budget() -> None:
     assert made == vm.store.mmio_tables <= budget
     assert vm.lookup(2 * MIB).mmio  # the first markers were left...
     assert not vm.lookup(5 * budget * 2 * MIB).mmio  # ...the last ones could not be
+
+
+def reference_runs(store: EptStore) -> list[tuple[Level, int, int, int]]:
+    """Runs computed the plain way, from every leaf at once."""
+    leaves_ = sorted(
+        (int(g), int(level), int(b))
+        for level, gfns, bytes_ in store.leaves()
+        for g, b in zip(gfns, bytes_, strict=True)
+    )
+    runs: list[list[int]] = []
+    for gfn_, level, byte in leaves_:
+        last = runs[-1] if runs else None
+        if (
+            last
+            and (last[0], last[3]) == (level, byte)
+            and last[1] + last[2] * Level(level).pages == gfn_
+        ):
+            last[2] += 1
+        else:
+            runs.append([level, gfn_, 1, byte])
+    return [(Level(r[0]), r[1], r[2], r[3]) for r in runs]
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from([Level.K4, Level.M2, Level.G1]), st.integers(0, 4 << 18)),
+        max_size=60,
+    ),
+    st.sampled_from([WB, encode_leaf(WB_IPAT)]),
+)
+def test_leaf_runs_built_region_by_region_match_the_plain_computation(
+    installs: list[tuple[Level, int]], byte: int
+) -> None:
+    store = EptStore()
+    for index, (level, gfn_) in enumerate(installs):
+        if not store.lookup(gfn_).present:  # a fault never lands under a present leaf
+            store.install(gfn_, level, byte if index % 3 else WB)
+    assert list(store.leaf_runs()) == reference_runs(store)
+
+
+def test_dumping_leaf_runs_holds_one_region_not_the_whole_ept() -> None:
+    vm = make_vm("zap-all", memslots=(Memslot.from_bytes(0, 16 * GIB),), max_mapping_level=Level.K4)
+    set_deftype(vm, 0, 0xC06)
+    vm.fault_range(0, 0, 16 * GIB)  # 4 Mi leaves of 4 KiB
+    assert vm.store.leaf_total == 4 << 20
+    tracemalloc.start()
+    try:
+        runs = list(vm.leaf_runs())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(runs) < 100 and sum(count for _, _, count, _ in runs) == 4 << 20
+    # One 1 GiB region is 256 Ki leaves; the whole EPT would be 16 times that.
+    assert peak < 40 << 20, f"{peak >> 20} MiB"

@@ -21,7 +21,7 @@ few numpy passes over the touched entries rather than Python work per page.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -258,6 +258,39 @@ def _overlapping(
     # The last range starting before each span's end overlaps it iff it ends after its start.
     last = np.searchsorted(range_starts, starts + pages, side="left") - 1
     return (last >= 0) & (range_ends[np.maximum(last, 0)] > starts)
+
+
+def merge_runs(
+    chunks: Iterable[tuple[Int64Array, Int64Array, Int64Array]],
+) -> Iterator[tuple[Level, int, int, int]]:
+    """Runs ``(level, first gfn, leaves, byte)`` of leaves given as ascending chunks of
+    ``(levels, gfns, bytes)``; a run may continue from one chunk into the next."""
+    current: list[int] | None = None
+    for levels, gfns, values in chunks:
+        if not len(gfns):
+            continue
+        pages = np.left_shift(1, (levels - 1) * 9)
+        breaks = np.ones(len(gfns), dtype=bool)
+        breaks[1:] = (
+            (levels[1:] != levels[:-1])
+            | (values[1:] != values[:-1])
+            | (gfns[1:] != gfns[:-1] + pages[:-1])
+        )
+        starts = np.flatnonzero(breaks)
+        ends = np.append(starts[1:], len(gfns))
+        for first, stop in zip(starts.tolist(), ends.tolist(), strict=True):
+            level, gfn, byte = int(levels[first]), int(gfns[first]), int(values[first])
+            if current is not None and (
+                (current[0], current[3]) == (level, byte)
+                and current[1] + current[2] * (1 << ((level - 1) * 9)) == gfn
+            ):
+                current[2] += stop - first
+                continue
+            if current is not None:
+                yield Level(current[0]), current[1], current[2], current[3]
+            current = [level, gfn, stop - first, byte]
+    if current is not None:
+        yield Level(current[0]), current[1], current[2], current[3]
 
 
 def _as_block(ids: npt.NDArray[np.int32]) -> slice | npt.NDArray[np.int32]:
@@ -822,29 +855,58 @@ class EptStore:
 
     def leaf_runs(self) -> Iterator[tuple[Level, int, int, int]]:
         """Present leaves in ascending gfn order, grouped into runs: ``(level, first base gfn,
-        leaves, byte)`` for consecutive, contiguous leaves of one level and byte."""
-        parts = [
-            (np.full(len(gfns), int(level), dtype=np.int64), gfns, bytes_.astype(np.int64))
-            for level, gfns, bytes_ in self.leaves()
-        ]
-        if not parts or not sum(len(p[1]) for p in parts):
-            return
-        levels = np.concatenate([p[0] for p in parts])
-        gfns = np.concatenate([p[1] for p in parts])
-        values = np.concatenate([p[2] for p in parts])
+        leaves, byte)`` for consecutive, contiguous leaves of one level and byte. Built one
+        1 GiB region at a time (:meth:`region_leaves`), so what it holds at once is bounded
+        by one region's leaves, whatever the size of the EPT."""
+        return merge_runs(self.region_leaves(region) for region in self.leaf_regions())
+
+    def leaf_regions(self) -> list[tuple[int, int, int]]:
+        """The 1 GiB regions holding leaves or tables, ascending: ``(level-3 table, index,
+        first gfn)``."""
+        root, pool = self._pools[Level.ROOT], self._pools[Level.G1]
+        assert root.child is not None and pool.child is not None
+        regions: list[tuple[int, int, int]] = []
+        for table in root.child[0][root.child[0] >= 0].tolist():
+            present = (pool.ent[table] >= LEAF) | (pool.child[table] >= 0)
+            first = int(pool.base[table])
+            regions.extend(
+                (table, int(i), first + int(i) * Level.G1.pages) for i in np.flatnonzero(present)
+            )
+        return sorted(regions, key=lambda region: region[2])
+
+    def region_leaves(
+        self, region: tuple[int, int, int]
+    ) -> tuple[Int64Array, Int64Array, Int64Array]:
+        """``(levels, base gfns, bytes)`` of the present leaves in one region of
+        :meth:`leaf_regions`, ascending gfn (empty if the region has gone since)."""
+        table, index, first = region
+        g1, m2, k4 = self._pools[Level.G1], self._pools[Level.M2], self._pools[Level.K4]
+        assert g1.child is not None and m2.child is not None
+        empty = np.zeros(0, dtype=np.int64)
+        if int(g1.base[table]) + index * Level.G1.pages != first:
+            return empty, empty, empty  # its table was freed (and perhaps reused) since
+        byte = int(g1.ent[table, index])
+        if byte >= LEAF:
+            one = np.ones(1, dtype=np.int64)
+            return one * int(Level.G1), one * first, one * byte
+        below = int(g1.child[table, index])
+        if below < 0:
+            return empty, empty, empty
+        entries = m2.ent[below]
+        huge = np.flatnonzero(entries >= LEAF)
+        tables = m2.child[below]
+        present = np.flatnonzero(tables >= 0)
+        rows = k4.ent[tables[present]]
+        r, c = np.nonzero(rows >= LEAF)
+        gfns = np.concatenate(
+            [first + huge * Level.M2.pages, first + present[r] * Level.M2.pages + c]
+        ).astype(np.int64)
+        levels = np.concatenate(
+            [np.full(len(huge), int(Level.M2)), np.full(len(r), int(Level.K4))]
+        ).astype(np.int64)
+        values = np.concatenate([entries[huge], rows[r, c]]).astype(np.int64)
         order = np.argsort(gfns, kind="stable")
-        levels, gfns, values = levels[order], gfns[order], values[order]
-        pages = np.left_shift(1, (levels - 1) * 9)
-        breaks = np.ones(len(gfns), dtype=bool)
-        breaks[1:] = (
-            (levels[1:] != levels[:-1])
-            | (values[1:] != values[:-1])
-            | (gfns[1:] != gfns[:-1] + pages[:-1])
-        )
-        starts = np.flatnonzero(breaks)
-        ends = np.append(starts[1:], len(gfns))
-        for first, stop in zip(starts.tolist(), ends.tolist(), strict=True):
-            yield Level(int(levels[first])), int(gfns[first]), stop - first, int(values[first])
+        return levels[order], gfns[order], values[order]
 
     def mismatches(
         self, expected: IntervalMap, within: tuple[Int64Array, Int64Array] | None = None

@@ -8,7 +8,7 @@ list has its own lock and never calls out while holding it.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -19,7 +19,7 @@ from mtrremu.core import cr0 as cr0_bits
 from mtrremu.core import msrs
 from mtrremu.core.config import MAX_DMA_DEVICES, VmConfig
 from mtrremu.core.counters import Counters
-from mtrremu.core.ept import EptStore, decode_leaf, encode_leaf
+from mtrremu.core.ept import EptStore, decode_leaf, encode_leaf, merge_runs
 from mtrremu.core.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -268,10 +268,20 @@ class Vm:
         )
         return Lookup(mapping, entry.zapped, entry.mmio, entry.recalc)
 
-    def leaf_runs(self) -> list[tuple[Level, int, int, int]]:
-        """Present leaves as runs (see :meth:`EptStore.leaf_runs`), taken under the MMU lock."""
+    def leaf_runs(self) -> Iterator[tuple[Level, int, int, int]]:
+        """Present leaves as runs (see :meth:`EptStore.leaf_runs`), read one 1 GiB region at a
+        time under the MMU lock: memory stays bounded and a slow reader never holds the lock.
+        Each region is consistent; operations running meanwhile may show in later regions."""
         with self._mmu_lock:
-            return list(self.store.leaf_runs())
+            regions = self.store.leaf_regions()
+
+        def chunks() -> Iterator[tuple[Any, Any, Any]]:
+            for region in regions:
+                with self._mmu_lock:
+                    chunk = self.store.region_leaves(region)
+                yield chunk
+
+        return merge_runs(chunks())
 
     def _gfn_of(self, gpa: int) -> int:
         """The page of byte ``gpa``, which must lie in the guest-physical space."""
