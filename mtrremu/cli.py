@@ -90,6 +90,7 @@ def _serve(args: argparse.Namespace) -> int:
         plugins=tuple(args.plugin or ()),
         reflection=not args.no_reflection,
         tls=_tls(args),
+        token=_token(args.token_file),
         streams=StreamLimits(
             max_streams=args.max_streams,
             max_streams_per_client=args.max_streams_per_client,
@@ -107,17 +108,27 @@ def _tls(args: argparse.Namespace) -> Tls | None:
     if not (args.tls_cert and args.tls_key):
         raise InvalidArgument("--tls-cert and --tls-key go together")
 
-    def read(path: str) -> bytes:
-        try:
-            return Path(path).read_bytes()
-        except OSError as error:
-            raise InvalidArgument(f"cannot read {path}: {error.strerror}") from None
-
     return Tls(
-        read(args.tls_cert),
-        read(args.tls_key),
-        read(args.tls_client_ca) if args.tls_client_ca else None,
+        _read(args.tls_cert),
+        _read(args.tls_key),
+        _read(args.tls_client_ca) if args.tls_client_ca else None,
     )
+
+
+def _token(path: str | None) -> str | None:
+    if path is None:
+        return None
+    token = _read(path).decode(errors="replace").strip().splitlines()[0:1]
+    if not token or not token[0].strip():
+        raise InvalidArgument(f"{path} holds no token")
+    return token[0].strip()
+
+
+def _read(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as error:
+        raise InvalidArgument(f"cannot read {path}: {error.strerror}") from None
 
 
 def _switch(text: str) -> bool:
@@ -347,6 +358,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--tls-client-ca",
         metavar="FILE",
         help="PEM CA: require every client to present a certificate it signed",
+    )
+    serve.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="require every call but health checks to carry 'authorization: Bearer <token>', "
+        "the token being the file's first line (use with TLS off loopback)",
     )
     serve.add_argument(
         "--no-reflection",

@@ -13,11 +13,12 @@ refused host write. A guest #GP is not an error: ``outcome.guest_fault.reason`` 
 
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import TracebackType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -61,11 +62,57 @@ def _call(method: Callable[[], T]) -> T:
         raise_domain(error)
 
 
+class _Details(
+    collections.namedtuple(
+        "_Details",
+        ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression"),
+    ),
+    grpc.ClientCallDetails,
+):
+    """Call details with metadata added (gRPC's own are not constructible)."""
+
+
+class _Token(
+    grpc.UnaryUnaryClientInterceptor,  # type: ignore[type-arg]
+    grpc.UnaryStreamClientInterceptor,  # type: ignore[type-arg]
+    grpc.StreamStreamClientInterceptor,  # type: ignore[type-arg]
+):
+    """Adds ``authorization: Bearer <token>`` to every call."""
+
+    def __init__(self, token: str) -> None:
+        self._pair = ("authorization", f"Bearer {token}")
+
+    def _details(self, details: Any) -> _Details:
+        metadata = [*(details.metadata or ()), self._pair]
+        return _Details(
+            details.method,
+            details.timeout,
+            metadata,
+            details.credentials,
+            details.wait_for_ready,
+            details.compression,
+        )
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+
 class Client:
     """A connection to one server (``host:port`` or ``unix:/path``)."""
 
     def __init__(
-        self, target: str, *, timeout: float | None = 60.0, tls: Tls | None = None
+        self,
+        target: str,
+        *,
+        timeout: float | None = 60.0,
+        tls: Tls | None = None,
+        token: str | None = None,
     ) -> None:
         self.target = target
         self.timeout = timeout
@@ -79,6 +126,8 @@ class Client:
                 certificate_chain=tls.cert_chain,
             )
             self.channel = grpc.secure_channel(target, credentials, options=options)
+        if token is not None:
+            self.channel = grpc.intercept_channel(self.channel, _Token(token))
         self.stub = pb_grpc.EmulatorServiceStub(self.channel)
 
     def close(self) -> None:

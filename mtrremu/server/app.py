@@ -27,7 +27,7 @@ from mtrremu.core.errors import InvalidArgument
 from mtrremu.plugin.manager import PluginManager, manager_for
 from mtrremu.rpc.transport import Tls, server_options
 from mtrremu.server.fairness import StreamGuard, StreamLimits
-from mtrremu.server.interceptor import LoggingInterceptor, limit_logging
+from mtrremu.server.interceptor import LoggingInterceptor, TokenInterceptor, limit_logging
 from mtrremu.server.limits import Limits, VmTable
 from mtrremu.server.servicer import Servicer, service
 from mtrremu.v1 import emulator_pb2 as pb
@@ -55,6 +55,8 @@ class ServerSettings:
     #: ``--stream-idle-timeout``); the worker threads beyond ``max_streams`` stay free for
     #: unary calls and health checks.
     streams: StreamLimits = field(default_factory=StreamLimits)
+    #: If set, every call but health checks must carry ``authorization: Bearer <token>``.
+    token: str | None = None
 
     def __post_init__(self) -> None:
         if self.streams.max_streams >= self.max_workers:
@@ -74,7 +76,10 @@ class EmulatorServer:
             futures.ThreadPoolExecutor(
                 max_workers=settings.max_workers, thread_name_prefix="mtrremu"
             ),
-            interceptors=[LoggingInterceptor()],
+            interceptors=[
+                LoggingInterceptor(),
+                *([TokenInterceptor(settings.token)] if settings.token else []),
+            ],
             options=server_options(settings.limits.max_message_bytes),
         )
         self.table = VmTable(settings.limits, manager or manager_for(settings.plugins))
@@ -104,6 +109,7 @@ class EmulatorServer:
         sockets = []
         for address in self.settings.listen:
             if not (address.startswith("unix:") or is_loopback(address) or self.settings.tls):
+                # A token sent in clear text protects nothing on a network.
                 log.warning(
                     "listening on %s without TLS or authentication: any host that reaches it "
                     "can create, drive and delete VMs",

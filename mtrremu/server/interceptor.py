@@ -3,6 +3,7 @@ on the server's log lines."""
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -97,30 +98,79 @@ class LoggingInterceptor(_Interceptor):
 
             return call
 
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                unary(handler.unary_unary),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                streaming(handler.unary_stream),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                unary(handler.stream_unary),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        assert handler.stream_stream is not None
-        return grpc.stream_stream_rpc_method_handler(
-            streaming(handler.stream_stream),
+        return rewrapped(handler, unary, streaming)
+
+
+Wrap = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def rewrapped(
+    handler: grpc.RpcMethodHandler[Any, Any], unary: Wrap, streaming: Wrap
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """``handler`` with its behaviour wrapped: ``unary`` for calls answered by one message,
+    ``streaming`` for calls answered by a stream."""
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(
+            unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer
+        )
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(
+            streaming(handler.unary_stream),
             handler.request_deserializer,
             handler.response_serializer,
         )
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(
+            unary(handler.stream_unary), handler.request_deserializer, handler.response_serializer
+        )
+    assert handler.stream_stream is not None
+    return grpc.stream_stream_rpc_method_handler(
+        streaming(handler.stream_stream),
+        handler.request_deserializer,
+        handler.response_serializer,
+    )
+
+
+#: Health checks answer without the token, so that probes need no secret.
+OPEN_METHODS = ("/grpc.health.v1.Health/",)
+
+
+class TokenInterceptor(_Interceptor):
+    """With ``--token-file``: every call but health checks must carry the metadata
+    ``authorization: Bearer <token>``; others are refused with ``UNAUTHENTICATED``."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(OPEN_METHODS):
+            return handler
+        given = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
+        if hmac.compare_digest(str(given).encode(), self._expected):
+            return handler
+
+        def refuse(context: grpc.ServicerContext) -> None:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "a valid token is required")
+
+        def unary(behaviour: Callable[..., Any]) -> Callable[..., Any]:
+            def call(request: Any, context: grpc.ServicerContext) -> Any:
+                refuse(context)
+
+            return call
+
+        def streaming(behaviour: Callable[..., Any]) -> Callable[..., Any]:
+            def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                refuse(context)
+                yield from ()
+
+            return call
+
+        return rewrapped(handler, unary, streaming)
 
 
 def _ms(started: float) -> float:
