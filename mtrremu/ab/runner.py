@@ -27,7 +27,6 @@ from mtrremu.ab.published import ROWS
 from mtrremu.ab.records import record
 from mtrremu.core.burst import execute
 from mtrremu.core.config import Memslot, MemslotKind
-from mtrremu.core.counters import COUNTER_NAMES
 from mtrremu.core.errors import BrokenStrategy, InvalidArgument
 from mtrremu.core.events import Refused, operation_results
 from mtrremu.core.oracle import STALENESS_COUNTS, StalenessLog
@@ -215,13 +214,14 @@ def _replay_remote(spec: RunSpec, trace: Trace) -> Replay:
 def _remote_rounds(results: Iterable[Any]) -> list[tuple[ZapCall, ...]]:
     """:func:`rounds_of` for the batch stream's results: a burst's operations that share an
     entry and a lane index ran in one round."""
+    from mtrremu.rpc import convert  # noqa: PLC0415  (protobuf only for runs against a server)
+
     rounds: dict[tuple[int, int], list[ZapCall]] = {}
     for result in results:
         if result.HasField("error"):
             continue
         key = (result.entry, result.lane.index if result.HasField("lane") else -1)
-        counters = {name: getattr(result.outcome.counters, name) for name in COUNTER_NAMES}
-        call = ZapCall.of(counters)
+        call = ZapCall.of(convert.counters(result.outcome.counters))
         calls = rounds.setdefault(key, [])
         if call is not None:
             calls.append(call)

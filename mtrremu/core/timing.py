@@ -23,9 +23,10 @@ counts into cycles; the defaults are fitted on the series' published 8-vCPU cycl
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import astuple, dataclass, fields
 
+from mtrremu.core.counters import Counters
 from mtrremu.core.events import BurstResult, EventResult, ItemResult
 from mtrremu.core.strategy import MmuLock
 
@@ -74,20 +75,13 @@ class ZapCall:
     waited: bool
 
     @classmethod
-    def of(cls, counters: Mapping[str, int]) -> ZapCall | None:
-        """The zap work of an event whose counters are ``counters`` (field names as in
-        :class:`~mtrremu.core.counters.Counters`), or None if it did none."""
-        list_ops = (
-            counters["ranges_queued"]
-            + counters["duplicates_dropped"]
-            + counters["drains"]
-            + counters["waits"]
-        )
-        if not (counters["zaps_executed"] or list_ops or counters["recalc_marks"]):
+    def of(cls, counters: Counters) -> ZapCall | None:
+        """The zap work of an event whose own counts are ``counters``, or None if it did none."""
+        c = counters
+        list_ops = c.ranges_queued + c.duplicates_dropped + c.drains + c.waits
+        if not (c.zaps_executed or list_ops or c.recalc_marks):
             return None  # no zap, no zap-list traffic, no re-evaluation marks: not timed
-        entries = sum(counters[f"entries_visited_{level}"] for level in ("root", "1g", "2m", "4k"))
-        leaves = sum(counters[f"leaves_removed_{level}"] for level in ("4k", "2m", "1g"))
-        return cls(entries, leaves, counters["tlb_flushes"], list_ops, counters["waits"] > 0)
+        return cls(c.entries_visited, c.leaves_removed, c.tlb_flushes, list_ops, c.waits > 0)
 
     def work(self, costs: CycleCosts) -> float:
         return (
@@ -203,5 +197,5 @@ def rounds_of(results: Iterable[ItemResult]) -> list[tuple[ZapCall, ...]]:
 
 
 def _calls(events: Iterable[EventResult]) -> tuple[ZapCall, ...]:
-    found = (ZapCall.of(vars(e.counters)) for e in events if e.counted)
+    found = (ZapCall.of(e.counters) for e in events if e.counted)
     return tuple(call for call in found if call is not None)

@@ -46,6 +46,20 @@ def event_changes(vm: VmView, vcpu: VcpuView, before: IntervalMap) -> tuple[GfnR
     return changed_ranges(before, memtype_map(vm, vcpu))
 
 
+def write_changes(vm: VmView, vcpu: VcpuView) -> tuple[GfnRange, ...]:
+    """Where the MTRR write being handled changed ``vcpu``'s types. With CR0.CD=1 a fault's
+    type does not depend on the MTRRs (every profile): nothing, without building maps; the
+    CD=1 -> 0 toggle will compare the two maps."""
+    if vcpu.cd:
+        return ()
+    return event_changes(vm, vcpu, memtype_map(vm, vcpu, mtrr=vcpu.mtrr.before_write()))
+
+
+def cd_changes(vm: VmView, vcpu: VcpuView) -> tuple[GfnRange, ...]:
+    """Where the CR0.CD flip that just happened changed ``vcpu``'s types."""
+    return event_changes(vm, vcpu, memtype_map(vm, vcpu, cd=not vcpu.cd))
+
+
 def dma_changes(vm: VmView, attached: bool) -> tuple[GfnRange, ...]:
     """Where a DMA transition changed the types of any vCPU (one map per distinct view)."""
     views = {(v.cd, v.mtrr.snapshot()): v for v in vm.vcpus}
@@ -71,15 +85,10 @@ class Precise:
         return ZapDecision(zap_event=True, ranges=ranges, route=Route.LIST)
 
     def on_mtrr_write(self, vm: VmView, vcpu: VcpuView, msr: int) -> ZapDecision:
-        if vcpu.cd:
-            # With CR0.CD=1 a fault's type does not depend on the MTRRs (every profile): the
-            # write changes nothing now; the CD=1 -> 0 toggle will compare the two maps.
-            return NO_ZAP
-        before = memtype_map(vm, vcpu, mtrr=vcpu.mtrr.before_write())
-        return self._zap(event_changes(vm, vcpu, before))
+        return self._zap(write_changes(vm, vcpu))
 
     def on_cd_toggle(self, vm: VmView, vcpu: VcpuView) -> ZapDecision:
-        return self._zap(event_changes(vm, vcpu, memtype_map(vm, vcpu, cd=not vcpu.cd)))
+        return self._zap(cd_changes(vm, vcpu))
 
     def on_host_cd_change(self, vm: VmView, vcpu: VcpuView) -> ZapDecision:
         return self.on_cd_toggle(vm, vcpu)
@@ -100,25 +109,19 @@ class Lazy:
     def __init__(self, scope: str) -> None:
         self.changed_only = scope == "changed"
 
-    def _mark(self, changed: tuple[GfnRange, ...] | None = None) -> ZapDecision:
-        if changed is None or not self.changed_only:
+    def _mark(self, changed: tuple[GfnRange, ...] | None) -> ZapDecision:
+        """Mark where ``changed`` says, or everywhere (None: ``scope=all``)."""
+        if changed is None:
             changed = (ZAP_ALL,)
         if not changed:
             return NO_ZAP
         return ZapDecision(zap_event=True, ranges=changed, route=Route.MARK)
 
     def on_mtrr_write(self, vm: VmView, vcpu: VcpuView, msr: int) -> ZapDecision:
-        if not self.changed_only:
-            return self._mark()
-        if vcpu.cd:
-            return NO_ZAP  # as in Precise: nothing changes while CD=1
-        before = memtype_map(vm, vcpu, mtrr=vcpu.mtrr.before_write())
-        return self._mark(event_changes(vm, vcpu, before))
+        return self._mark(write_changes(vm, vcpu) if self.changed_only else None)
 
     def on_cd_toggle(self, vm: VmView, vcpu: VcpuView) -> ZapDecision:
-        if not self.changed_only:
-            return self._mark()
-        return self._mark(event_changes(vm, vcpu, memtype_map(vm, vcpu, cd=not vcpu.cd)))
+        return self._mark(cd_changes(vm, vcpu) if self.changed_only else None)
 
     def on_host_cd_change(self, vm: VmView, vcpu: VcpuView) -> ZapDecision:
         return self.on_cd_toggle(vm, vcpu)
