@@ -10,6 +10,7 @@ import sys
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -33,8 +34,12 @@ from mtrremu.plugin.manager import default_manager
 from mtrremu.rpc.transport import Tls
 from mtrremu.server.fairness import StreamLimits
 from mtrremu.server.limits import Limits
+from mtrremu.snapshot import read_snapshot
 from mtrremu.workloads import WORKLOADS
 from mtrremu.workloads.trace import save
+
+if TYPE_CHECKING:
+    from mtrremu.client import Client
 
 
 def _strategies(args: argparse.Namespace) -> int:
@@ -71,6 +76,7 @@ def _size_text(count: int) -> str:
 def _serve(args: argparse.Namespace) -> int:
     # grpc loads only for the command that serves.
     from mtrremu.server.app import DEFAULT_LISTEN, ServerSettings, serve  # noqa: PLC0415
+    from mtrremu.server.state_dir import StateDirSettings  # noqa: PLC0415
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -81,7 +87,9 @@ def _serve(args: argparse.Namespace) -> int:
         max_total_memory_bytes=args.max_total_memory,
         max_batch_operations=args.max_batch_operations,
         max_message_bytes=args.max_message_bytes,
+        max_snapshot_bytes=args.max_snapshot_size,
     )
+    key = _read(args.snapshot_key_file) if args.snapshot_key_file else None
     settings = ServerSettings(
         listen=tuple(args.listen or [DEFAULT_LISTEN]),
         limits=limits,
@@ -96,6 +104,12 @@ def _serve(args: argparse.Namespace) -> int:
             max_streams_per_client=args.max_streams_per_client,
             stream_idle_seconds=args.stream_idle_timeout,
         ),
+        state_dir=(
+            StateDirSettings(Path(args.state_dir), args.snapshot_interval, key)
+            if args.state_dir
+            else None
+        ),
+        snapshot_key=key,
     )
     serve(settings, announce=["mtrremu: serving on {addresses}"])
     return 0
@@ -127,6 +141,60 @@ def _token(path: str | None) -> str | None:
 def _read(path: str) -> bytes:
     try:
         return Path(path).read_bytes()
+    except OSError as error:
+        raise InvalidArgument(f"cannot read {path}: {error.strerror}") from None
+
+
+def _client(args: argparse.Namespace) -> Client:
+    """A client of ``--server`` with the command's TLS material and token."""
+    # grpc loads only for the commands that talk to a server.
+    from mtrremu.client import Client  # noqa: PLC0415
+
+    tls = None
+    if args.tls_ca or args.tls_cert or args.tls_key:
+        if bool(args.tls_cert) != bool(args.tls_key):
+            raise InvalidArgument("--tls-cert and --tls-key go together")
+        tls = Tls(
+            _read(args.tls_cert) if args.tls_cert else None,
+            _read(args.tls_key) if args.tls_key else None,
+            _read(args.tls_ca) if args.tls_ca else None,
+        )
+    return Client(args.server, tls=tls, token=_token(args.token_file))
+
+
+def _snapshot_export(args: argparse.Namespace) -> int:
+    out = Path(args.file)
+    with _client(args) as client, open(out, "wb") as target:
+        size = client.vm(args.vm_id).export_to(target)
+    print(f"VM {args.vm_id}: {size} bytes written to {out}")
+    return 0
+
+
+def _snapshot_import(args: argparse.Namespace) -> int:
+    with _client(args) as client, _open(args.file) as source:
+        vm = client.import_vm(source)
+    print(vm.vm_id)
+    return 0
+
+
+def _snapshot_check(args: argparse.Namespace) -> int:
+    key = _read(args.key_file) if args.key_file else None
+    with _open(args.file) as source:
+        state = read_snapshot(source, key)
+    config = state.config
+    print(f"{args.file}: a valid snapshot of VM {state.vm_id}")
+    print(
+        f"  strategy {state.strategy} {dict(state.options) or ''}".rstrip()
+        + f", {config.vcpus} vCPUs, {_size_text(config.memory_pages << 12)} of guest memory "
+        f"in {len(config.memslots)} memslots"
+    )
+    print(f"  {state.leaf_total} present leaves, counters: {state.counters.as_dict()}")
+    return 0
+
+
+def _open(path: str) -> BinaryIO:
+    try:
+        return open(path, "rb")
     except OSError as error:
         raise InvalidArgument(f"cannot read {path}: {error.strerror}") from None
 
@@ -366,6 +434,33 @@ def build_parser() -> argparse.ArgumentParser:
         "the token being the file's first line (use with TLS off loopback)",
     )
     serve.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="keep every VM as a snapshot file in DIR: written atomically every "
+        "--snapshot-interval (the VMs that changed) and at shutdown, restored at start",
+    )
+    serve.add_argument(
+        "--snapshot-interval",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="seconds between two rounds of snapshots into --state-dir",
+    )
+    serve.add_argument(
+        "--snapshot-key-file",
+        metavar="FILE",
+        help="sign snapshots (exported and in --state-dir) with HMAC-SHA-256 under the key "
+        "in FILE, and refuse snapshots that do not carry that signature",
+    )
+    serve.add_argument(
+        "--max-snapshot-size",
+        type=_size,
+        default=defaults.max_snapshot_bytes,
+        metavar="SIZE",
+        help="largest snapshot ImportVm accepts "
+        f"(default: {_size_text(defaults.max_snapshot_bytes)})",
+    )
+    serve.add_argument(
         "--no-reflection",
         action="store_true",
         help="do not serve gRPC server reflection (it lists the services to any client)",
@@ -374,6 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level", default="info", choices=["debug", "info", "warning"], help="log detail"
     )
     serve.set_defaults(run=_serve)
+
+    _add_snapshot_commands(commands)
 
     ab = commands.add_parser(
         "ab",
@@ -479,6 +576,36 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--no-progress", action="store_true", help="no progress bar")
     ab.set_defaults(run=_ab)
     return parser
+
+
+def _add_snapshot_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    snapshot = commands.add_parser(
+        "snapshot",
+        help="export, import and check VM snapshots (docs/snapshots.md)",
+        description="A snapshot file holds one VM's complete state (docs/snapshots.md).",
+    )
+    actions = snapshot.add_subparsers(dest="action", required=True)
+    export = actions.add_parser("export", help="write a VM's snapshot to a file")
+    export.add_argument("vm_id", metavar="VM_ID")
+    export.add_argument("file", metavar="FILE")
+    export.set_defaults(run=_snapshot_export)
+    load = actions.add_parser("import", help="create a VM from a snapshot file; prints its id")
+    load.add_argument("file", metavar="FILE")
+    load.set_defaults(run=_snapshot_import)
+    for command in (export, load):
+        command.add_argument(
+            "--server", required=True, metavar="ADDR", help="host:port or unix:/path"
+        )
+        command.add_argument("--token-file", metavar="FILE", help="the server's token")
+        command.add_argument("--tls-ca", metavar="FILE", help="PEM CA of the server (TLS)")
+        command.add_argument("--tls-cert", metavar="FILE", help="PEM client certificate")
+        command.add_argument("--tls-key", metavar="FILE", help="PEM key of --tls-cert")
+    check = actions.add_parser(
+        "check", help="verify a snapshot file offline and describe it (exit 2 if invalid)"
+    )
+    check.add_argument("file", metavar="FILE")
+    check.add_argument("--key-file", metavar="FILE", help="the key it must be signed with")
+    check.set_defaults(run=_snapshot_check)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

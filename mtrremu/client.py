@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import collections
 import functools
+import io
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -53,6 +54,8 @@ from mtrremu.v1 import emulator_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
 DEFAULT_BATCH = 1000
+#: ImportVm sends a snapshot in chunks of this size.
+SNAPSHOT_CHUNK_BYTES = 1 << 20
 
 
 def _call(method: Callable[[], T]) -> T:
@@ -186,6 +189,18 @@ class Client:
             if not token:
                 return vms
 
+    def import_vm(self, snapshot: bytes | BinaryIO) -> RemoteVm:
+        """A new VM from a snapshot (the bytes of a snapshot file, or a binary file to read
+        it from, sent in chunks); its state is the snapshot's, its id new."""
+        source = io.BytesIO(snapshot) if isinstance(snapshot, bytes) else snapshot
+
+        def chunks() -> Iterator[pb.ImportVmRequest]:
+            while chunk := source.read(SNAPSHOT_CHUNK_BYTES):
+                yield pb.ImportVmRequest(data=chunk)
+
+        response = _call(lambda: self.stub.ImportVm(chunks(), timeout=self.timeout))
+        return RemoteVm(self, response.vm.vm_id)
+
     def list_strategies(self) -> list[pb.Strategy]:
         request = pb.ListStrategiesRequest()
         return list(
@@ -209,6 +224,23 @@ class RemoteVm:
     def delete(self) -> None:
         request = pb.DeleteVmRequest(vm_id=self.vm_id)
         _call(lambda: self._stub.DeleteVm(request, timeout=self._timeout))
+
+    def export(self) -> bytes:
+        """The VM's snapshot file (docs/snapshots.md)."""
+        buffer = io.BytesIO()
+        self.export_to(buffer)
+        return buffer.getvalue()
+
+    def export_to(self, out: BinaryIO) -> int:
+        """Write the VM's snapshot file to ``out``; returns its size in bytes."""
+        request = pb.ExportVmRequest(vm_id=self.vm_id)
+        written = 0
+        try:
+            for response in self._stub.ExportVm(request, timeout=self._timeout):
+                written += out.write(response.data)
+        except grpc.RpcError as error:
+            raise_domain(error)
+        return written
 
     # -- operations ---------------------------------------------------------------------
 

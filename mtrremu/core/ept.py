@@ -300,6 +300,53 @@ def _as_block(ids: npt.NDArray[np.int32]) -> slice | npt.NDArray[np.int32]:
     return ids
 
 
+@dataclass(frozen=True)
+class EptImage:
+    """An EPT's complete content as plain arrays, independent of where tables sit in memory:
+    per level (root to 4 KiB), the base gfns of its tables in ascending order and their
+    entry bytes (one row of 512 per table). Which table an entry points to is implied by the
+    bases (the table below covering the entry's span), so an image has one form per EPT."""
+
+    bases: dict[Level, Int64Array]
+    entries: dict[Level, UInt8Array]
+    #: Tables made for MMIO markers (:attr:`EptStore.mmio_tables`).
+    mmio_tables: int
+
+    def same_as(self, other: EptImage) -> bool:
+        return self.mmio_tables == other.mmio_tables and all(
+            np.array_equal(self.bases[level], other.bases[level])
+            and np.array_equal(self.entries[level], other.entries[level])
+            for level in Level
+        )
+
+
+def _valid_bytes(level: Level) -> npt.NDArray[np.bool_]:
+    """Which entry bytes may stand at ``level`` in an entry that points to no table."""
+    valid = np.zeros(256, dtype=bool)
+    valid[0] = valid[ZAPPED] = True
+    if level is Level.K4:
+        valid[MMIO] = valid[MMIO | ZAPPED] = True
+    if level is not Level.ROOT:
+        for memtype in (MemType.UC, MemType.WC, MemType.WT, MemType.WP, MemType.WB):
+            for extra in (0, IPAT, RECALC, IPAT | RECALC):
+                valid[LEAF | extra | int(memtype)] = True
+    return valid
+
+
+def _table_span(level: Level) -> int:
+    """Gfns one table of ``level`` covers."""
+    return ENTRIES_PER_TABLE * level.pages
+
+
+def table_bound(spans: Iterable[GfnRange], level: Level, mmio_tables: int) -> int:
+    """The most tables ``level`` can hold in an EPT whose faults stay within ``spans`` (the
+    memslots) and whose MMIO markers made at most ``mmio_tables`` tables."""
+    if level is Level.ROOT:
+        return 1
+    cover = _table_span(level)
+    return mmio_tables + sum((s.end - 1) // cover - s.start // cover + 1 for s in spans)
+
+
 class EptStore:
     """The VM's one EPT. Not thread-safe: the VM serialises access under its MMU lock.
 
@@ -341,7 +388,99 @@ class EptStore:
         """Bytes the store's arrays hold (capacity included)."""
         return sum(pool.nbytes for pool in self._pools.values())
 
-    # -- one gfn -------------------------------------------------------------------------
+    def image(self) -> EptImage:
+        """This EPT as an :class:`EptImage` (a copy)."""
+        bases: dict[Level, Int64Array] = {}
+        entries: dict[Level, UInt8Array] = {}
+        for level, pool in self._pools.items():
+            ids = pool.live_ids()
+            ids = ids[np.argsort(pool.base[ids], kind="stable")]
+            bases[level] = pool.base[ids].copy()
+            entries[level] = pool.ent[ids].copy()
+        return EptImage(bases, entries, self.mmio_tables)
+
+    @classmethod
+    def from_image(cls, image: EptImage, mmio_table_budget: int) -> EptStore:
+        """The EPT ``image`` describes, after checking that it is one :meth:`image` could have
+        produced: one root; every other table under an entry of the level above; valid entry
+        bytes at each level (a pointer carries nothing but a re-evaluation mark); at most
+        ``mmio_table_budget`` marker tables. Raises :class:`ValueError` naming the first
+        problem found."""
+        if not 0 <= image.mmio_tables <= mmio_table_budget:
+            raise ValueError(
+                f"{image.mmio_tables} MMIO marker tables, over the budget of {mmio_table_budget}"
+            )
+        for level in Level:
+            bases, entries = image.bases[level], image.entries[level]
+            if bases.dtype != np.int64 or bases.ndim != 1:
+                raise ValueError(f"level {level.label}: table bases are not a list of int64")
+            if entries.dtype != np.uint8 or entries.shape != (len(bases), ENTRIES_PER_TABLE):
+                raise ValueError(
+                    f"level {level.label}: entries are not {len(bases)} rows of 512 bytes"
+                )
+            if len(bases) > 1 and not bool(np.all(np.diff(bases) > 0)):
+                raise ValueError(f"level {level.label}: table bases are not strictly ascending")
+        if image.bases[Level.ROOT].tolist() != [0]:
+            raise ValueError("the EPT must have exactly one root table, at gfn 0")
+        store = cls(mmio_table_budget)
+        store.mmio_tables = image.mmio_tables
+        ids = {Level.ROOT: np.zeros(1, dtype=np.int32)}
+        for level in LEAF_LEVELS_DESCENDING:
+            up = Level(level + 1)
+            ids[level] = store._attach(level, image.bases[level], image.bases[up], ids[up])
+        for level, pool in store._pools.items():
+            entries = image.entries[level]
+            pool.ent[ids[level]] = entries
+            if pool.child is None:
+                ok = _valid_bytes(level)[entries]
+            else:
+                pointers = pool.child[ids[level]] >= 0
+                ok = np.where(
+                    pointers, (entries & (0xFF ^ RECALC)) == 0, _valid_bytes(level)[entries]
+                )
+            if not bool(ok.all()):
+                row, col = (int(x[0]) for x in np.nonzero(~ok))
+                raise ValueError(
+                    f"level {level.label}: entry {col} of the table at gfn "
+                    f"{int(image.bases[level][row]):#x} holds {int(entries[row, col]):#04x}, "
+                    "which cannot stand there"
+                )
+            if level is not Level.ROOT:
+                store._leaves[level] = int(np.count_nonzero(entries >= LEAF))
+            store.marked |= bool((entries & RECALC).any())
+        return store
+
+    def _attach(
+        self,
+        level: Level,
+        bases: Int64Array,
+        parent_bases: Int64Array,
+        parent_ids: npt.NDArray[np.int32],
+    ) -> npt.NDArray[np.int32]:
+        """New tables of ``level`` at ``bases``, each pointed to by the entry of the level
+        above (tables at ``parent_bases``, ids ``parent_ids``) whose span it covers."""
+        up = Level(level + 1)
+        if not len(bases):
+            return np.zeros(0, dtype=np.int32)
+        parent_base = bases - bases % _table_span(up)
+        row = np.searchsorted(parent_bases, parent_base)
+        orphans = (bases % up.pages != 0) | (row >= len(parent_bases))
+        row = np.minimum(row, len(parent_bases) - 1)
+        if len(parent_bases):
+            orphans |= parent_bases[row] != parent_base
+        if bool(orphans.any()):
+            gfn = int(bases[np.flatnonzero(orphans)[0]])
+            raise ValueError(
+                f"level {level.label}: no entry of the level above points to a table at "
+                f"gfn {gfn:#x}"
+            )
+        ids = self._pools[level].allocate(bases, np.zeros(len(bases), dtype=np.uint8))
+        parent = self._pools[up].child
+        assert parent is not None
+        parent[parent_ids[row], (bases - parent_base) >> up.shift] = ids
+        return ids
+
+    # -- one gfn ----------------------------------------------------------------------
 
     def lookup(self, gfn: int) -> Entry:
         """The entry a hardware walk for ``gfn`` ends at."""

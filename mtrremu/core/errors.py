@@ -60,6 +60,14 @@ class InvalidConfig(InvalidArgument):
     reason = "INVALID_VM_CONFIG"
 
 
+class InvalidSnapshot(InvalidArgument):
+    """A snapshot that cannot be loaded: not a snapshot, truncated, corrupted, of an unknown
+    format version, failing its checksum, or holding a state the emulator would refuse. The
+    message says which; nothing was created."""
+
+    reason = "SNAPSHOT_INVALID"
+
+
 class RejectedHostWrite(InvalidArgument):
     """A host-initiated write KVM refuses (KVM_SET_MSRS / KVM_SET_SREGS fail); nothing changed."""
 

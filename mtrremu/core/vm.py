@@ -8,7 +8,9 @@ list has its own lock and never calls out while holding it.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -198,6 +200,8 @@ class Vm:
         self.known_gaps = known_gaps
         self._track = config.track_staleness
         self._dirty = False
+        #: Bumped by every event (a read too): whoever keeps a copy knows when it is old.
+        self.changes = 0
         self._event_checks: list[_EventCheck] = []
         self._bursting = 0
         self._refresh_view()
@@ -213,11 +217,56 @@ class Vm:
             self._new_store()
             self._plans.clear()
 
+    @contextmanager
+    def idle(self, timeout_s: float = 10.0) -> Iterator[None]:
+        """Hold every lock of the VM, at a moment when no burst is under way and the zap list
+        is empty: nothing can change and nothing half-done is pending (what a snapshot
+        needs). Locks are taken with timeouts and all dropped to retry, so waiting cannot
+        deadlock with an operation; raises :class:`FailedPrecondition` if the VM does not
+        come to rest within ``timeout_s``."""
+        locks = [vc.lock for vc in self.vcpus] + [self._mmu_lock, self._vm_lock]
+        deadline = time.monotonic() + timeout_s
+        while True:
+            held: list[threading.Lock] = []
+            try:
+                for lock in locks:
+                    if not lock.acquire(timeout=0.05):
+                        break
+                    held.append(lock)
+                else:
+                    if not self._bursting and not self.zap_list.queued():
+                        yield
+                        return
+            finally:
+                for lock in reversed(held):
+                    lock.release()
+            if time.monotonic() > deadline:
+                raise FailedPrecondition(
+                    f"VM {self.vm_id} did not come to rest within {timeout_s:g} s"
+                )
+            time.sleep(0.005)
+
+    def load(
+        self, store: EptStore, noncoherent_dma: int, counters: Counters, staleness: StalenessLog
+    ) -> None:
+        """Take over a restored EPT, DMA count, counters and oracle log (see
+        :func:`mtrremu.core.vm_state.restore`, which sets the vCPUs' registers)."""
+        with self._mmu_lock, self._vm_lock:
+            self._use_store(store)
+            self.counters = counters.copy()
+            self.staleness = staleness
+            self._dma = noncoherent_dma
+            self._plans.clear()
+        self._refresh_view()
+
     def _new_store(self) -> None:
-        """An empty EPT, zapped the way the strategy's lock mode says."""
-        self.store = EptStore(mmio_table_budget=mmio_table_budget(self.config))
-        shared = self.mmu_lock is MmuLock.READ
-        self._store_zap = self.store.zap_shared if shared else self.store.zap
+        """An empty EPT."""
+        self._use_store(EptStore(mmio_table_budget=mmio_table_budget(self.config)))
+
+    def _use_store(self, store: EptStore) -> None:
+        """Make ``store`` the VM's EPT, zapped the way the strategy's lock mode says."""
+        self.store = store
+        self._store_zap = store.zap_shared if self.mmu_lock is MmuLock.READ else store.zap
 
     def _refresh_view(self) -> None:
         """The strategy's view and the honoured flag change only with the DMA count."""
@@ -320,6 +369,7 @@ class Vm:
 
     def _finish(self, result: EventResult, *, faulted_vcpu: int | None = None) -> EventResult:
         """Account the event, then tell observers (state is consistent by then)."""
+        self.changes += 1
         if result.counted:
             with self._vm_lock:
                 self.counters.add(result.counters)

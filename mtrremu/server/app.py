@@ -27,9 +27,15 @@ from mtrremu.core.errors import InvalidArgument
 from mtrremu.plugin.manager import PluginManager, manager_for
 from mtrremu.rpc.transport import Tls, server_options
 from mtrremu.server.fairness import StreamGuard, StreamLimits
-from mtrremu.server.interceptor import LoggingInterceptor, TokenInterceptor, limit_logging
+from mtrremu.server.interceptor import (
+    LoggingInterceptor,
+    ProtobufOnly,
+    TokenInterceptor,
+    limit_logging,
+)
 from mtrremu.server.limits import Limits, VmTable
 from mtrremu.server.servicer import Servicer, service
+from mtrremu.server.state_dir import StateDir, StateDirSettings
 from mtrremu.v1 import emulator_pb2 as pb
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
@@ -57,6 +63,10 @@ class ServerSettings:
     streams: StreamLimits = field(default_factory=StreamLimits)
     #: If set, every call but health checks must carry ``authorization: Bearer <token>``.
     token: str | None = None
+    #: Keep every VM in a state directory (``--state-dir``, ``--snapshot-interval``).
+    state_dir: StateDirSettings | None = None
+    #: Sign exported snapshots and require the signature on imports (``--snapshot-key-file``).
+    snapshot_key: bytes | None = None
 
     def __post_init__(self) -> None:
         if self.streams.max_streams >= self.max_workers:
@@ -79,12 +89,17 @@ class EmulatorServer:
             interceptors=[
                 LoggingInterceptor(),
                 *([TokenInterceptor(settings.token)] if settings.token else []),
+                ProtobufOnly(),
             ],
             options=server_options(settings.limits.max_message_bytes),
         )
         self.table = VmTable(settings.limits, manager or manager_for(settings.plugins))
         self.guard = StreamGuard(settings.streams)
-        self._server.add_generic_rpc_handlers((service(Servicer(self.table), self.guard),))
+        servicer = Servicer(self.table, settings.snapshot_key)
+        self._server.add_generic_rpc_handlers((service(servicer, self.guard),))
+        self.state_dir = (
+            None if settings.state_dir is None else StateDir(settings.state_dir, self.table)
+        )
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         if settings.reflection:
@@ -106,6 +121,26 @@ class EmulatorServer:
         (:class:`InvalidArgument`), a stale unix socket is replaced, and a unix socket is
         created readable and writable by its owner only, whatever the umask.
         """
+        try:
+            if self.state_dir is not None:
+                self.state_dir.restore()
+            sockets = self._bind_all()
+        except BaseException:
+            if self.state_dir is not None:
+                self.state_dir.release()
+            raise
+        self._server.start()
+        if self.state_dir is not None:
+            self.state_dir.start()
+        for path in sockets:
+            os.chmod(path, 0o600)
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving mtrremu.v1 on %s", ", ".join(self.addresses))
+        return self.addresses
+
+    def _bind_all(self) -> list[str]:
+        """Bind every address; returns the unix socket paths."""
         sockets = []
         for address in self.settings.listen:
             if not (address.startswith("unix:") or is_loopback(address) or self.settings.tls):
@@ -133,13 +168,7 @@ class EmulatorServer:
             else:
                 host = address.rsplit(":", 1)[0]
                 self.addresses.append(f"{host}:{port}")
-        self._server.start()
-        for path in sockets:
-            os.chmod(path, 0o600)
-        for name in ("", SERVICE_NAME):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving mtrremu.v1 on %s", ", ".join(self.addresses))
-        return self.addresses
+        return sockets
 
     def _bind(self, address: str) -> int:
         tls = self.settings.tls
@@ -161,6 +190,8 @@ class EmulatorServer:
         )
         done.wait()
         self.guard.close()
+        if self.state_dir is not None:
+            self.state_dir.close()
         self._stopped.set()
         return done
 

@@ -8,6 +8,7 @@ the operations (one unary RPC each, plus their place in ``Execute``) come from t
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -18,17 +19,21 @@ from mtrremu.core.burst import execute_one
 from mtrremu.core.errors import InvalidArgument, MtrremuError, ResourceExhausted, UnknownVm
 from mtrremu.core.events import BurstResult, ItemResult
 from mtrremu.core.operations import OPERATIONS, OperationKind
+from mtrremu.core.vm_state import capture
 from mtrremu.plugin.manager import accepted_options
 from mtrremu.rpc import convert
 from mtrremu.rpc.status import abort
 from mtrremu.rpc.transport import REPLY_CHUNK_BYTES, REPLY_LIMIT_BYTES
 from mtrremu.server.fairness import Stream, StreamGuard
 from mtrremu.server.limits import Entry, VmTable
+from mtrremu.snapshot import read_snapshot, write_snapshot
 from mtrremu.v1 import emulator_pb2 as pb
 
 SERVICE = pb.DESCRIPTOR.services_by_name["EmulatorService"].full_name
 #: What a result adds to a response besides its own size: its tag and length prefix.
 RESULT_OVERHEAD_BYTES = 5
+#: Snapshots in transit stay in memory up to this size, then go to a temporary file.
+SPOOL_BYTES = 8 << 20
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 DEFAULT_RUNS_PER_MESSAGE = 4096
@@ -41,8 +46,10 @@ Streaming = Callable[[Any, grpc.ServicerContext], Iterator[Message]]
 class Servicer:
     """Holds the server's VMs; thread-safe (the core serialises per vCPU and per EPT)."""
 
-    def __init__(self, table: VmTable) -> None:
+    def __init__(self, table: VmTable, snapshot_key: bytes | None = None) -> None:
         self.table = table
+        #: Snapshots are signed with it (HMAC-SHA-256) and must carry its signature.
+        self.snapshot_key = snapshot_key
 
     # -- VMs ---------------------------------------------------------------------------
 
@@ -117,6 +124,37 @@ class Servicer:
         if per_message > MAX_RUNS_PER_MESSAGE:
             raise InvalidArgument(f"runs_per_message is at most {MAX_RUNS_PER_MESSAGE}")
         yield from convert.leaf_runs(self.table.vm(request.vm_id), per_message)
+
+    def ExportVm(
+        self, request: pb.ExportVmRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.ExportVmResponse]:
+        entry = self.table.get(request.vm_id)
+        with tempfile.SpooledTemporaryFile(SPOOL_BYTES) as spool:
+            write_snapshot(capture(entry.vm, entry.options), spool, self.snapshot_key)
+            spool.seek(0)
+            while chunk := spool.read(REPLY_CHUNK_BYTES):
+                yield pb.ExportVmResponse(data=chunk)
+
+    def ImportVm(
+        self, request_iterator: Iterator[pb.ImportVmRequest], context: grpc.ServicerContext
+    ) -> pb.ImportVmResponse:
+        limit = self.table.limits.max_snapshot_bytes
+        with tempfile.SpooledTemporaryFile(SPOOL_BYTES) as spool:
+            for request in request_iterator:
+                if spool.tell() + len(request.data) > limit:
+                    raise ResourceExhausted(
+                        f"the snapshot exceeds this server's limit of {limit} bytes"
+                    )
+                spool.write(request.data)
+            state = read_snapshot(spool, self.snapshot_key, admit=self.table.admit)
+        answers: list[pb.ImportVmResponse] = []
+
+        def fits(entry: Entry) -> bool:
+            answers.append(pb.ImportVmResponse(vm=convert.vm_message(entry.vm, entry.options)))
+            return answers[0].ByteSize() <= REPLY_LIMIT_BYTES
+
+        self.table.create(state.config, state.strategy, state.options, fits, state=state)
+        return answers[0]
 
     # -- operations ----------------------------------------------------------------------
 
@@ -276,6 +314,19 @@ def _guarded(handler: Streaming, guard: StreamGuard) -> Streaming:
     return wrapper
 
 
+def _guarded_unary(handler: Unary, guard: StreamGuard) -> Unary:
+    """A request stream answered once, within the guard's bounds (see :func:`_guarded`)."""
+
+    def wrapper(request: Any, context: grpc.ServicerContext) -> Message:
+        stream = guard.admit(context)
+        try:
+            return handler(_tracked(request, stream), context)
+        finally:
+            guard.release(stream)
+
+    return wrapper
+
+
 def _tracked(requests: Iterator[Any], stream: Stream) -> Iterator[Any]:
     """Mark the stream busy from each request's arrival until the next one is asked for."""
     for request in requests:
@@ -301,6 +352,16 @@ def service(servicer: Servicer, guard: StreamGuard) -> grpc.GenericRpcHandler[An
         _translated_stream(_guarded(servicer.DumpLeaves, guard)),
         request_deserializer=_decoder(pb.DumpLeavesRequest),
         response_serializer=pb.DumpLeavesResponse.SerializeToString,
+    )
+    handlers["ExportVm"] = grpc.unary_stream_rpc_method_handler(
+        _translated_stream(_guarded(servicer.ExportVm, guard)),
+        request_deserializer=_decoder(pb.ExportVmRequest),
+        response_serializer=pb.ExportVmResponse.SerializeToString,
+    )
+    handlers["ImportVm"] = grpc.stream_unary_rpc_method_handler(
+        _translated(_guarded_unary(servicer.ImportVm, guard)),
+        request_deserializer=_decoder(pb.ImportVmRequest),
+        response_serializer=pb.ImportVmResponse.SerializeToString,
     )
     handlers["Execute"] = grpc.stream_stream_rpc_method_handler(
         _translated_stream(_guarded(servicer.Execute, guard)),
