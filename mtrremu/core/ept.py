@@ -879,9 +879,21 @@ class EptStore:
 
         An entry already under a present leaf is a hit; otherwise a leaf of the level the plan
         allows is installed (one fault) and later gfns under it hit. Entries the plan marks
-        :data:`SKIP` are left alone.
+        :data:`SKIP` are left alone. Walked 1 GiB-aligned region by region (in order, so
+        nothing changes but the size of the temporary arrays, bounded by one region's entries).
         """
         outcome = PopulateOutcome()
+        region = Level.G1.pages
+        first = start
+        while first < end:
+            last = min(end, (first // region + 1) * region)
+            self._populate_region(first, last, plan, outcome)
+            first = last
+        return outcome
+
+    def _populate_region(
+        self, start: int, end: int, plan: PopulatePlan, outcome: PopulateOutcome
+    ) -> None:
         bounds = (start, end)
 
         def step(
@@ -919,7 +931,6 @@ class EptStore:
             return below
 
         self._walk(start, end, step)
-        return outcome
 
     def _populate_entries(
         self,
