@@ -32,6 +32,7 @@ from mtrremu.core.errors import InvalidArgument, MtrremuError
 from mtrremu.core.units import SIZE_SUFFIXES
 from mtrremu.plugin.manager import default_manager
 from mtrremu.rpc.transport import Tls
+from mtrremu.server.clients import Clients
 from mtrremu.server.fairness import StreamLimits
 from mtrremu.server.limits import Limits
 from mtrremu.snapshot import read_snapshot
@@ -98,7 +99,11 @@ def _serve(args: argparse.Namespace) -> int:
         plugins=tuple(args.plugin or ()),
         reflection=not args.no_reflection,
         tls=_tls(args),
-        token=_token(args.token_file),
+        clients=(
+            Clients.parse(_read(args.token_file).decode(errors="replace"), args.token_file)
+            if args.token_file
+            else None
+        ),
         streams=StreamLimits(
             max_streams=args.max_streams,
             max_streams_per_client=args.max_streams_per_client,
@@ -130,12 +135,12 @@ def _tls(args: argparse.Namespace) -> Tls | None:
 
 
 def _token(path: str | None) -> str | None:
+    """A client's token from its token file: the first client line (``NAME TOKEN`` or
+    ``TOKEN``, as the server's file has them)."""
     if path is None:
         return None
-    token = _read(path).decode(errors="replace").strip().splitlines()[0:1]
-    if not token or not token[0].strip():
-        raise InvalidArgument(f"{path} holds no token")
-    return token[0].strip()
+    clients = Clients.parse(_read(path).decode(errors="replace"), path)
+    return next(iter(clients.by_token)).decode()
 
 
 def _read(path: str) -> bytes:
@@ -430,8 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--token-file",
         metavar="FILE",
-        help="require every call but health checks to carry 'authorization: Bearer <token>', "
-        "the token being the file's first line (use with TLS off loopback)",
+        help="require every call but health checks to carry 'authorization: Bearer <token>' "
+        "of a client in FILE (lines 'NAME TOKEN', or 'TOKEN' for client 'default'); each "
+        "client sees and uses only its own VMs (use with TLS off loopback)",
     )
     serve.add_argument(
         "--state-dir",

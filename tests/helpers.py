@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -9,10 +10,13 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
+from google.protobuf.descriptor import MethodDescriptor
 
 from mtrremu.core import cr0, events, msrs
 from mtrremu.core.config import Memslot, MemslotKind, VmConfig
@@ -21,6 +25,7 @@ from mtrremu.core.units import GIB, KIB, MIB, Level
 from mtrremu.core.vm import Vm
 from mtrremu.plugin.manager import PluginManager
 from mtrremu.server.app import EmulatorServer, ServerSettings
+from mtrremu.server.interceptor import RateLimit
 
 #: The test profile (see ``tests/conftest.py``): ``quick`` unless ``MTRREMU_TEST_PROFILE=ci``.
 PROFILE = os.environ.get("MTRREMU_TEST_PROFILE", "quick")
@@ -245,3 +250,76 @@ def run_threads(count: int, body: Callable[[int], None], timeout: float = 30.0) 
         assert not thread.is_alive(), "a vCPU thread never returned (deadlock?)"
     if errors:
         raise errors[0]
+
+
+class _Collect(logging.Handler):
+    """Keeps the records of the server's and gRPC's loggers."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name.startswith(("mtrremu", "grpc")):
+            self.records.append(record)
+
+
+@contextmanager
+def server_log() -> Iterator[list[logging.LogRecord]]:
+    """Every record the server's and gRPC's loggers emit meanwhile, at level INFO and up, in
+    order. Their rate limit is lifted meanwhile, so that each line is counted."""
+    handler = _Collect()
+    limits = [
+        limit
+        for name in ("mtrremu.server", "grpc._server")
+        for limit in logging.getLogger(name).filters
+        if isinstance(limit, RateLimit)
+    ]
+    rates = [limit.per_second for limit in limits]
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO if level > logging.INFO else level)
+    for limit in limits:
+        limit.per_second = 1_000_000
+    try:
+        yield handler.records
+    finally:
+        for limit, rate in zip(limits, rates, strict=True):
+            limit.per_second = rate
+        root.setLevel(level)
+        root.removeHandler(handler)
+
+
+@dataclass(frozen=True)
+class RawAnswer:
+    """How a call sent as raw bytes ended: its status, and the responses as raw bytes."""
+
+    code: grpc.StatusCode
+    details: str
+    #: Text values, bytes for the ``-bin`` keys.
+    trailers: Mapping[str, str | bytes]
+    responses: list[bytes]
+
+
+def call_raw(
+    channel: grpc.Channel, method: MethodDescriptor, requests: list[bytes], timeout: float = 10.0
+) -> RawAnswer:
+    """Call ``method`` with ``requests`` as they are, no serializer either way (a method taking
+    one request gets the first); one call of any of the four kinds."""
+    path = f"/{method.containing_service.full_name}/{method.name}"
+    responses: list[bytes]
+    try:
+        if method.client_streaming and method.server_streaming:
+            call = channel.stream_stream(path, None, None)
+            responses = list(call(iter(requests), timeout=timeout))
+        elif method.client_streaming:
+            responses = [channel.stream_unary(path, None, None)(iter(requests), timeout=timeout)]
+        elif method.server_streaming:
+            responses = list(channel.unary_stream(path, None, None)(requests[0], timeout=timeout))
+        else:
+            responses = [channel.unary_unary(path, None, None)(requests[0], timeout=timeout)]
+    except grpc.RpcError as error:
+        trailers = {item.key: item.value for item in error.trailing_metadata() or ()}
+        return RawAnswer(error.code(), error.details() or "", trailers, [])
+    return RawAnswer(grpc.StatusCode.OK, "", {}, responses)

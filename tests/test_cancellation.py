@@ -18,6 +18,7 @@ from mtrremu.core.config import Memslot, VmConfig
 from mtrremu.core.events import FaultRange, Op, WriteMsr
 from mtrremu.core.units import GIB, MIB, Level
 from mtrremu.rpc import convert
+from mtrremu.server.clients import DEFAULT_CLIENT
 from mtrremu.v1 import emulator_pb2 as pb
 from tests.helpers import serving
 
@@ -63,7 +64,7 @@ def test_a_cancelled_batch_stops_and_what_took_effect_is_a_prefix() -> None:
 def test_deleting_a_vm_stops_its_batch_and_frees_its_ept_at_once() -> None:
     with serving() as server, Client(server.addresses[0]) as client:
         vm = client.create_vm(CONFIG, "zap-all")
-        store = weakref.ref(server.table.vm(vm.vm_id).store)
+        store = weakref.ref(server.table.vm(vm.vm_id, DEFAULT_CLIENT).store)
         outcome: list[grpc.RpcError] = []
 
         def run() -> None:

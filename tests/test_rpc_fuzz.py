@@ -41,6 +41,14 @@ past the most a VM holds, refused inside its batch with RESOURCE_EXHAUSTED. Ever
 answer is checked the same way: each response echoes its batch_id and stays under 1 MiB, the
 last is marked, and every operation has its result (one per lane operation for a burst) in
 order.
+
+Raw bytes end the file (a test of their own, on a server of their own): hypothesis draws byte
+strings, mostly broken protobuf (a truncated or over-long varint, an invalid wire type or a
+stray group, a length prefix past the end, invalid UTF-8 in a string field, at the top or
+inside nested messages), and each goes as it is to every RPC of the service (from its
+descriptor). Bytes that do not decode as the RPC's request are refused with INVALID_ARGUMENT;
+bytes that do are answered like any request, never with INTERNAL or UNKNOWN; each call is one
+bounded log line and no traceback; and the server stays healthy.
 """
 
 from __future__ import annotations
@@ -56,10 +64,14 @@ from typing import Generic, TypeVar, cast
 import grpc
 import pytest
 from google.protobuf import text_format
-from google.protobuf.message import Message
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import DecodeError, Message
+from google.protobuf.message_factory import GetMessageClass
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from mtrremu.core import msrs
 from mtrremu.core.config import MAX_DMA_DEVICES as MAX_DMA
@@ -69,7 +81,17 @@ from mtrremu.server.fairness import StreamLimits
 from mtrremu.server.limits import Limits
 from mtrremu.v1 import emulator_pb2 as pb
 from mtrremu.v1 import emulator_pb2_grpc as pb_grpc
-from tests.helpers import GIB, KIB, MIB, PROFILE, serving, var_mask
+from tests.helpers import (
+    GIB,
+    KIB,
+    MIB,
+    PROFILE,
+    RawAnswer,
+    call_raw,
+    server_log,
+    serving,
+    var_mask,
+)
 
 SEED = 0x6D747272
 #: Requests a run sends at least: thorough in CI, enough to reach every RPC and code at a desk.
@@ -93,7 +115,12 @@ CLIENT_MESSAGE_BYTES = 64 * MIB
 Code = grpc.StatusCode
 DOCUMENTED_ERRORS = {
     Code.NOT_FOUND: {"VM_NOT_FOUND", "VCPU_NOT_FOUND", "UNKNOWN_STRATEGY"},
-    Code.INVALID_ARGUMENT: {"INVALID_ARGUMENT", "INVALID_VM_CONFIG", "HOST_WRITE_REJECTED"},
+    Code.INVALID_ARGUMENT: {
+        "INVALID_ARGUMENT",
+        "INVALID_VM_CONFIG",
+        "HOST_WRITE_REJECTED",
+        "SNAPSHOT_INVALID",
+    },
     Code.FAILED_PRECONDITION: {"FAILED_PRECONDITION", "STRATEGY_BROKEN"},
     Code.RESOURCE_EXHAUSTED: {"LIMIT_EXCEEDED"},
 }
@@ -291,6 +318,8 @@ class Fuzzer:
         self.report = Report()
         self.request_no = 0
         self.scratch: dict[str, VmInfo] = {}
+        #: The last few snapshots ExportVm gave, for ImportVm.
+        self.exports: list[bytes] = []
         self.gone: list[str] = []
         self.strategies: list[str] = []
         self.ref = VmInfo("", 0, 0, ())
@@ -314,7 +343,8 @@ class Fuzzer:
     def unary(
         self, rpc: str, request: Message, response_type: type[R], *, probe: bool = False
     ) -> Answer[R]:
-        """One unary call (or DumpLeaves, whose responses are folded into one)."""
+        """One unary call (or DumpLeaves and ExportVm, whose responses are folded into one;
+        or ImportVm, whose one request is its stream)."""
         if probe:
             self.report.probes += 1
         else:
@@ -327,6 +357,11 @@ class Fuzzer:
                 for part in method(request, timeout=CALL_TIMEOUT):
                     merged.runs.extend(part.runs)
                 response = cast(R, merged)
+            elif rpc == "ExportVm":
+                chunks = [part.data for part in method(request, timeout=CALL_TIMEOUT)]
+                response = cast(R, pb.ExportVmResponse(data=b"".join(chunks)))
+            elif rpc == "ImportVm":
+                response = cast(R, method(iter([request]), timeout=CALL_TIMEOUT))
             else:
                 response = cast(R, method(request, timeout=CALL_TIMEOUT))
         except grpc.RpcError as error:
@@ -1317,6 +1352,41 @@ class Campaign(Fuzzer):
     def do_list_strategies(self) -> None:
         self.unary("ListStrategies", pb.ListStrategiesRequest(), pb.ListStrategiesResponse)
 
+    def do_export_vm(self) -> None:
+        vm_id = self.pick(reference=False).vm_id if self.chance(0.8) else self.unknown_id()
+        answer = self.unary("ExportVm", pb.ExportVmRequest(vm_id=vm_id), pb.ExportVmResponse)
+        if answer.response is not None:
+            self.exports = [answer.response.data, *self.exports[:2]]
+
+    def do_import_vm(self) -> None:
+        """A snapshot exported earlier, whole or damaged (truncated, a bit flipped, random
+        bytes); a refused one must leave the VM table as it was (probed sometimes)."""
+        rng = self.rng
+        data = rng.choice(self.exports) if self.exports else rng.randbytes(200)
+        damage = rng.choice(("none", "none", "truncate", "flip", "random"))
+        if damage == "truncate":
+            data = data[: rng.randrange(len(data))]
+        elif damage == "flip":
+            position = rng.randrange(len(data))
+            data = (
+                data[:position]
+                + bytes([data[position] ^ (1 << rng.randrange(8))])
+                + data[position + 1 :]
+            )
+        elif damage == "random":
+            data = rng.randbytes(rng.randrange(1, 300))
+        before = self.vm_table() if self.chance(SCRATCH_PROBES) else None
+        request = pb.ImportVmRequest(data=data)
+        answer = self.unary("ImportVm", request, pb.ImportVmResponse)
+        if answer.response is not None:
+            self.scratch[answer.response.vm.vm_id] = VmInfo.of(answer.response.vm)
+        elif before is not None and self.vm_table() != before:
+            self.report.state_changes.add(
+                kind_of("ImportVm", answer.code.name),
+                f"{self.where()} a rejected ImportVm ({answer.code.name}, {damage}) changed "
+                "the VM table",
+            )
+
     def do_delete_vm(self) -> None:
         if self.scratch and self.chance(0.7):
             vm_id = self.rng.choice(list(self.scratch))
@@ -1699,6 +1769,8 @@ class Campaign(Fuzzer):
             (self.do_fault_range, 6),
             (self.do_lookup_gpa, 5),
             (self.do_dump_leaves, 3),
+            (self.do_export_vm, 1),
+            (self.do_import_vm, 1.5),
             (self.do_read_counters, 3),
             (self.do_check_staleness, 3),
             (self.do_list_strategies, 1),
@@ -1955,3 +2027,158 @@ def test_the_server_is_healthy_afterwards(run: Run) -> None:
     counters = stub.ReadCounters(pb.ReadCountersRequest(vm_id=vm.vm_id), timeout=CALL_TIMEOUT)
     assert counters.outcome.vm_counters.faults == 1
     stub.DeleteVm(pb.DeleteVmRequest(vm_id=vm.vm_id), timeout=CALL_TIMEOUT)
+
+
+# -- raw bytes to every RPC -----------------------------------------------------------------
+
+SERVICE = pb.DESCRIPTOR.services_by_name["EmulatorService"]
+#: The codes an RPC may answer a request with: OK, or a documented refusal.
+ANSWERS = {Code.OK, *DOCUMENTED_ERRORS}
+#: A line of the server's log stays under this many characters.
+LINE_BOUND = 300
+
+
+def reachable(roots: Sequence[Descriptor]) -> list[Descriptor]:
+    """``roots`` and every message type their fields lead to."""
+    seen: dict[str, Descriptor] = {}
+    stack = list(roots)
+    while stack:
+        message = stack.pop()
+        if message.full_name not in seen:
+            seen[message.full_name] = message
+            stack += [f.message_type for f in message.fields if f.message_type is not None]
+    return list(seen.values())
+
+
+MESSAGES = reachable([method.input_type for method in SERVICE.methods])
+#: Field numbers of the requests and what they hold, for bytes that reach real fields.
+NUMBERS = sorted({field.number for message in MESSAGES for field in message.fields})
+STRING_NUMBERS = sorted(
+    {f.number for m in MESSAGES for f in m.fields if f.type == FieldDescriptor.TYPE_STRING}
+)
+MESSAGE_NUMBERS = sorted(
+    {f.number for m in MESSAGES for f in m.fields if f.message_type is not None}
+)
+BAD_UTF8 = (b"\xff", b"\xc3", b"\xc3\x28", b"\xc0\x80", b"\xed\xa0\x80", b"\xf4\x90\x80\x80")
+
+
+def tag(number: int, wire_type: int) -> bytes:
+    return varint(number << 3 | wire_type)
+
+
+def delimited(number: int, body: bytes) -> bytes:
+    return tag(number, 2) + varint(len(body)) + body
+
+
+numbers = st.one_of(st.sampled_from(NUMBERS), st.integers(1, (1 << 29) - 1))
+
+
+@st.composite
+def well_formed(draw: st.DrawFn) -> bytes:
+    """One field that is valid wire format (whether the request has it or not)."""
+    number, wire_type = draw(numbers), draw(st.sampled_from((0, 1, 2, 5)))
+    if wire_type == 0:
+        return tag(number, 0) + varint(draw(st.integers(0, U64)))
+    if wire_type == 2:
+        return delimited(number, draw(st.text(max_size=12)).encode())
+    return tag(number, wire_type) + draw(st.binary(min_size=4 << (wire_type == 1), max_size=8))
+
+
+@st.composite
+def flaw(draw: st.DrawFn) -> tuple[bytes, bool]:
+    """Bytes that break the wire format (or random bytes), and whether they must end their
+    message to do so."""
+    number = draw(numbers)
+    kind = draw(st.sampled_from(("varint", "long varint", "wire type", "length", "utf-8", "any")))
+    if kind == "varint":  # truncated: the last byte says more follow
+        return tag(number, 0) + b"\x80" * draw(st.integers(1, 9)), True
+    if kind == "long varint":  # eleven bytes
+        return tag(number, 0) + b"\xff" * 10 + b"\x01", False
+    if kind == "wire type":  # 6 and 7 do not exist; a group that never ends or never began
+        wire_type = draw(st.sampled_from((3, 4, 6, 7)))
+        return tag(number, wire_type) + draw(st.binary(max_size=8)), wire_type == 3
+    if kind == "length":  # a length prefix longer than what follows
+        body = draw(st.binary(max_size=16))
+        extra = draw(st.one_of(st.integers(1, 8), st.integers(9, (1 << 32) - 1)))
+        return tag(number, 2) + varint(len(body) + extra) + body, True
+    if kind == "utf-8":
+        text = draw(st.text(max_size=8)).encode()
+        body = text + draw(st.sampled_from(BAD_UTF8)) + text
+        return delimited(draw(st.sampled_from(STRING_NUMBERS)), body), False
+    return draw(st.binary(min_size=1, max_size=48)), True
+
+
+@st.composite
+def raw_requests(draw: st.DrawFn) -> bytes:
+    """Valid fields around one flaw, the flaw perhaps nested inside message fields."""
+    broken, at_end = draw(flaw())
+    for number in draw(st.lists(st.sampled_from(MESSAGE_NUMBERS), max_size=2)):
+        broken, at_end = delimited(number, broken), False
+    before = draw(st.lists(well_formed(), max_size=3))
+    after = [] if at_end else draw(st.lists(well_formed(), max_size=2))
+    return b"".join([*before, broken, *after])
+
+
+def decodes(message: Descriptor, data: bytes) -> bool:
+    try:
+        GetMessageClass(message).FromString(data)
+    except DecodeError:
+        return False
+    return True
+
+
+def judge(method: str, request: Descriptor, data: bytes, answer: RawAnswer) -> str | None:
+    """What is wrong with ``answer`` to ``data`` sent to ``method``, if anything."""
+    said = f"{method}({data.hex()}) answered {answer.code.name}: {answer.details!r}"
+    reason = answer.trailers.get("mtrremu-reason")
+    if not decodes(request, data):
+        refusal = f"the request is not a valid {request.full_name}: "
+        if answer.code is not Code.INVALID_ARGUMENT or not answer.details.startswith(refusal):
+            return f"{said}; expected INVALID_ARGUMENT, {refusal}..."
+        if reason != "INVALID_ARGUMENT":
+            return f"{said} with mtrremu-reason {reason!r}"
+    elif answer.code not in ANSWERS:
+        return f"{said}; the bytes decode: expected OK or a documented status"
+    elif answer.code is not Code.OK and not reason:
+        return f"{said} without an mtrremu reason"
+    return None
+
+
+def test_raw_bytes_to_every_rpc_are_refused_unless_they_decode() -> None:
+    tally: Counter[str] = Counter()
+    with (
+        serving(limits=LIMITS, max_workers=16, streams=StreamLimits(max_streams=8)) as server,
+        grpc.insecure_channel(server.addresses[0]) as channel,
+        server_log() as records,
+    ):
+
+        @given(data=raw_requests())
+        @example(data=b"")  # decodes as every request
+        @example(data=b"\x08")
+        @example(data=b"\x0a\x05ab")
+        @example(data=b"\x0a\x01\xff")
+        @example(data=b"\x0f\x00")
+        @example(data=b"\xff" * 11)
+        @example(data=b'{"vmId": "vm-1"}')
+        def every_rpc(data: bytes) -> None:
+            logged = len(records)
+            for method in SERVICE.methods:
+                answer = call_raw(channel, method, [data], timeout=CALL_TIMEOUT)
+                wrong = judge(method.name, method.input_type, data, answer)
+                assert wrong is None, wrong
+                tally["decoded" if decodes(method.input_type, data) else "refused"] += 1
+            lines = [r.getMessage() for r in records[logged:]]
+            assert not [r for r in records[logged:] if r.exc_info], lines
+            assert all(len(line) < LINE_BOUND and "Traceback" not in line for line in lines)
+            calls = sorted(f"/{SERVICE.full_name}/{m.name}" for m in SERVICE.methods)
+            assert sorted(line.split()[0] for line in lines) == calls, lines  # one line a call
+
+        every_rpc()
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", SERVICE_NAME):
+            check = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            assert check.status == health_pb2.HealthCheckResponse.SERVING, service
+        stub = pb_grpc.EmulatorServiceStub(channel)
+        assert stub.ListStrategies(pb.ListStrategiesRequest(), timeout=CALL_TIMEOUT).strategies
+        stub.ListVms(pb.ListVmsRequest(), timeout=CALL_TIMEOUT)
+    assert tally["refused"] >= len(SERVICE.methods) and tally["decoded"] >= len(SERVICE.methods)

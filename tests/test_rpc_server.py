@@ -33,6 +33,7 @@ from mtrremu.core.memtypes import MemType, is_mtrr_type
 from mtrremu.core.units import Level
 from mtrremu.rpc.status import from_rpc_error
 from mtrremu.server.app import EmulatorServer, ServerSettings
+from mtrremu.server.clients import DEFAULT_CLIENT
 from mtrremu.server.limits import Limits
 from mtrremu.v1 import emulator_pb2 as pb
 from mtrremu.v1 import emulator_pb2_grpc as pb_grpc
@@ -488,7 +489,7 @@ def test_shutdown_lets_a_call_in_flight_finish_and_refuses_new_ones() -> None:
         inside.set()
         release.wait(10)
 
-    server.table.vm(vm.vm_id).zap_list.hooks.drain_started = hold
+    server.table.vm(vm.vm_id, DEFAULT_CLIENT).zap_list.hooks.drain_started = hold
     outcome: list[pb.EventOutcome] = []
     caller = threading.Thread(target=lambda: outcome.append(vm.write_cr0(0, CD0)))
     caller.start()
@@ -553,7 +554,7 @@ def test_vcpu_threads_toggling_cd_at_once_meet_in_the_zap_list(server: EmulatorS
         assert counters.drains + counters.waits == CONFIG.vcpus * 21
         stale = check.vm(vm_id).staleness(at_quiescence=True)
         assert stale.quiescent and stale.stale_leaves == 0
-    assert server.table.vm(vm_id).zap_list.queued() == []
+    assert server.table.vm(vm_id, DEFAULT_CLIENT).zap_list.queued() == []
 
 
 def test_memory_type_values_are_0x100_plus_the_architectural_encoding() -> None:

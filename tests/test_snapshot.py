@@ -141,12 +141,12 @@ def test_a_restored_vm_is_the_same_vm(
     original = new_vm(strategy, vcpus, track)
     for op in before:
         apply(original, op)
-    state = capture(original, {})
+    state = capture(original, {}, "default")
     copy = restored(loaded(snapshot_bytes(state)))
-    assert capture(copy, {}).same_as(state)
+    assert capture(copy, {}, "default").same_as(state)
     for op in after:
         assert outcome(apply(copy, op)) == outcome(apply(original, op)), op
-    assert capture(copy, {}).same_as(capture(original, {}))
+    assert capture(copy, {}, "default").same_as(capture(original, {}, "default"))
 
 
 def test_the_ept_image_holds_zapped_mmio_and_marked_entries() -> None:
@@ -156,7 +156,7 @@ def test_the_ept_image_holds_zapped_mmio_and_marked_entries() -> None:
     vm.fault_range(0, 0, 2 * GIB)
     vm.access(0, 16 * GIB)  # outside every memslot: an MMIO marker
     vm.write_msr(0, msrs.DEFTYPE, 0xC00)  # lazy marks instead of zapping
-    copy = restored(loaded(snapshot_bytes(capture(vm, {}))))
+    copy = restored(loaded(snapshot_bytes(capture(vm, {}, "default"))))
     for gpa in (0, MIB, 16 * GIB):
         assert copy.lookup(gpa) == vm.lookup(gpa)
     assert copy.lookup(16 * GIB).mmio and copy.lookup(0).recalc_pending
@@ -164,7 +164,7 @@ def test_the_ept_image_holds_zapped_mmio_and_marked_entries() -> None:
     other.write_cr0(0, CD0)
     other.fault_range(0, 0, 2 * GIB)
     other.write_cr0(0, CD1)  # zaps everything: zapped entries remember it for refaults
-    back = restored(loaded(snapshot_bytes(capture(other, {}))))
+    back = restored(loaded(snapshot_bytes(capture(other, {}, "default"))))
     assert back.lookup(0).zapped
     assert back.access(0, 0).counters.refaults == other.access(0, 0).counters.refaults == 1
 
@@ -179,7 +179,7 @@ def state() -> VmState:
     vm.write_msr(0, msrs.DEFTYPE, 0xC06)
     vm.fault_range(0, 0, 4 * GIB)
     vm.access(1, 16 * GIB)
-    return capture(vm, {})
+    return capture(vm, {}, "default")
 
 
 @pytest.fixture(scope="module")
@@ -387,7 +387,7 @@ def test_a_snapshot_keeps_the_strategy_options_and_the_oracle_log() -> None:
     vm.write_cr0(0, CD0)
     vm.access(0, 0)
     vm.write_cr0(0, CD1)  # released KVM's CD gap: excused by name in the log
-    state = dataclasses.replace(capture(vm, {"events": "changed"}))
+    state = dataclasses.replace(capture(vm, {"events": "changed"}, "default"))
     back = loaded(snapshot_bytes(state))
     assert back.options == {"events": "changed"}
     assert back.staleness == vm.staleness and back.staleness.excused

@@ -333,6 +333,10 @@ def _valid_bytes(level: Level) -> npt.NDArray[np.bool_]:
     return valid
 
 
+#: How many pieces at most a bulk fault is walked in (see :meth:`EptStore.populate`).
+_POPULATE_PIECES = 64
+
+
 def _table_span(level: Level) -> int:
     """Gfns one table of ``level`` covers."""
     return ENTRIES_PER_TABLE * level.pages
@@ -879,11 +883,13 @@ class EptStore:
 
         An entry already under a present leaf is a hit; otherwise a leaf of the level the plan
         allows is installed (one fault) and later gfns under it hit. Entries the plan marks
-        :data:`SKIP` are left alone. Walked 1 GiB-aligned region by region (in order, so
-        nothing changes but the size of the temporary arrays, bounded by one region's entries).
+        :data:`SKIP` are left alone. Walked in at most 64 aligned pieces of at least 1 GiB,
+        in order: nothing changes but the temporary arrays, bounded by one piece's entries
+        (a 64th of the range), while a huge range of mostly unmapped space stays a few walks.
         """
         outcome = PopulateOutcome()
-        region = Level.G1.pages
+        pieces = -(-(end - start) // _POPULATE_PIECES)
+        region = -(-pieces // Level.G1.pages) * Level.G1.pages
         first = start
         while first < end:
             last = min(end, (first // region + 1) * region)

@@ -117,6 +117,33 @@ class UnknownVm(NotFound):
         return cls(metadata["vm_id"])
 
 
+class PermissionDenied(MtrremuError):
+    """The caller may not act on what it names."""
+
+    status = "PERMISSION_DENIED"
+    reason = "PERMISSION_DENIED"
+
+
+class NotOwned(PermissionDenied):
+    """The request names a VM another client owns (servers with several tokens)."""
+
+    reason = "VM_NOT_OWNED"
+
+    def __init__(self, vm_id: str) -> None:
+        super().__init__(f"VM {vm_id!r} belongs to another client")
+        self.vm_id = vm_id
+
+    def __reduce__(self) -> tuple[type[NotOwned], tuple[str]]:
+        return (NotOwned, (self.vm_id,))
+
+    def metadata(self) -> dict[str, str]:
+        return {"vm_id": self.vm_id}
+
+    @classmethod
+    def _rebuild(cls, message: str, metadata: Mapping[str, str]) -> MtrremuError:
+        return cls(metadata["vm_id"])
+
+
 class UnknownVcpu(NotFound):
     """The request names a vCPU index the VM does not have."""
 

@@ -44,6 +44,8 @@ class VmState:
     per-VM state is the EPT's (re-evaluation marks included)."""
 
     vm_id: str
+    #: The client that owns the VM on its server (docs/api.md#clients).
+    owner: str
     strategy: str
     options: Mapping[str, str]
     config: VmConfig
@@ -60,7 +62,7 @@ class VmState:
 
     def same_as(self, other: VmState) -> bool:
         """Equal field for field, the EPT included."""
-        plain = ("vm_id", "strategy", "config", "noncoherent_dma", "vcpus", "counters")
+        plain = ("vm_id", "owner", "strategy", "config", "noncoherent_dma", "vcpus", "counters")
         return (
             all(getattr(self, name) == getattr(other, name) for name in plain)
             and dict(self.options) == dict(other.options)
@@ -69,12 +71,13 @@ class VmState:
         )
 
 
-def capture(vm: Vm, options: Mapping[str, str]) -> VmState:
+def capture(vm: Vm, options: Mapping[str, str], owner: str) -> VmState:
     """``vm``'s state, read with the VM idle (see :meth:`Vm.idle`); ``options`` are the
-    strategy options the VM was created with."""
+    strategy options the VM was created with, ``owner`` the client owning it."""
     with vm.idle():
         return VmState(
             vm_id=vm.vm_id,
+            owner=owner,
             strategy=vm.strategy_name,
             options=dict(options),
             config=vm.config,
@@ -133,6 +136,7 @@ def state_document(state: VmState) -> dict[str, Any]:
     """Everything but the EPT's arrays, as JSON-ready data."""
     return {
         "vm_id": state.vm_id,
+        "owner": state.owner,
         "strategy": state.strategy,
         "options": dict(state.options),
         "config": _config_document(state.config),
@@ -157,6 +161,7 @@ def parse_state_document(document: object, ept: EptImage) -> VmState:
         raise InvalidSnapshot("vcpus is not a list")
     return VmState(
         vm_id=_typed(doc["vm_id"], str, "vm_id"),
+        owner=_typed(doc["owner"], str, "owner"),
         strategy=_typed(doc["strategy"], str, "strategy"),
         options=options,
         config=parse_config(doc["config"]),
@@ -171,6 +176,7 @@ def parse_state_document(document: object, ept: EptImage) -> VmState:
 _DOCUMENT_FIELDS = frozenset(
     [
         "vm_id",
+        "owner",
         "strategy",
         "options",
         "config",

@@ -22,6 +22,7 @@ from mtrremu.core.errors import (
     InvalidArgument,
     MtrremuError,
     NotFound,
+    PermissionDenied,
     ResourceExhausted,
 )
 from mtrremu.rpc.convert import trimmed
@@ -33,6 +34,7 @@ _STATUS_CLASSES: tuple[type[MtrremuError], ...] = (
     NotFound,
     FailedPrecondition,
     ResourceExhausted,
+    PermissionDenied,
 )
 _CODES = {cls.status: code_pb2.Code.Value(cls.status) for cls in _STATUS_CLASSES}
 _BY_CODE = {grpc.StatusCode[cls.status]: cls for cls in _STATUS_CLASSES}

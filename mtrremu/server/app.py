@@ -26,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from mtrremu.core.errors import InvalidArgument
 from mtrremu.plugin.manager import PluginManager, manager_for
 from mtrremu.rpc.transport import Tls, server_options
+from mtrremu.server.clients import Clients
 from mtrremu.server.fairness import StreamGuard, StreamLimits
 from mtrremu.server.interceptor import (
     LoggingInterceptor,
@@ -61,8 +62,9 @@ class ServerSettings:
     #: ``--stream-idle-timeout``); the worker threads beyond ``max_streams`` stay free for
     #: unary calls and health checks.
     streams: StreamLimits = field(default_factory=StreamLimits)
-    #: If set, every call but health checks must carry ``authorization: Bearer <token>``.
-    token: str | None = None
+    #: If set, every call but health checks must carry ``authorization: Bearer <token>`` of
+    #: one of these clients, and each client sees only its own VMs (``--token-file``).
+    clients: Clients | None = None
     #: Keep every VM in a state directory (``--state-dir``, ``--snapshot-interval``).
     state_dir: StateDirSettings | None = None
     #: Sign exported snapshots and require the signature on imports (``--snapshot-key-file``).
@@ -88,14 +90,14 @@ class EmulatorServer:
             ),
             interceptors=[
                 LoggingInterceptor(),
-                *([TokenInterceptor(settings.token)] if settings.token else []),
+                *([TokenInterceptor(settings.clients)] if settings.clients else []),
                 ProtobufOnly(),
             ],
             options=server_options(settings.limits.max_message_bytes),
         )
         self.table = VmTable(settings.limits, manager or manager_for(settings.plugins))
         self.guard = StreamGuard(settings.streams)
-        servicer = Servicer(self.table, settings.snapshot_key)
+        servicer = Servicer(self.table, settings.snapshot_key, settings.clients)
         self._server.add_generic_rpc_handlers((service(servicer, self.guard),))
         self.state_dir = (
             None if settings.state_dir is None else StateDir(settings.state_dir, self.table)

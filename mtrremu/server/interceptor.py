@@ -1,15 +1,20 @@
-"""A server interceptor logging each call (method, status code, duration), and the rate limit
-on the server's log lines."""
+"""The server's interceptors: one logging each call (method, status code, duration), one
+refusing requests that are not protobuf, one checking the token; and the rate limit on the
+server's log lines."""
 
 from __future__ import annotations
 
-import hmac
 import logging
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from google.protobuf import descriptor_pool
+
+from mtrremu.core.errors import InvalidArgument
+from mtrremu.rpc.status import abort
+from mtrremu.server.clients import Clients
 
 log = logging.getLogger("mtrremu.server")
 
@@ -105,30 +110,112 @@ Wrap = Callable[[Callable[..., Any]], Callable[..., Any]]
 
 
 def rewrapped(
-    handler: grpc.RpcMethodHandler[Any, Any], unary: Wrap, streaming: Wrap
+    handler: grpc.RpcMethodHandler[Any, Any],
+    unary: Wrap,
+    streaming: Wrap,
+    request_deserializer: Callable[[bytes], Any] | None = None,
 ) -> grpc.RpcMethodHandler[Any, Any]:
     """``handler`` with its behaviour wrapped: ``unary`` for calls answered by one message,
-    ``streaming`` for calls answered by a stream."""
+    ``streaming`` for calls answered by a stream; and its request deserializer replaced if one
+    is given."""
+    decode = request_deserializer or handler.request_deserializer
+    encode = handler.response_serializer
     if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(
-            unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer
-        )
+        return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), decode, encode)
     if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(
-            streaming(handler.unary_stream),
-            handler.request_deserializer,
-            handler.response_serializer,
-        )
+        return grpc.unary_stream_rpc_method_handler(streaming(handler.unary_stream), decode, encode)
     if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(
-            unary(handler.stream_unary), handler.request_deserializer, handler.response_serializer
-        )
+        return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary), decode, encode)
     assert handler.stream_stream is not None
-    return grpc.stream_stream_rpc_method_handler(
-        streaming(handler.stream_stream),
-        handler.request_deserializer,
-        handler.response_serializer,
-    )
+    return grpc.stream_stream_rpc_method_handler(streaming(handler.stream_stream), decode, encode)
+
+
+#: Why a JSON request is refused. gRPC's core never shows a request's content-type to Python
+#: (it keeps only whether it starts with ``application/grpc``, and serves any), so JSON sent as
+#: ``application/grpc+json`` is recognised by its bytes.
+JSON_REFUSAL = (
+    "it looks like JSON, but this server speaks protobuf only "
+    "(content-type application/grpc+json is not supported)"
+)
+
+
+class NotARequest:
+    """What bytes that are not the method's request message decode to: the call is refused with
+    INVALID_ARGUMENT before its handler runs."""
+
+    def __init__(self, message: str, why: object) -> None:
+        self.error = InvalidArgument(f"the request is not a valid {message}: {why}")
+
+
+def request_name(method: str) -> str:
+    """The full name of the request message of ``/package.Service/Method``."""
+    service, _, name = method.strip("/").rpartition("/")
+    try:
+        return str(
+            descriptor_pool.Default().FindMethodByName(f"{service}.{name}").input_type.full_name
+        )
+    except KeyError:
+        return "request"
+
+
+def looks_like_json(data: bytes) -> bool:
+    """Whether ``data`` starts like a JSON object (what gRPC's JSON encoding sends)."""
+    return data.lstrip()[:1] == b"{"
+
+
+class ProtobufOnly(_Interceptor):
+    """Refuses a request whose bytes are not the method's protobuf message, with
+    INVALID_ARGUMENT and before the handler runs, for every service (gRPC itself would answer
+    INTERNAL and log a traceback for each); a JSON request (``application/grpc+json``) is told
+    so. The servicer's handlers therefore only ever see decoded messages."""
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        deserialize = handler.request_deserializer
+        name = request_name(handler_call_details.method)
+        streamed = handler.request_streaming
+
+        def decode(data: bytes) -> Any:
+            try:
+                request = deserialize(data)
+            except Exception as error:  # gRPC's own services' deserializers raise DecodeError
+                return NotARequest(name, JSON_REFUSAL if looks_like_json(data) else error)
+            return request
+
+        def checked(request: Any, context: grpc.ServicerContext) -> Any:
+            if streamed:
+                return _refusing(request, context)
+            if isinstance(request, NotARequest):
+                abort(context, request.error)
+            return request
+
+        def unary(behaviour: Callable[..., Any]) -> Callable[..., Any]:
+            def call(request: Any, context: grpc.ServicerContext) -> Any:
+                return behaviour(checked(request, context), context)
+
+            return call
+
+        def streaming(behaviour: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
+            def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                yield from behaviour(checked(request, context), context)
+
+            return call
+
+        return rewrapped(handler, unary, streaming, decode)
+
+
+def _refusing(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+    """A request stream that ends the call at its first message that is not a request."""
+    for request in requests:
+        if isinstance(request, NotARequest):
+            abort(context, request.error)
+        yield request
 
 
 #: Health checks answer without the token, so that probes need no secret.
@@ -137,10 +224,11 @@ OPEN_METHODS = ("/grpc.health.v1.Health/",)
 
 class TokenInterceptor(_Interceptor):
     """With ``--token-file``: every call but health checks must carry the metadata
-    ``authorization: Bearer <token>``; others are refused with ``UNAUTHENTICATED``."""
+    ``authorization: Bearer <token>`` of a known client; others are refused with
+    ``UNAUTHENTICATED``."""
 
-    def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
+    def __init__(self, clients: Clients) -> None:
+        self._clients = clients
 
     def intercept_service(
         self,
@@ -150,8 +238,7 @@ class TokenInterceptor(_Interceptor):
         handler = continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(OPEN_METHODS):
             return handler
-        given = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
-        if hmac.compare_digest(str(given).encode(), self._expected):
+        if self._clients.client_of(handler_call_details.invocation_metadata or ()) is not None:
             return handler
 
         def refuse(context: grpc.ServicerContext) -> None:

@@ -8,12 +8,13 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from mtrremu.core.config import VmConfig
-from mtrremu.core.errors import InvalidArgument, ResourceExhausted, UnknownVm
+from mtrremu.core.errors import InvalidArgument, NotOwned, ResourceExhausted, UnknownVm
 from mtrremu.core.units import GIB, PAGE_SHIFT, TIB
 from mtrremu.core.vm import Vm
 from mtrremu.core.vm_state import VmState, restore
 from mtrremu.plugin.manager import PluginManager
 from mtrremu.rpc.transport import DEFAULT_MAX_MESSAGE_BYTES
+from mtrremu.server.clients import DEFAULT_CLIENT
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,8 @@ class Entry:
     memory_bytes: int
     #: Position in creation order (1, 2, ...), the key ListVms pages by.
     serial: int
+    #: The client that created it, the only one that may use it (docs/api.md#clients).
+    owner: str
 
 
 class VmTable:
@@ -85,12 +88,13 @@ class VmTable:
         *,
         state: VmState | None = None,
         vm_id: str | None = None,
+        owner: str = DEFAULT_CLIENT,
     ) -> Entry:
         """A new VM, registered only if every limit allows it and ``fits`` accepts it (the
         servicer checks that the answer describing it can be sent). With ``state`` (a
         snapshot's, whose configuration and strategy are the ones given), the VM is loaded
         with it; a state the emulator refuses creates nothing. ``vm_id``: the id to use (a
-        restored VM keeps its own), else a new random one."""
+        restored VM keeps its own), else a new random one; ``owner``: the client it belongs to."""
         memory = self.admit(config)
         with self._lock:
             if len(self._vms) + self._building >= self.limits.max_vms:
@@ -112,7 +116,7 @@ class VmTable:
             if state is not None:
                 restore(vm, state)
             with self._lock:
-                entry = Entry(vm, dict(options), memory, self._created + 1)
+                entry = Entry(vm, dict(options), memory, self._created + 1, owner)
                 if vm_id in self._vms:
                     raise InvalidArgument(f"VM {vm_id!r} already exists")
                 if not fits(entry):
@@ -139,23 +143,30 @@ class VmTable:
             )
         return memory
 
-    def get(self, vm_id: str) -> Entry:
+    def get(self, vm_id: str, owner: str) -> Entry:
+        """The VM ``vm_id``, which ``owner`` must own."""
         with self._lock:
             entry = self._vms.get(vm_id)
         if entry is None:
             raise UnknownVm(vm_id)
+        if entry.owner != owner:
+            raise NotOwned(vm_id)
         return entry
 
-    def vm(self, vm_id: str) -> Vm:
-        return self.get(vm_id).vm
+    def vm(self, vm_id: str, owner: str) -> Vm:
+        return self.get(vm_id, owner).vm
 
-    def delete(self, vm_id: str) -> None:
+    def delete(self, vm_id: str, owner: str) -> None:
         """Forget the VM and free its EPT at once; a batch running on it stops at its next
         operation."""
         with self._lock:
-            entry = self._vms.pop(vm_id, None)
+            entry = self._vms.get(vm_id)
+            if entry is not None and entry.owner == owner:
+                del self._vms[vm_id]
         if entry is None:
             raise UnknownVm(vm_id)
+        if entry.owner != owner:
+            raise NotOwned(vm_id)
         entry.vm.close()
         if self.on_deleted is not None:
             self.on_deleted(vm_id)
@@ -166,6 +177,6 @@ class VmTable:
             # VMs are inserted under this lock: insertion order is creation order.
             return list(self._vms.values())
 
-    def created_after(self, serial: int) -> Iterator[Entry]:
-        """The VMs created after the one numbered ``serial``, oldest first."""
-        return (e for e in self.entries() if e.serial > serial)
+    def created_after(self, serial: int, owner: str) -> Iterator[Entry]:
+        """``owner``'s VMs created after the one numbered ``serial``, oldest first."""
+        return (e for e in self.entries() if e.serial > serial and e.owner == owner)

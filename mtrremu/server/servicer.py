@@ -13,10 +13,16 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError, Message
+from google.protobuf.message import Message
 
 from mtrremu.core.burst import execute_one
-from mtrremu.core.errors import InvalidArgument, MtrremuError, ResourceExhausted, UnknownVm
+from mtrremu.core.errors import (
+    InvalidArgument,
+    MtrremuError,
+    PermissionDenied,
+    ResourceExhausted,
+    UnknownVm,
+)
 from mtrremu.core.events import BurstResult, ItemResult
 from mtrremu.core.operations import OPERATIONS, OperationKind
 from mtrremu.core.vm_state import capture
@@ -24,6 +30,7 @@ from mtrremu.plugin.manager import accepted_options
 from mtrremu.rpc import convert
 from mtrremu.rpc.status import abort
 from mtrremu.rpc.transport import REPLY_CHUNK_BYTES, REPLY_LIMIT_BYTES
+from mtrremu.server.clients import DEFAULT_CLIENT, Clients
 from mtrremu.server.fairness import Stream, StreamGuard
 from mtrremu.server.limits import Entry, VmTable
 from mtrremu.snapshot import read_snapshot, write_snapshot
@@ -46,10 +53,26 @@ Streaming = Callable[[Any, grpc.ServicerContext], Iterator[Message]]
 class Servicer:
     """Holds the server's VMs; thread-safe (the core serialises per vCPU and per EPT)."""
 
-    def __init__(self, table: VmTable, snapshot_key: bytes | None = None) -> None:
+    def __init__(
+        self,
+        table: VmTable,
+        snapshot_key: bytes | None = None,
+        clients: Clients | None = None,
+    ) -> None:
         self.table = table
         #: Snapshots are signed with it (HMAC-SHA-256) and must carry its signature.
         self.snapshot_key = snapshot_key
+        #: The clients and their tokens (the token interceptor admitted the call already).
+        self.clients = clients
+
+    def owner(self, context: grpc.ServicerContext) -> str:
+        """The client making the call: the one its token names, or the only one."""
+        if self.clients is None:
+            return DEFAULT_CLIENT
+        client = self.clients.client_of(context.invocation_metadata() or ())
+        if client is None:  # the token interceptor lets no such call through
+            raise PermissionDenied("the call carries no client's token")
+        return client
 
     # -- VMs ---------------------------------------------------------------------------
 
@@ -63,11 +86,12 @@ class Servicer:
             answers.append(pb.CreateVmResponse(vm=convert.vm_message(entry.vm, entry.options)))
             return answers[0].ByteSize() <= REPLY_LIMIT_BYTES
 
-        self.table.create(config, request.strategy, request.strategy_options, fits)
+        owner = self.owner(context)
+        self.table.create(config, request.strategy, request.strategy_options, fits, owner=owner)
         return answers[0]
 
     def GetVm(self, request: pb.GetVmRequest, context: grpc.ServicerContext) -> pb.GetVmResponse:
-        entry = self.table.get(request.vm_id)
+        entry = self.table.get(request.vm_id, self.owner(context))
         return pb.GetVmResponse(vm=convert.vm_message(entry.vm, entry.options))
 
     def ListVms(
@@ -79,7 +103,7 @@ class Servicer:
         size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         page = pb.ListVmsResponse()
         last = int(token)
-        for entry in self.table.created_after(last):
+        for entry in self.table.created_after(last, self.owner(context)):
             summary = convert.vm_message(entry.vm, entry.options, memslots=False)
             # A page holds at least one VM (its summary is smaller than the GetVm answer
             # CreateVm checked) and otherwise stays under the chunk size.
@@ -96,7 +120,7 @@ class Servicer:
     def DeleteVm(
         self, request: pb.DeleteVmRequest, context: grpc.ServicerContext
     ) -> pb.DeleteVmResponse:
-        self.table.delete(request.vm_id)
+        self.table.delete(request.vm_id, self.owner(context))
         return pb.DeleteVmResponse()
 
     def ListStrategies(
@@ -123,14 +147,16 @@ class Servicer:
         per_message = request.runs_per_message or DEFAULT_RUNS_PER_MESSAGE
         if per_message > MAX_RUNS_PER_MESSAGE:
             raise InvalidArgument(f"runs_per_message is at most {MAX_RUNS_PER_MESSAGE}")
-        yield from convert.leaf_runs(self.table.vm(request.vm_id), per_message)
+        yield from convert.leaf_runs(self.table.vm(request.vm_id, self.owner(context)), per_message)
 
     def ExportVm(
         self, request: pb.ExportVmRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.ExportVmResponse]:
-        entry = self.table.get(request.vm_id)
+        entry = self.table.get(request.vm_id, self.owner(context))
         with tempfile.SpooledTemporaryFile(SPOOL_BYTES) as spool:
-            write_snapshot(capture(entry.vm, entry.options), spool, self.snapshot_key)
+            state = capture(entry.vm, entry.options, entry.owner)
+            write_snapshot(state, spool, self.snapshot_key)
+            del state
             spool.seek(0)
             while chunk := spool.read(REPLY_CHUNK_BYTES):
                 yield pb.ExportVmResponse(data=chunk)
@@ -153,7 +179,10 @@ class Servicer:
             answers.append(pb.ImportVmResponse(vm=convert.vm_message(entry.vm, entry.options)))
             return answers[0].ByteSize() <= REPLY_LIMIT_BYTES
 
-        self.table.create(state.config, state.strategy, state.options, fits, state=state)
+        owner = self.owner(context)
+        self.table.create(
+            state.config, state.strategy, state.options, fits, state=state, owner=owner
+        )
         return answers[0]
 
     # -- operations ----------------------------------------------------------------------
@@ -163,7 +192,7 @@ class Servicer:
         response_type = getattr(pb, f"{kind.rpc}Response")
 
         def handle(request: Any, context: grpc.ServicerContext) -> Message:
-            vm = self.table.vm(request.vm_id)
+            vm = self.table.vm(request.vm_id, self.owner(context))
             result = vm.apply(convert.operation_of(kind, request.operation))
             response: Message = response_type()
             convert.outcome_message(result, getattr(response, "outcome"))  # noqa: B009
@@ -182,10 +211,11 @@ class Servicer:
         gone) applies no operation after the one running; a VM deleted meanwhile ends the
         stream with VM_NOT_FOUND before its next operation."""
         limit = self.table.limits.max_batch_operations
+        owner = self.owner(context)
         ended: list[bool] = []
         context.add_callback(lambda: ended.append(True))
         for request in request_iterator:
-            vm = self.table.vm(request.vm_id)
+            vm = self.table.vm(request.vm_id, owner)
             size = convert.batch_size(request.operations)
             if size > limit:
                 raise ResourceExhausted(
@@ -228,42 +258,12 @@ class Servicer:
             yield response
 
 
-class Undecodable:
-    """What a request that is not a valid message decodes to: the handler refuses it with
-    INVALID_ARGUMENT (gRPC would answer INTERNAL and log a traceback for each)."""
-
-    def __init__(self, message: str, error: Exception) -> None:
-        self.error = InvalidArgument(f"the request is not a valid {message}: {error}")
-
-
-def _decoder(message_type: type[Message]) -> Callable[[bytes], Message | Undecodable]:
-    name = message_type.DESCRIPTOR.full_name
-
-    def decode(data: bytes) -> Message | Undecodable:
-        try:
-            return message_type.FromString(data)
-        except DecodeError as error:
-            return Undecodable(name, error)
-
-    return decode
-
-
-def _decoded(request: Any) -> Any:
-    """``request``, or its error if it did not decode; a stream's messages are checked as they
-    arrive."""
-    if isinstance(request, Undecodable):
-        raise request.error
-    if isinstance(request, Message):
-        return request
-    return (_decoded(message) for message in request)
-
-
 def _translated(handler: Unary) -> Unary:
     """Map domain errors raised by a unary handler to their status."""
 
     def wrapper(request: Any, context: grpc.ServicerContext) -> Message:
         try:
-            return handler(_decoded(request), context)
+            return handler(request, context)
         except MtrremuError as error:
             abort(context, error)
 
@@ -275,7 +275,7 @@ def _translated_stream(handler: Streaming) -> Streaming:
 
     def wrapper(request: Any, context: grpc.ServicerContext) -> Iterator[Message]:
         try:
-            yield from handler(_decoded(request), context)
+            yield from handler(request, context)
         except MtrremuError as error:
             abort(context, error)
 
@@ -286,7 +286,7 @@ def _unary(handler: Unary, rpc: str) -> grpc.RpcMethodHandler[Any, Any]:
     method = pb.DESCRIPTOR.services_by_name["EmulatorService"].methods_by_name[rpc]
     return grpc.unary_unary_rpc_method_handler(
         _translated(handler),
-        request_deserializer=_decoder(getattr(pb, method.input_type.name)),
+        request_deserializer=getattr(pb, method.input_type.name).FromString,
         response_serializer=getattr(pb, method.output_type.name).SerializeToString,
     )
 
@@ -350,22 +350,22 @@ def service(servicer: Servicer, guard: StreamGuard) -> grpc.GenericRpcHandler[An
     handlers = {rpc: _unary(handler, rpc) for rpc, handler in unary.items()}
     handlers["DumpLeaves"] = grpc.unary_stream_rpc_method_handler(
         _translated_stream(_guarded(servicer.DumpLeaves, guard)),
-        request_deserializer=_decoder(pb.DumpLeavesRequest),
+        request_deserializer=pb.DumpLeavesRequest.FromString,
         response_serializer=pb.DumpLeavesResponse.SerializeToString,
     )
     handlers["ExportVm"] = grpc.unary_stream_rpc_method_handler(
         _translated_stream(_guarded(servicer.ExportVm, guard)),
-        request_deserializer=_decoder(pb.ExportVmRequest),
+        request_deserializer=pb.ExportVmRequest.FromString,
         response_serializer=pb.ExportVmResponse.SerializeToString,
     )
     handlers["ImportVm"] = grpc.stream_unary_rpc_method_handler(
         _translated(_guarded_unary(servicer.ImportVm, guard)),
-        request_deserializer=_decoder(pb.ImportVmRequest),
+        request_deserializer=pb.ImportVmRequest.FromString,
         response_serializer=pb.ImportVmResponse.SerializeToString,
     )
     handlers["Execute"] = grpc.stream_stream_rpc_method_handler(
         _translated_stream(_guarded(servicer.Execute, guard)),
-        request_deserializer=_decoder(pb.ExecuteRequest),
+        request_deserializer=pb.ExecuteRequest.FromString,
         response_serializer=pb.ExecuteResponse.SerializeToString,
     )
     return grpc.method_handlers_generic_handler(SERVICE, handlers)

@@ -89,6 +89,7 @@ class StateDir:
                     lambda entry: True,
                     state=state,
                     vm_id=state.vm_id,
+                    owner=state.owner,
                 )
             except (MtrremuError, OSError) as error:
                 rejected = path.with_name(path.name + ".rejected")
@@ -114,7 +115,7 @@ class StateDir:
                 if vm.closed:
                     continue
                 try:
-                    state = capture(vm, entry.options)
+                    state = capture(vm, entry.options, entry.owner)
                     write_snapshot_file(self.path(vm.vm_id), state, self.settings.key)
                 except (MtrremuError, OSError) as error:
                     log.error("cannot snapshot VM %s: %s", vm.vm_id, error)
