@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -278,3 +279,53 @@ def test_the_cli_exports_imports_and_checks(tmp_path: Path) -> None:
     assert check.stderr.startswith("mtrremu: ") and "Traceback" not in check.stderr
     missing = run_mtrremu("snapshot", "check", str(tmp_path / "none"))
     assert missing.returncode == 2 and "cannot read" in missing.stderr
+
+
+WRITER = """
+import sys
+from pathlib import Path
+from mtrremu.core import msrs
+from mtrremu.core.config import Memslot, VmConfig
+from mtrremu.core.units import GIB, Level
+from mtrremu.core.vm_state import capture
+from mtrremu.plugin.manager import PluginManager
+from mtrremu.snapshot import write_snapshot_file
+
+config = VmConfig(
+    noncoherent_dma=1, memslots=(Memslot.from_bytes(0, 8 * GIB),), max_mapping_level=Level.K4
+)
+vm = PluginManager(entry_points=False).create_vm(config, "fine-grained")
+vm.write_msr(0, msrs.DEFTYPE, 0xC06)
+vm.fault_range(0, 0, 8 * GIB)
+path = Path(sys.argv[1])
+print("ready", flush=True)
+generation = 0
+while True:  # rewrite the same file until killed, each time a little different
+    generation += 1
+    vm.write_msr(0, msrs.PAT, 0x0007040600070406 if generation % 2 else msrs.PAT_DEFAULT)
+    write_snapshot_file(path, capture(vm, {}, "default"))
+"""
+
+
+def test_a_crash_mid_write_leaves_the_previous_snapshot_whole(tmp_path: Path) -> None:
+    """A process rewriting a 2 Mi-leaf snapshot is killed at random moments: the file is
+    always a whole, valid snapshot (the old one or the new one), never a partial one."""
+    path = tmp_path / f"vm{SUFFIX}"
+    rng = random.Random(5)
+    interrupted = 0
+    for _ in range(6):
+        process = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE
+        )
+        assert process.stdout is not None and process.stdout.readline() == b"ready\n"
+        threading.Event().wait(rng.uniform(0.05, 0.6))
+        process.kill()
+        process.wait(30)
+        leftovers = list(tmp_path.glob(f".{path.name}.*.tmp"))
+        interrupted += bool(leftovers)
+        for leftover in leftovers:  # what the state directory's restore clears
+            leftover.unlink()
+        if path.exists():
+            assert read_snapshot_file(path).leaf_total == 2 << 20
+    assert path.exists()
+    assert interrupted, "no kill landed in the middle of a write: the test proved nothing"
