@@ -129,6 +129,9 @@ class MemtypeMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.vm: Vm = make_vm(self.strategy, vcpus=self.vcpus, memslots=SLOTS, track_staleness=True)
+        # Every quiescent check compares the incremental oracle with a full scan (a
+        # disagreement raises).
+        self.vm.full_scan_every = 1
 
     # -- bookkeeping -------------------------------------------------------------------
 

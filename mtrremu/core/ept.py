@@ -333,6 +333,8 @@ def _valid_bytes(level: Level) -> npt.NDArray[np.bool_]:
     return valid
 
 
+#: Spans :meth:`EptStore.take_touched` keeps before giving up (then the oracle scans all).
+TOUCHED_SPANS = 4096
 #: How many pieces at most a bulk fault is walked in (see :meth:`EptStore.populate`).
 _POPULATE_PIECES = 64
 
@@ -374,6 +376,10 @@ class EptStore:
         #: Some entry was ever marked for re-evaluation: only then do accesses resolve marks and
         #: the oracle look for them, so stores that never see a mark pay nothing for them.
         self.marked = False
+        #: Gfn spans where leaves were installed or re-evaluated since :meth:`take_touched`, if
+        #: kept (:meth:`keep_touched`); ``None`` in the list's place once it overflowed.
+        self._touched: list[tuple[int, int]] | None = None
+        self._keeping = False
 
     # -- introspection -------------------------------------------------------------------
 
@@ -484,6 +490,31 @@ class EptStore:
         parent[parent_ids[row], (bases - parent_base) >> up.shift] = ids
         return ids
 
+    # -- what changed --------------------------------------------------------------------
+
+    def keep_touched(self) -> None:
+        """From now on, note where leaves are installed or re-evaluated (for the oracle)."""
+        self._keeping = True
+        self._touched = []
+
+    def take_touched(self) -> list[tuple[int, int]] | None:
+        """The spans noted since the last call, or ``None`` if there were too many to keep
+        (then the caller must look everywhere); starts a new list."""
+        touched = self._touched
+        self._touched = [] if self._keeping else None
+        return touched
+
+    def _note(self, start: int, end: int) -> None:
+        touched = self._touched
+        if touched is None:
+            return
+        if touched and touched[-1][0] <= end and start <= touched[-1][1]:
+            touched[-1] = (min(start, touched[-1][0]), max(end, touched[-1][1]))
+        elif len(touched) < TOUCHED_SPANS:
+            touched.append((start, end))
+        else:
+            self._touched = None
+
     # -- one gfn ----------------------------------------------------------------------
 
     def lookup(self, gfn: int) -> Entry:
@@ -561,6 +592,9 @@ class EptStore:
             pool.child[table, index] = -1
         pool.ent[table, index] = byte
         self._leaves[level] += 1
+        if self._keeping:
+            first = (gfn >> level.shift) << level.shift
+            self._note(first, first + level.pages)
         return refault
 
     def mark_mmio(self, gfn: int) -> bool:
@@ -788,6 +822,9 @@ class EptStore:
             ]
 
         if self.marked:
+            if self._keeping:  # what changes lies in the 1 GiB regions of the paths
+                region = Level.G1.pages
+                self._note(start // region * region, -(-end // region) * region)
             self._walk(start, end, step)
         return outcome
 
@@ -888,6 +925,8 @@ class EptStore:
         (a 64th of the range), while a huge range of mostly unmapped space stays a few walks.
         """
         outcome = PopulateOutcome()
+        if self._keeping:
+            self._note(start, end)
         pieces = -(-(end - start) // _POPULATE_PIECES)
         region = -(-pieces // Level.G1.pages) * Level.G1.pages
         first = start

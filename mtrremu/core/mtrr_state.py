@@ -36,6 +36,10 @@ class Lookup:
     disabled: bool
 
 
+#: MTRR registers as stored: defType, the fixed-range bytes, the variable bases and masks.
+Registers = tuple[int, bytes, tuple[int, ...], tuple[int, ...]]
+
+
 @dataclass
 class MtrrState:
     """The MTRR MSRs of one vCPU. Writes must have been validated (:mod:`mtrremu.core.msrs`)."""
@@ -145,6 +149,11 @@ class MtrrState:
                 return self.masks[pair] & ~self._high
             return self.bases[pair]
         raise ValueError(f"{msrs.msr_name(msr)} is not an MTRR MSR")
+
+    def registers(self) -> Registers:
+        """The registers as stored (cheap to build and compare): two vCPUs of a VM hold the
+        same MTRRs exactly when these are equal."""
+        return self.deftype, bytes(self.fixed), tuple(self.bases), tuple(self.masks)
 
     def snapshot(self) -> tuple[int, ...]:
         """Every MTRR MSR value as read back, in :data:`msrs.MTRR_MSRS` order."""

@@ -19,6 +19,7 @@ Two questions are asked of it:
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -171,11 +172,39 @@ def leaf_key_ranges(keys: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.int64],
     return keys >> 16, np.left_shift(np.int64(1), (levels - 1) * 9)
 
 
+def stale_keys(store: EptStore, expected: IntervalMap) -> npt.NDArray[np.int64]:
+    """Keys (sorted) of every leaf disagreeing with ``expected``: :func:`find_stale`'s, without
+    the report."""
+    return np.sort(_keys(store, expected, None))
+
+
+def stale_keys_near(
+    store: EptStore,
+    expected: IntervalMap,
+    spans: Sequence[tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]],
+) -> npt.NDArray[np.int64]:
+    """Keys (sorted) of the leaves disagreeing with ``expected`` among those overlapping the
+    union of ``spans`` (each ``(starts, ends)``); some leaves outside may be reported too."""
+    starts = np.concatenate([s for s, _ in spans])
+    if not len(starts):
+        return _no_keys()
+    ends = np.concatenate([e for _, e in spans])
+    order = np.argsort(starts, kind="stable")
+    starts, ends = starts[order], ends[order]
+    reach = np.maximum.accumulate(ends)
+    first = np.ones(len(starts), dtype=bool)
+    first[1:] = starts[1:] > reach[:-1]
+    at = np.flatnonzero(first)
+    merged = (starts[at], np.maximum.reduceat(ends, at))
+    return np.sort(_keys(store, expected, merged))
+
+
 def _keys(
-    store: EptStore, expected: IntervalMap, within: tuple[npt.NDArray[np.int64], ...]
+    store: EptStore, expected: IntervalMap, within: tuple[npt.NDArray[np.int64], ...] | None
 ) -> npt.NDArray[np.int64]:
     parts = [_no_keys()]
-    for level, gfns, have, _, _ in store.mismatches(expected, (within[0], within[1])):
+    ranges = None if within is None else (within[0], within[1])
+    for level, gfns, have, _, _ in store.mismatches(expected, ranges):
         parts.append((gfns << 16) | (int(level) << 8) | have.astype(np.int64))
     return np.concatenate(parts)
 

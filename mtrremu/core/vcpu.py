@@ -7,8 +7,11 @@ from dataclasses import dataclass, field
 
 from mtrremu.core import cr0 as cr0_bits
 from mtrremu.core import msrs
-from mtrremu.core.mtrr_state import MtrrState
+from mtrremu.core.mtrr_state import MtrrState, Registers
 from mtrremu.core.strategy import VcpuView
+
+#: A vCPU's MTRRs and CR0.CD: equal signatures expect the same memory types.
+Signature = tuple[Registers, bool]
 
 
 @dataclass(eq=False)
@@ -26,13 +29,13 @@ class VCpu:
 
     def __post_init__(self) -> None:
         self.view = VcpuView(self)
-        self._signature: tuple[int, tuple[int, ...]] = (-1, ())
+        self._registers: tuple[int, Registers] = (-1, (0, b"", (), ()))
 
-    def signature(self) -> tuple[tuple[int, ...], bool]:
-        """What quiescence compares: every MTRR value as read back, and CR0.CD."""
-        if self._signature[0] != self.mtrr.version:
-            self._signature = (self.mtrr.version, self.mtrr.snapshot())
-        return self._signature[1], self.cd
+    def signature(self) -> Signature:
+        """What quiescence compares: the MTRRs and CR0.CD."""
+        if self._registers[0] != self.mtrr.version:
+            self._registers = (self.mtrr.version, self.mtrr.registers())
+        return self._registers[1], self.cd
 
     @classmethod
     def create(cls, index: int, maxphyaddr: int) -> VCpu:

@@ -7,6 +7,7 @@ list has its own lock and never calls out while holding it.
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -70,6 +71,8 @@ from mtrremu.core.oracle import (
     find_stale,
     leaf_key_ranges,
     newly_stale,
+    stale_keys,
+    stale_keys_near,
 )
 from mtrremu.core.strategy import (
     NO_ZAP,
@@ -89,7 +92,7 @@ from mtrremu.core.units import (
     GfnRange,
     Level,
 )
-from mtrremu.core.vcpu import VCpu
+from mtrremu.core.vcpu import Signature, VCpu
 from mtrremu.core.zap_engine import ZapEngine
 from mtrremu.core.zap_list import Role, ZapList
 
@@ -137,6 +140,11 @@ def _leaf(key: int, expected: IntervalMap) -> StaleLeaf:
         False,
     )
 
+
+#: Every this many quiescent oracle checks, scan every leaf (see ``Vm._stale_at_check``).
+FULL_SCAN_EVERY = 64
+#: Fault plans a VM keeps for its vCPUs to share (each a few KiB).
+SHARED_PLANS = 64
 
 #: MMIO markers may always use this many tables, however little memory the VM has.
 MMIO_TABLES_MIN = 64
@@ -199,7 +207,20 @@ class Vm:
         self.staleness = StalenessLog()
         self.known_gaps = known_gaps
         self._track = config.track_staleness
+        #: Quiescent checks so far, and the expected types and stale leaves of the last one.
+        self._checks = 0
+        self._last_check: tuple[IntervalMap, npt.NDArray[np.int64]] | None = None
+        #: Every this many quiescent checks scan every leaf (a cross-check of the others).
+        self.full_scan_every = FULL_SCAN_EVERY
         self._dirty = False
+        #: With ``track_staleness``: how many vCPUs hold each signature (MTRRs and CR0.CD),
+        #: kept up to date as they change, so quiescence is one lookup, not a scan.
+        self._signatures: collections.Counter[Signature] = collections.Counter()
+        self._signed: list[Signature] = []
+        self._count_signatures()
+        #: Fault plans by everything they depend on, shared by the vCPUs that agree (a
+        #: plan is built once for all of them); bounded, oldest dropped first.
+        self._shared_plans: dict[tuple[object, ...], FaultPlan] = {}
         #: Bumped by every event (a read too): whoever keeps a copy knows when it is old.
         self.changes = 0
         self._event_checks: list[_EventCheck] = []
@@ -257,7 +278,25 @@ class Vm:
             self.staleness = staleness
             self._dma = noncoherent_dma
             self._plans.clear()
+            self._shared_plans.clear()
+        self._count_signatures()
         self._refresh_view()
+
+    def _count_signatures(self) -> None:
+        self._signed = [vc.signature() for vc in self.vcpus]
+        self._signatures = collections.Counter(self._signed)
+
+    def _resign(self, vc: VCpu) -> None:
+        """``vc``'s MTRRs or CR0.CD changed: move it to its new signature's count."""
+        new = vc.signature()
+        with self._vm_lock:
+            old = self._signed[vc.index]
+            if old != new:
+                self._signed[vc.index] = new
+                self._signatures[old] -= 1
+                if not self._signatures[old]:
+                    del self._signatures[old]
+                self._signatures[new] += 1
 
     def _new_store(self) -> None:
         """An empty EPT."""
@@ -266,6 +305,9 @@ class Vm:
     def _use_store(self, store: EptStore) -> None:
         """Make ``store`` the VM's EPT, zapped the way the strategy's lock mode says."""
         self.store = store
+        self._last_check = None
+        if self.config.track_staleness:
+            store.keep_touched()
         self._store_zap = store.zap_shared if self.mmu_lock is MmuLock.READ else store.zap
 
     def _refresh_view(self) -> None:
@@ -408,11 +450,21 @@ class Vm:
         )
 
     def plan(self, vcpu: VCpu) -> FaultPlan:
-        """The vectorised fault plan of ``vcpu`` as it is now (cached until its inputs change)."""
+        """The vectorised fault plan of ``vcpu`` as it is now (cached until its inputs change,
+        and shared with the vCPUs whose inputs are the same)."""
         key = (vcpu.mtrr.version, vcpu.cd, self._dma > 0)
         cached = self._plans.get(vcpu.index)
         if cached is None or cached[0] != key:
-            cached = (key, FaultPlan(self.fault_view(vcpu)))
+            mtrr = vcpu.mtrr
+            inputs = (mtrr.registers(), tuple(mtrr.order), vcpu.cd, self._dma > 0)
+            plan = self._shared_plans.get(inputs)
+            if plan is None:
+                # A plan outlives this vCPU's registers: it reads a copy of them.
+                plan = FaultPlan(replace(self.fault_view(vcpu), mtrr=mtrr.copy()))
+                if len(self._shared_plans) >= SHARED_PLANS:
+                    del self._shared_plans[next(iter(self._shared_plans))]
+                self._shared_plans[inputs] = plan
+            cached = (key, plan)
             self._plans[vcpu.index] = cached
         return cached[1]
 
@@ -462,6 +514,8 @@ class Vm:
                         result,
                     )
                 vc.mtrr.write(msr, value)
+                if self._track:
+                    self._resign(vc)
                 self._dirty = self._track
                 if self._honours and dropped:
                     result.counters.events_filtered += 1
@@ -538,6 +592,8 @@ class Vm:
             if result.cd_toggled and op.host:
                 self._host_cd_change(vc, f"host CR0 write of {value:#x}", result)
             vc.cr0 = result.value = new
+            if self._track and result.cd_toggled:
+                self._resign(vc)
             self._dirty |= self._track and result.cd_toggled
             if result.cd_toggled and self._honours:
                 self._ask_cd(result, vc, op.host, defer_drain)
@@ -568,6 +624,8 @@ class Vm:
             if result.cd_toggled:
                 self._host_cd_change(vc, "RESET", result)
             vc.cr0 = result.value = cr0_bits.RESET_VALUE
+            if self._track and result.cd_toggled:
+                self._resign(vc)
             self._dirty |= self._track and result.cd_toggled
             if result.cd_toggled and self._honours:
                 self._ask_cd(result, vc, True, defer_drain)
@@ -803,7 +861,10 @@ class Vm:
                 return find_stale(self.store, expected, vcpu, examples)
 
     def quiescent(self) -> bool:
-        """Every vCPU holds the same MTRRs and CR0.CD."""
+        """Every vCPU holds the same MTRRs and CR0.CD (with ``track_staleness``, counted as
+        they change; else compared now)."""
+        if self._track:
+            return len(self._signatures) == 1
         state = self.vcpus[0].signature()
         return all(vc.signature() == state for vc in self.vcpus[1:])
 
@@ -883,12 +944,49 @@ class Vm:
         if not (self._dirty and self.quiescent()):
             return
         self._dirty = False
-        count = self.stale(0, examples=0).count
+        count = len(self._stale_at_check())
         log = self.staleness
         log.checks += 1
         if count:
             log.stale_points += 1
             log.stale_leaves_max = max(log.stale_leaves_max, count)
+
+    def _stale_at_check(self) -> npt.NDArray[np.int64]:
+        """The stale leaves at a quiescent point (docs/oracle.md#incremental-checks): looked
+        for only where something changed since the last check, i.e. where the expected types
+        differ from then, where leaves were installed or re-evaluated, and where the leaves
+        stale then lie; anywhere else a leaf is as it was, and was not stale. The first check,
+        every :attr:`full_scan_every`-th and any after too many changes to note scan every
+        leaf; those that could have been incremental are compared with it (a disagreement is
+        a bug in the bookkeeping, raised as such)."""
+        vc = self.vcpus[0]
+        with vc.lock:
+            expected = self.plan(vc).values
+            with self._mmu_lock:
+                touched = self.store.take_touched()
+                self._checks += 1
+                last = self._last_check
+                near = None
+                if last is not None and touched is not None:
+                    stale_gfns, stale_pages = leaf_key_ranges(last[1])
+                    noted = np.array(touched, dtype=np.int64).reshape(-1, 2)
+                    spans = [
+                        expected.differences(last[0]),
+                        (stale_gfns, stale_gfns + stale_pages),
+                        (noted[:, 0], noted[:, 1]),
+                    ]
+                    near = stale_keys_near(self.store, expected, spans)
+                keys = near
+                if near is None or self._checks % self.full_scan_every == 0:
+                    keys = stale_keys(self.store, expected)
+                    if near is not None and not np.array_equal(near, keys):
+                        raise AssertionError(
+                            f"VM {self.vm_id}: the incremental oracle found {len(near)} stale "
+                            f"leaves, a full scan {len(keys)} (check {self._checks})"
+                        )
+        assert keys is not None
+        self._last_check = (expected, keys)
+        return keys
 
     def begin_burst(self) -> None:
         """Hold staleness checks until :meth:`end_burst` (rounds check after their drain)."""
