@@ -333,6 +333,8 @@ def _valid_bytes(level: Level) -> npt.NDArray[np.bool_]:
     return valid
 
 
+#: Tables a walk or :meth:`EptStore.mismatches` takes at once (16 MiB of entries).
+_SCAN_TABLES = 32768
 #: Spans :meth:`EptStore.take_touched` keeps before giving up (then the oracle scans all).
 TOUCHED_SPANS = 4096
 #: How many pieces at most a bulk fault is walked in (see :meth:`EptStore.populate`).
@@ -656,8 +658,12 @@ class EptStore:
         for level in (Level.ROOT, *LEAF_LEVELS_DESCENDING):
             if not len(tables):
                 return
-            base, lo, hi = self._rows(level, tables, start, end)
-            below = step(level, tables, base, lo, hi)
+            below: list[npt.NDArray[np.int32]] = []
+            # A batch of tables at a time: the temporary arrays stay a few times one batch.
+            for first in range(0, len(tables), _SCAN_TABLES):
+                batch = tables[first : first + _SCAN_TABLES]
+                base, lo, hi = self._rows(level, batch, start, end)
+                below += step(level, batch, base, lo, hi)
             tables = np.concatenate(below) if below else np.zeros(0, dtype=np.int32)
 
     def zap(self, rng: GfnRange) -> ZapOutcome:
@@ -676,7 +682,7 @@ class EptStore:
             hi: Int64Array,
         ) -> list[npt.NDArray[np.int32]]:
             pool = self._pools[level]
-            outcome.visited[level] = int((hi - lo).sum())
+            outcome.visited[level] += int((hi - lo).sum())
             full = (lo == 0) & (hi == ENTRIES_PER_TABLE)
             blocks: list[tuple[int | slice | npt.NDArray[np.int32], slice]] = []
             if full.any():
@@ -1119,40 +1125,53 @@ class EptStore:
         hidden = self._hidden_tables()
         for level in LEAF_LEVELS_DESCENDING:
             pool = self._pools[level]
-            ids = pool.live_ids()
+            every = pool.live_ids()
             span = level.pages * ENTRIES_PER_TABLE
-            if within is not None and len(ids):
-                ids = ids[_overlapping(pool.base[ids], span, within)]
-            if not len(ids):
-                continue
-            base = pool.base[ids]
-            same, row_value = expected.uniform(base, span)
-            entries = pool.ent[ids]
-            leaves = entries >= LEAF
-            if hidden is not None:
-                leaves &= ((entries & RECALC) == 0) & ~hidden[level][ids][:, None]
-            wrong = leaves & (entries != row_value[:, None]) & same[:, None]
-            rows, cols = np.nonzero(wrong)
-            parts = [(rows, cols, np.ones(len(rows), dtype=bool), row_value[rows])]
-            mixed_rows = np.flatnonzero(~same)
-            if len(mixed_rows):
-                sub = leaves[mixed_rows]
-                r, c = np.nonzero(sub)
-                gfns = base[mixed_rows][r] + c.astype(np.int64) * level.pages
-                uniform, want = expected.uniform(gfns, level.pages)
-                bad = ~uniform | (want != entries[mixed_rows][r, c])
-                parts.append((mixed_rows[r[bad]], c[bad], uniform[bad], want[bad]))
-            rows = np.concatenate([p[0] for p in parts])
-            if not len(rows):
-                continue
-            cols = np.concatenate([p[1] for p in parts])
-            yield (
-                level,
-                base[rows] + cols.astype(np.int64) * level.pages,
-                entries[rows, cols],
-                np.concatenate([p[2] for p in parts]),
-                np.concatenate([p[3] for p in parts]).astype(np.uint8),
-            )
+            if within is not None and len(every):
+                every = every[_overlapping(pool.base[every], span, within)]
+            # A batch of tables at a time: the temporary arrays stay a few times one batch.
+            for first in range(0, len(every), _SCAN_TABLES):
+                ids = every[first : first + _SCAN_TABLES]
+                yield from self._table_mismatches(level, ids, expected, hidden)
+
+    def _table_mismatches(
+        self,
+        level: Level,
+        ids: npt.NDArray[np.int32],
+        expected: IntervalMap,
+        hidden: dict[Level, npt.NDArray[np.bool_]] | None,
+    ) -> Iterator[tuple[Level, Int64Array, UInt8Array, npt.NDArray[np.bool_], UInt8Array]]:
+        """:meth:`mismatches` among the tables ``ids`` of ``level``."""
+        pool = self._pools[level]
+        span = level.pages * ENTRIES_PER_TABLE
+        base = pool.base[ids]
+        same, row_value = expected.uniform(base, span)
+        entries = pool.ent[ids]
+        leaves = entries >= LEAF
+        if hidden is not None:
+            leaves &= ((entries & RECALC) == 0) & ~hidden[level][ids][:, None]
+        wrong = leaves & (entries != row_value[:, None]) & same[:, None]
+        rows, cols = np.nonzero(wrong)
+        parts = [(rows, cols, np.ones(len(rows), dtype=bool), row_value[rows])]
+        mixed_rows = np.flatnonzero(~same)
+        if len(mixed_rows):
+            sub = leaves[mixed_rows]
+            r, c = np.nonzero(sub)
+            gfns = base[mixed_rows][r] + c.astype(np.int64) * level.pages
+            uniform, want = expected.uniform(gfns, level.pages)
+            bad = ~uniform | (want != entries[mixed_rows][r, c])
+            parts.append((mixed_rows[r[bad]], c[bad], uniform[bad], want[bad]))
+        rows = np.concatenate([p[0] for p in parts])
+        if not len(rows):
+            return
+        cols = np.concatenate([p[1] for p in parts])
+        yield (
+            level,
+            base[rows] + cols.astype(np.int64) * level.pages,
+            entries[rows, cols],
+            np.concatenate([p[2] for p in parts]),
+            np.concatenate([p[3] for p in parts]).astype(np.uint8),
+        )
 
     def leaves(self) -> Iterator[tuple[Level, Int64Array, UInt8Array]]:
         """Per leaf level: base gfns and bytes of every present leaf (unordered)."""

@@ -84,7 +84,7 @@ def find_stale(
     listed: list[StaleLeaf] = []
     keys = [_no_keys()]
     for level, gfns, have, uniform, want in store.mismatches(expected):
-        by_level[level] = len(gfns)
+        by_level[level] += len(gfns)
         keys.append((gfns << 16) | (int(level) << 8) | have.astype(np.int64))
         for i in np.argsort(gfns)[:examples].tolist():
             wanted = int(want[i])

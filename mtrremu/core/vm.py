@@ -968,14 +968,17 @@ class Vm:
                 last = self._last_check
                 near = None
                 if last is not None and touched is not None:
-                    stale_gfns, stale_pages = leaf_key_ranges(last[1])
-                    noted = np.array(touched, dtype=np.int64).reshape(-1, 2)
-                    spans = [
-                        expected.differences(last[0]),
-                        (stale_gfns, stale_gfns + stale_pages),
-                        (noted[:, 0], noted[:, 1]),
-                    ]
-                    near = stale_keys_near(self.store, expected, spans)
+                    if not touched and not len(last[1]) and expected.same_as(last[0]):
+                        near = last[1]  # nothing was stale then and nothing changed since
+                    else:
+                        stale_gfns, stale_pages = leaf_key_ranges(last[1])
+                        noted = np.array(touched, dtype=np.int64).reshape(-1, 2)
+                        spans = [
+                            expected.differences(last[0]),
+                            (stale_gfns, stale_gfns + stale_pages),
+                            (noted[:, 0], noted[:, 1]),
+                        ]
+                        near = stale_keys_near(self.store, expected, spans)
                 keys = near
                 if near is None or self._checks % self.full_scan_every == 0:
                     keys = stale_keys(self.store, expected)
