@@ -15,8 +15,9 @@ from mtrremu.client import Client
 from mtrremu.core import msrs
 from mtrremu.core.config import Memslot, VmConfig
 from mtrremu.core.errors import InvalidArgument
-from mtrremu.core.events import FaultRange, Op, WriteMsr
+from mtrremu.core.events import FaultRange, Op, ReadVcpuState, WriteMsr
 from mtrremu.core.units import MIB, Level
+from mtrremu.rpc import convert
 from mtrremu.server.app import ServerSettings
 from mtrremu.server.fairness import StreamLimits, client_of
 from mtrremu.v1 import emulator_pb2 as pb
@@ -131,6 +132,22 @@ def test_an_idle_stream_is_cancelled_and_its_slot_freed() -> None:
             results = vm.execute(WORK)
             assert time.monotonic() - started > 0.3  # longer than the idle timeout
             assert len(results) == len(WORK) and not any(r.HasField("error") for r in results)
+
+
+def test_a_stream_whose_client_stops_reading_is_idle() -> None:
+    """Its replies wait for a client that never takes them: the slot is freed all the same."""
+    limits = StreamLimits(max_streams=2, max_streams_per_client=1, stream_idle_seconds=0.5)
+    with serving(max_workers=4, streams=limits) as server, Client(server.addresses[0]) as client:
+        vm = client.create_vm(VmConfig(vcpus=4))
+        ops = [convert.operation_message(ReadVcpuState(v % 4)) for v in range(4000)]
+        batches = [pb.ExecuteRequest(vm_id=vm.vm_id, operations=ops, batch_id=i) for i in range(20)]
+        unread = client.stub.Execute(iter(batches))  # answers of megabytes, never read
+        deadline = time.monotonic() + 20
+        while server.guard.running and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert server.guard.running == 0
+        assert list(client.stub.Execute(iter([]), timeout=10)) == []  # the slot is free
+        unread.cancel()  # type: ignore[no-untyped-call]
 
 
 def test_settings_keep_threads_for_unary_calls() -> None:

@@ -76,3 +76,12 @@ def test_a_check_after_a_small_change_looks_at_a_small_part_of_the_ept(
     # flips, the refault, the pair) at a few hundred pages at most, of an EPT of 4 Mi leaves.
     assert looked[0] >= 16 * GIB >> 12
     assert len(looked) >= 4 and max(looked[1:]) <= 2 * MIB >> 12, looked
+
+
+def test_vcpus_that_read_back_the_same_mtrrs_are_quiescent() -> None:
+    """One vCPU wrote a PhysMask of 0, the other never wrote it: KVM stores them differently,
+    but they read back alike and expect the same types."""
+    vm = make_vm(vcpus=2, track_staleness=True)
+    vm.write_msr(0, msrs.PHYSBASE0 + 1, 0, host=True)
+    assert vm.vcpus[0].mtrr.masks != vm.vcpus[1].mtrr.masks
+    assert vm.quiescent()

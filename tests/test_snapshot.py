@@ -393,3 +393,22 @@ def test_a_snapshot_keeps_the_strategy_options_and_the_oracle_log() -> None:
     assert back.staleness == vm.staleness and back.staleness.excused
     assert back.counters == vm.counters
     assert back.ept.entries[Level.ROOT].shape == (1, 512)
+
+
+def test_a_mask_never_written_stays_unwritten_and_zaps_alike() -> None:
+    """KVM stores a PhysMask never written as 0 and one written 0 with the bits above
+    MAXPHYADDR: they read back alike, but a later PhysBase write zaps differently."""
+    vm = create_vm(VmConfig(noncoherent_dma=1), "zap-all")
+    vm.write_msr(0, msrs.DEFTYPE, 0xC06, host=True)
+    vm.write_msr(0, msrs.PHYSBASE0 + 3, 0, host=True)  # pair 1's mask written 0; pair 0 never
+    vm.write_cr0(0, CD0)
+    copy = restored(loaded(snapshot_bytes(capture(vm, {}, "default"))))
+    assert copy.vcpus[0].mtrr.masks == vm.vcpus[0].mtrr.masks
+    for pair in (0, 1):
+        for target in (vm, copy):
+            target.fault_range(0, 0, 4 * GIB)
+        ours, theirs = (
+            outcome(t.write_msr(0, msrs.PHYSBASE0 + 2 * pair, 0x80000000, host=True))
+            for t in (vm, copy)
+        )
+        assert ours == theirs

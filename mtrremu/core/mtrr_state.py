@@ -151,9 +151,16 @@ class MtrrState:
         raise ValueError(f"{msrs.msr_name(msr)} is not an MTRR MSR")
 
     def registers(self) -> Registers:
-        """The registers as stored (cheap to build and compare): two vCPUs of a VM hold the
-        same MTRRs exactly when these are equal."""
-        return self.deftype, bytes(self.fixed), tuple(self.bases), tuple(self.masks)
+        """The registers as a guest reads them back (cheap to build and compare): two vCPUs
+        of a VM expect the same memory types exactly when these are equal. (A mask never
+        written is stored as 0 and one written 0 with the bits above MAXPHYADDR: they read
+        back alike and mean the same types, but not the same zap ranges.)"""
+        masks = tuple(m & ~self._high for m in self.masks)
+        return self.deftype, bytes(self.fixed), tuple(self.bases), masks
+
+    def unset_masks(self) -> tuple[int, ...]:
+        """The pairs whose PhysMask was never written since reset (stored as 0)."""
+        return tuple(pair for pair, mask in enumerate(self.masks) if mask == 0)
 
     def snapshot(self) -> tuple[int, ...]:
         """Every MTRR MSR value as read back, in :data:`msrs.MTRR_MSRS` order."""

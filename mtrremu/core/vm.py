@@ -701,12 +701,13 @@ class Vm:
                 f"MAXPHYADDR {self.config.guest_maxphyaddr}"
             )
         result = EventResult(op)
-        with vc.lock:
+        # The plan is made under the MMU lock, like a single fault's view: a DMA transition
+        # changing the types meanwhile is then either seen here or zapped after the install.
+        with vc.lock, self._mmu_lock:
             plan = self.plan(vc)
-            with self._mmu_lock:
-                if self.store.marked:
-                    self._resolve(vc, start, end, result.counters)
-                outcome = self.store.populate(start, end, plan)
+            if self.store.marked:
+                self._resolve(vc, start, end, result.counters)
+            outcome = self.store.populate(start, end, plan)
         inside = self.memslots.pages_in(start, end)
         result.counters.add_populate(outcome)
         result.counters.hits += inside - outcome.faults

@@ -30,12 +30,15 @@ T = TypeVar("T")
 @dataclass(frozen=True)
 class VcpuImage:
     """One vCPU's registers: CR0, PAT, every MTRR MSR as read back (in
-    :data:`msrs.MTRR_MSRS` order) and the order of the valid variable pairs in KVM's list."""
+    :data:`msrs.MTRR_MSRS` order), the order of the valid variable pairs in KVM's list, and
+    the pairs whose PhysMask was never written (KVM stores those as 0, a written one with the
+    bits above MAXPHYADDR: both read back alike, but a later PhysBase write zaps differently)."""
 
     cr0: int
     pat: int
     mtrrs: tuple[int, ...]
     pair_order: tuple[int, ...]
+    unset_masks: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -83,7 +86,13 @@ def capture(vm: Vm, options: Mapping[str, str], owner: str) -> VmState:
             config=vm.config,
             noncoherent_dma=vm.noncoherent_dma,
             vcpus=tuple(
-                VcpuImage(vc.cr0, vc.pat, vc.mtrr.snapshot(), tuple(vc.mtrr.order))
+                VcpuImage(
+                    vc.cr0,
+                    vc.pat,
+                    vc.mtrr.snapshot(),
+                    tuple(vc.mtrr.order),
+                    vc.mtrr.unset_masks(),
+                )
                 for vc in vm.vcpus
             ),
             counters=vm.counters.copy(),
@@ -121,6 +130,10 @@ def restore(vm: Vm, state: VmState) -> None:
                 f"the valid pairs {sorted(valid)}"
             )
         vc.mtrr.order = list(image.pair_order)
+        for pair in image.unset_masks:
+            if not 0 <= pair < msrs.VAR_PAIRS or vc.mtrr.read(msrs.PHYSBASE0 + 2 * pair + 1):
+                raise InvalidSnapshot(f"{where}: PhysMask{pair} cannot be unset and nonzero")
+            vc.mtrr.masks[pair] = 0
         vc.cr0, vc.pat = image.cr0, image.pat
     try:
         store = EptStore.from_image(state.ept, mmio_table_budget(vm.config))
@@ -245,9 +258,10 @@ def _parse_memslot(document: object) -> Memslot:
 
 def _parse_vcpu(document: object, index: int) -> VcpuImage:
     where = f"vCPU {index}"
-    doc = _fields(document, where, frozenset(("cr0", "pat", "mtrrs", "pair_order")))
+    names = ("mtrrs", "pair_order", "unset_masks")
+    doc = _fields(document, where, frozenset(("cr0", "pat", *names)))
     lists = {}
-    for name in ("mtrrs", "pair_order"):
+    for name in names:
         raw = doc[name]
         if not isinstance(raw, list):
             raise InvalidSnapshot(f"{where}: {name} is not a list")
@@ -257,6 +271,7 @@ def _parse_vcpu(document: object, index: int) -> VcpuImage:
         _typed(doc["pat"], int, f"{where} pat"),
         lists["mtrrs"],
         lists["pair_order"],
+        lists["unset_masks"],
     )
 
 

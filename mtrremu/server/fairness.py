@@ -1,7 +1,7 @@
 """Fair service: streams are bounded in total and per client, and idle ones are ended.
 
 Every call holds one of the server's worker threads while it runs, and a stream (``Execute``,
-``DumpLeaves``) may run for as long as its client keeps it open. Without bounds a few clients
+``DumpLeaves``, ``ExportVm``, ``ImportVm``) may run for as long as its client keeps it open. Without bounds a few clients
 holding streams open could take every thread and starve health checks and everyone else. So:
 
 * at most ``max_streams`` streams run at once, and at most ``max_streams_per_client`` from one
@@ -10,7 +10,8 @@ holding streams open could take every thread and starve health checks and everyo
 * the worker threads beyond ``max_streams`` are therefore always left to unary calls and health
   checks;
 * a stream that neither sends a request nor has one being worked on for
-  ``stream_idle_seconds`` is cancelled by the server (the client sees ``CANCELLED``).
+  ``stream_idle_seconds`` is cancelled by the server (the client sees ``CANCELLED``); waiting
+  for the client to take a response is not work, so a client that stops reading is idle too.
 """
 
 from __future__ import annotations

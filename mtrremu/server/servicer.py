@@ -301,8 +301,12 @@ def _guarded(handler: Streaming, guard: StreamGuard) -> Streaming:
             if not isinstance(request, Message):
                 request = _tracked(request, stream)
             for response in handler(request, context):
+                # While gRPC waits for the client to take the response, the stream is idle:
+                # a client that stops reading is cancelled like one that stops sending.
+                busy, stream.working = stream.working, 0
                 stream.touch()
                 yield response
+                stream.working = busy
                 stream.touch()
         except grpc.RpcError:
             if context.is_active():
