@@ -17,6 +17,7 @@ import hmac
 import io
 import json
 import random
+import threading
 import zipfile
 from collections.abc import Callable
 from typing import Any
@@ -26,6 +27,7 @@ import numpy.typing as npt
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from mtrremu_strategies.series import FineGrained
 
 from mtrremu.core import msrs
 from mtrremu.core.config import VmConfig
@@ -34,6 +36,7 @@ from mtrremu.core.events import EventResult
 from mtrremu.core.units import Level
 from mtrremu.core.vm import Vm
 from mtrremu.core.vm_state import VmState, capture, restore
+from mtrremu.plugin import Profile, StrategySpec, VmView, ZapDecision, hookimpl
 from mtrremu.plugin.manager import PluginManager
 from mtrremu.snapshot import read_snapshot, write_snapshot
 from tests.helpers import ALL_STRATEGIES, CD0, CD1, GIB, MIB, create_vm, gfn
@@ -412,3 +415,44 @@ def test_a_mask_never_written_stays_unwritten_and_zaps_alike() -> None:
             for t in (vm, copy)
         )
         assert ours == theirs
+
+
+class _SlowDma(FineGrained):
+    """fine-grained, whose DMA-transition hook waits to be let go (the test's window)."""
+
+    entered = threading.Event()
+    go = threading.Event()
+
+    def on_dma_transition(self, vm: VmView, attached: bool) -> ZapDecision:
+        _SlowDma.entered.set()
+        _SlowDma.go.wait(10)
+        return super().on_dma_transition(vm, attached)
+
+
+class _SlowDmaPlugin:
+    @hookimpl
+    def mtrremu_strategies(self) -> list[StrategySpec]:
+        return [StrategySpec("slow-dma", "test", Profile.KVM_6_7, lambda options: _SlowDma())]
+
+
+def test_a_snapshot_waits_for_a_dma_transition_between_its_count_and_its_zaps() -> None:
+    """A DMA transition runs on no vCPU: a snapshot taken after its count changed and before
+    its zaps ran would keep leaves of the old types with the new count, stale for good."""
+    manager = PluginManager(entry_points=False, plugins=[_SlowDmaPlugin()])
+    vm = manager.create_vm(VmConfig(noncoherent_dma=1), "slow-dma")
+    vm.write_msr(0, msrs.DEFTYPE, 0xC00, host=True)  # UC while honoured
+    vm.write_cr0(0, CD0)
+    vm.fault_range(0, 0, GIB)
+    detach = threading.Thread(target=vm.detach_dma)
+    detach.start()
+    assert _SlowDma.entered.wait(10)
+    states: list[VmState] = []
+    taker = threading.Thread(target=lambda: states.append(capture(vm, {}, "default")))
+    taker.start()
+    taker.join(0.3)
+    assert not states  # it waits for the transition's zaps
+    _SlowDma.go.set()
+    detach.join(10)
+    taker.join(10)
+    (state,) = states
+    assert state.noncoherent_dma == 0 and state.leaf_total == 0  # the zap-all ran first

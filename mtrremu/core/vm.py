@@ -1,8 +1,8 @@
 """A VM: vCPUs, memslots, one EPT, a zap strategy, and the events that drive them.
 
 Every event runs on the calling thread; one thread per vCPU may drive a VM concurrently. Lock
-order: a vCPU's lock, then the MMU lock (EPT), then the VM lock (counters, DMA count); the zap
-list has its own lock and never calls out while holding it.
+order: the DMA lock (a DMA transition), a vCPU's lock, then the MMU lock (EPT), then the VM
+lock (counters, DMA count); the zap list has its own lock and never calls out while holding it.
 """
 
 from __future__ import annotations
@@ -197,6 +197,8 @@ class Vm:
         self._dma = config.noncoherent_dma
         self._mmu_lock = threading.Lock()
         self._vm_lock = threading.Lock()
+        #: Held through a DMA transition, which runs on no vCPU: taken before any other lock.
+        self._dma_lock = threading.Lock()
         self.zap_list = ZapList(self._zap, posted_window=config.zap_list_posted_window)
         self._engine = ZapEngine(self._zap, self._mark, self.zap_list, config.sorted_memslots())
         self._plans: dict[int, tuple[tuple[int, bool, bool], FaultPlan]] = {}
@@ -245,7 +247,8 @@ class Vm:
         needs). Locks are taken with timeouts and all dropped to retry, so waiting cannot
         deadlock with an operation; raises :class:`FailedPrecondition` if the VM does not
         come to rest within ``timeout_s``."""
-        locks = [vc.lock for vc in self.vcpus] + [self._mmu_lock, self._vm_lock]
+        # A DMA transition holds no vCPU lock between its count change and its zaps.
+        locks = [self._dma_lock, *(vc.lock for vc in self.vcpus), self._mmu_lock, self._vm_lock]
         deadline = time.monotonic() + timeout_s
         while True:
             held: list[threading.Lock] = []
@@ -731,6 +734,10 @@ class Vm:
         return self._dma_event(op, -1)
 
     def _dma_event(self, op: AttachDma | DetachDma, delta: int) -> EventResult:
+        with self._dma_lock:  # the count change and its zaps, as one (see :meth:`idle`)
+            return self._dma_transition(op, delta)
+
+    def _dma_transition(self, op: AttachDma | DetachDma, delta: int) -> EventResult:
         result = EventResult(op)
         with self._vm_lock:
             if self._dma + delta < 0:

@@ -1,8 +1,9 @@
 """Fair service: streams are bounded in total and per client, and idle ones are ended.
 
 Every call holds one of the server's worker threads while it runs, and a stream (``Execute``,
-``DumpLeaves``, ``ExportVm``, ``ImportVm``) may run for as long as its client keeps it open. Without bounds a few clients
-holding streams open could take every thread and starve health checks and everyone else. So:
+``DumpLeaves``, ``ExportVm``, ``ImportVm``) may run for as long as its client keeps it open.
+Without bounds a few clients holding streams open could take every thread and starve health
+checks and everyone else. So:
 
 * at most ``max_streams`` streams run at once, and at most ``max_streams_per_client`` from one
   client (its host address; every unix-socket client is one local client); a stream beyond
