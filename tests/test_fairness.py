@@ -143,6 +143,9 @@ def test_a_stream_whose_client_stops_reading_is_idle() -> None:
         batches = [pb.ExecuteRequest(vm_id=vm.vm_id, operations=ops, batch_id=i) for i in range(20)]
         unread = client.stub.Execute(iter(batches))  # answers of megabytes, never read
         deadline = time.monotonic() + 20
+        while not server.guard.running and time.monotonic() < deadline:
+            time.sleep(0.01)  # until the server has admitted it
+        assert server.guard.running == 1
         while server.guard.running and time.monotonic() < deadline:
             time.sleep(0.1)
         assert server.guard.running == 0
