@@ -11,13 +11,12 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
 import pytest
 
+from mtrremu.ab.runner import server_process
 from mtrremu.client import Client, RemoteVm
 from mtrremu.core import msrs
 from mtrremu.core.config import VmConfig
@@ -183,34 +182,6 @@ def test_periodic_snapshots_write_only_the_vms_that_changed(tmp_path: Path) -> N
 
 
 # -- kill -9 -------------------------------------------------------------------------------
-
-
-@contextmanager
-def server_process(folder: Path, *flags: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    """``mtrremu serve`` as a real process on a unix socket in ``folder``."""
-    target = f"unix:{folder / 'server.sock'}"
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mtrremu",
-            "serve",
-            "--listen",
-            target,
-            "--log-level",
-            "warning",
-            *flags,
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    try:
-        with Client(target) as probe:
-            probe.wait_ready(timeout=60)
-        yield process, target
-    finally:
-        if process.poll() is None:
-            process.terminate()
-        process.wait(30)
 
 
 def test_kill_9_under_load_loses_no_snapshotted_vm(tmp_path: Path) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import os
 import subprocess
 import sys
 import tempfile
@@ -407,28 +406,40 @@ def run_all(
 def spawned_server(plugins: Sequence[str] = ()) -> Iterator[str]:
     """Start ``mtrremu serve`` (with the plugin modules ``plugins``) on a unix socket in a
     temporary directory; stop it after."""
+    flags = [arg for module in plugins for arg in ("--plugin", module)]
+    with (
+        tempfile.TemporaryDirectory(prefix="mtrremu-ab-") as folder,
+        server_process(Path(folder), *flags) as (_, target),
+    ):
+        yield target
+
+
+@contextmanager
+def server_process(folder: Path, *flags: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """``mtrremu serve FLAGS`` as a process of its own on a unix socket in ``folder``, once it
+    answers; stopped after (SIGTERM) unless it already ended."""
     from mtrremu.client import Client  # noqa: PLC0415  (grpc only for runs against a server)
 
-    with tempfile.TemporaryDirectory(prefix="mtrremu-ab-") as folder:
-        target = f"unix:{os.path.join(folder, 'server.sock')}"
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "mtrremu.cli",
-                "serve",
-                "--listen",
-                target,
-                "--log-level",
-                "warning",
-                *(arg for module in plugins for arg in ("--plugin", module)),
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        try:
-            with Client(target) as probe:
-                probe.wait_ready(timeout=60)
-            yield target
-        finally:
+    target = f"unix:{folder / 'server.sock'}"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mtrremu",
+            "serve",
+            "--listen",
+            target,
+            "--log-level",
+            "warning",
+            *flags,
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        with Client(target) as probe:
+            probe.wait_ready(timeout=60)
+        yield process, target
+    finally:
+        if process.poll() is None:
             process.terminate()
-            process.wait(30)
+        process.wait(30)
