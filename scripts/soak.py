@@ -1659,49 +1659,65 @@ class Soak:
 
     def chaos_disconnect(self, rng: random.Random, vm: VmInfo, epoch: int) -> None:
         """Close the channel while a batch stream runs."""
-        held = self.hold(vm, rng, 1)
-        if not held:
-            return
+        channel = grpc.insecure_channel(self.gen().targets.ipv4)
         try:
-            channel = grpc.insecure_channel(self.gen().targets.ipv4)
             stub = pb_grpc.EmulatorServiceStub(channel)
-            call = stub.Execute(iter(self._heavy_batches(vm, held[0], rng)), timeout=STREAM_TIMEOUT)
-            closer = threading.Timer(rng.uniform(0.01, 0.3), channel.close)
-            closer.start()
-            try:
-                for _ in call:
-                    pass
-                self.tally.note("disconnect: the batch finished first")
-            except grpc.RpcError as error:
-                self._judge_stream_end(
-                    "disconnected stream", error, epoch, _expect("CANCELLED", STREAM_CAP)
-                )
-            finally:
-                closer.join()
-                channel.close()
+            self._interrupted(
+                rng,
+                vm,
+                epoch,
+                stub=stub,
+                stop=lambda call: channel.close,
+                delay=(0.01, 0.3),
+                what="disconnect",
+            )
         finally:
-            self.unhold(vm, held)
+            channel.close()
 
     def chaos_cancel(self, rng: random.Random, vm: VmInfo, epoch: int) -> None:
         """Cancel a batch stream while it runs."""
+        stub = self.gen().main.stub
+        self._interrupted(
+            rng,
+            vm,
+            epoch,
+            stub=stub,
+            stop=lambda call: call.cancel,
+            delay=(0.005, 0.2),
+            what="cancel",
+        )
+
+    def _interrupted(
+        self,
+        rng: random.Random,
+        vm: VmInfo,
+        epoch: int,
+        *,
+        stub: pb_grpc.EmulatorServiceStub,
+        stop: Callable[[Any], Callable[[], object]],
+        delay: tuple[float, float],
+        what: str,
+    ) -> None:
+        """A batch stream that ``stop(call)`` ends early (``what``: ``disconnect``, closing its
+        channel, or ``cancel``) after a random ``delay``: it ends CANCELLED (or refused by a
+        stream cap), or finished first."""
+
         held = self.hold(vm, rng, 1)
         if not held:
             return
         try:
-            stub = self.gen().main.stub
             call = stub.Execute(iter(self._heavy_batches(vm, held[0], rng)), timeout=STREAM_TIMEOUT)
-            canceller = threading.Timer(rng.uniform(0.005, 0.2), call.cancel)
-            canceller.start()
+            timer = threading.Timer(rng.uniform(*delay), stop(call))
+            timer.start()
             try:
                 for _ in call:
                     pass
-                self.tally.note("cancel: the batch finished first")
+                self.tally.note(f"{what}: the batch finished first")
             except grpc.RpcError as error:
-                self._judge_stream_end(
-                    "cancelled stream", error, epoch, _expect("CANCELLED", STREAM_CAP)
-                )
+                ended = {"disconnect": "disconnected stream", "cancel": "cancelled stream"}[what]
+                self._judge_stream_end(ended, error, epoch, _expect("CANCELLED", STREAM_CAP))
             finally:
-                canceller.join()
+                timer.join()
         finally:
             self.unhold(vm, held)
 
