@@ -82,7 +82,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "long.jsonl"
         long_trace(path)
-        trace_s, _ = timed(Plan(traces=[str(path)], strategies=["fine-grained"]))
+        trace_s, _ = timed(Plan(workloads=(), traces=[str(path)], strategies=["fine-grained"]))
     print(f"a {TRACE_LINES:,}-line trace, fine-grained: {trace_s:.1f} s")
     large = "skipped"
     if not args.quick:

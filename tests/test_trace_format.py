@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from mtrremu.ab import runner
 from mtrremu.core.burst import execute
 from mtrremu.core.config import Memslot, MemslotKind
 from mtrremu.core.events import (
@@ -575,3 +576,25 @@ def test_the_cli_rejects_a_malformed_trace_file(executor: str | None, tmp_path: 
     why = "vCPU 7 does not exist (the trace's VM has 2)"
     assert done.stderr.splitlines() == [f"mtrremu: {bad}:4: {why}"]
     assert not (tmp_path / "out" / "ab.jsonl").exists()
+
+
+def test_a_trace_file_is_parsed_once_for_all_the_runs_that_replay_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "w1.jsonl"
+    save(build("W1", {}, 1), path)
+    parsed: list[Path] = []
+
+    def counted(source: Path) -> Trace:
+        parsed.append(source)
+        return load(source)
+
+    monkeypatch.setattr(runner, "load", counted)
+    runner._loaded.cache_clear()
+    strategies = ["zap-all", "fine-grained", "kvm-6.5"]
+    plan = runner.Plan(workloads=[], traces=[str(path)], strategies=strategies)
+    records = runner.run_all(plan.specs(), runner.InlineExecutor())
+    assert len(records) == 3 and len(parsed) == 1
+    path.write_text(path.read_text() + "\n")  # a changed file is read again
+    runner.run_all(plan.specs()[:1], runner.InlineExecutor())
+    assert len(parsed) == 2

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import astuple, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +92,9 @@ def _short(value: Any) -> str:
 def trace_for(spec: RunSpec) -> Trace:
     """The trace a run replays, with the VM overrides applied."""
     if spec.trace_file is not None:
-        trace = load(Path(spec.trace_file))
+        path = Path(spec.trace_file)
+        stat = path.stat() if path.is_file() else None
+        trace = _loaded(str(path), stat.st_mtime_ns, stat.st_size) if stat else load(path)
     else:
         trace = build(spec.workload, dict(spec.overrides), spec.seed)
     vm = dict(spec.vm)
@@ -102,6 +105,13 @@ def trace_for(spec: RunSpec) -> Trace:
     elif layout != "default":
         raise InvalidArgument(f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
     return dataclasses.replace(trace, config=config)
+
+
+@lru_cache(maxsize=2)
+def _loaded(path: str, mtime_ns: int, size: int) -> Trace:
+    """A trace file parsed once for all the runs of a job that replay it (the same file as
+    long as its time stamp and size are); traces are immutable."""
+    return load(Path(path))
 
 
 def merged(slots: Sequence[Memslot]) -> tuple[Memslot, ...]:
