@@ -115,10 +115,16 @@ def outcome(result: EventResult | str) -> object:
     """What an operation answered, comparable across VMs."""
     if isinstance(result, str):
         return result
+    zap = result.zap
     return (
         result.counters,
         result.gp,
-        result.zap,
+        None
+        if zap is None
+        else (
+            dataclasses.replace(zap, tickets=[]),
+            [(t.range, t.drained, t.discarded) for t in zap.tickets],  # tickets are identities
+        ),
         result.value,
         result.access,
         result.populate,
