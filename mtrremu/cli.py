@@ -144,10 +144,8 @@ def _token(path: str | None) -> str | None:
 
 
 def _read(path: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as error:
-        raise InvalidArgument(f"cannot read {path}: {error.strerror}") from None
+    with _open(path) as source:
+        return source.read()
 
 
 def _client(args: argparse.Namespace) -> Client:

@@ -74,7 +74,12 @@ def write_snapshot(state: VmState, out: IO[bytes], key: bytes | None = None) -> 
                         member, np.ascontiguousarray(array), allow_pickle=False
                     )
                 sizes[name] = archive.getinfo(name).file_size
-        manifest = {"format": FORMAT, "version": VERSION, "written_by": _writer(), "members": sizes}
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "written_by": f"mtrremu {own_version()}",
+            "members": sizes,
+        }
         archive.writestr("manifest.json", json.dumps(manifest, indent=1))
         archive.comment = b" " * _COMMENT_BYTES
     end = out.tell()
@@ -104,10 +109,6 @@ def write_snapshot_file(path: Path, state: VmState, key: bytes | None = None) ->
         os.fsync(directory)
     finally:
         os.close(directory)
-
-
-def _writer() -> str:
-    return f"mtrremu {own_version()}"
 
 
 # -- reading ---------------------------------------------------------------------------------

@@ -9,13 +9,14 @@ the operations (one unary RPC each, plus their place in ``Execute``) come from t
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import Message
 
 from mtrremu.core.burst import execute_one
+from mtrremu.core.config import VmConfig
 from mtrremu.core.errors import (
     InvalidArgument,
     MtrremuError,
@@ -25,7 +26,7 @@ from mtrremu.core.errors import (
 )
 from mtrremu.core.events import BurstResult, ItemResult
 from mtrremu.core.operations import OPERATIONS, OperationKind
-from mtrremu.core.vm_state import capture
+from mtrremu.core.vm_state import VmState, capture
 from mtrremu.plugin.manager import accepted_options
 from mtrremu.rpc import convert
 from mtrremu.rpc.status import abort
@@ -47,6 +48,8 @@ DEFAULT_RUNS_PER_MESSAGE = 4096
 MAX_RUNS_PER_MESSAGE = 65536
 
 Unary = Callable[[Any, grpc.ServicerContext], Message]
+#: The answers that describe a VM just created.
+Answer = TypeVar("Answer", pb.CreateVmResponse, pb.ImportVmResponse)
 Streaming = Callable[[Any, grpc.ServicerContext], Iterator[Message]]
 
 
@@ -80,15 +83,9 @@ class Servicer:
         self, request: pb.CreateVmRequest, context: grpc.ServicerContext
     ) -> pb.CreateVmResponse:
         config = convert.vm_config(request.config)
-        answers: list[pb.CreateVmResponse] = []
-
-        def fits(entry: Entry) -> bool:
-            answers.append(pb.CreateVmResponse(vm=convert.vm_message(entry.vm, entry.options)))
-            return answers[0].ByteSize() <= REPLY_LIMIT_BYTES
-
-        owner = self.owner(context)
-        self.table.create(config, request.strategy, request.strategy_options, fits, owner=owner)
-        return answers[0]
+        return self._created(
+            pb.CreateVmResponse, context, config, request.strategy, request.strategy_options
+        )
 
     def GetVm(self, request: pb.GetVmRequest, context: grpc.ServicerContext) -> pb.GetVmResponse:
         entry = self.table.get(request.vm_id, self.owner(context))
@@ -173,16 +170,30 @@ class Servicer:
                     )
                 spool.write(request.data)
             state = read_snapshot(spool, self.snapshot_key, admit=self.table.admit)
-        answers: list[pb.ImportVmResponse] = []
+        return self._created(
+            pb.ImportVmResponse, context, state.config, state.strategy, state.options, state=state
+        )
+
+    def _created(
+        self,
+        response_type: type[Answer],
+        context: grpc.ServicerContext,
+        config: VmConfig,
+        strategy: str,
+        options: Mapping[str, str],
+        *,
+        state: VmState | None = None,
+    ) -> Answer:
+        """A new VM of the calling client (see :meth:`VmTable.create`), described by a
+        ``response_type``; refused (nothing created) if that answer would exceed one reply."""
+        answers: list[Answer] = []
 
         def fits(entry: Entry) -> bool:
-            answers.append(pb.ImportVmResponse(vm=convert.vm_message(entry.vm, entry.options)))
+            answers.append(response_type(vm=convert.vm_message(entry.vm, entry.options)))
             return answers[0].ByteSize() <= REPLY_LIMIT_BYTES
 
         owner = self.owner(context)
-        self.table.create(
-            state.config, state.strategy, state.options, fits, state=state, owner=owner
-        )
+        self.table.create(config, strategy, options, fits, state=state, owner=owner)
         return answers[0]
 
     # -- operations ----------------------------------------------------------------------
