@@ -22,7 +22,7 @@ import numpy.typing as npt
 
 from mtrremu.ab.published import CYCLES_M, ROWS
 from mtrremu.ab.runner import RunSpec, trace_for
-from mtrremu.core.burst import execute
+from mtrremu.core.burst import replay
 from mtrremu.core.strategy import MmuLock
 from mtrremu.core.timing import DEFAULT_COSTS, CycleCosts, ZapCall, model_cycles, rounds_of
 from mtrremu.plugin.manager import default_manager
@@ -38,7 +38,7 @@ def replays() -> list[Row]:
             trace = trace_for(RunSpec(workload, strategy))
             registered = default_manager().strategy(strategy)
             vm = default_manager().create_vm(trace.config, strategy)
-            rounds = rounds_of(execute(vm, trace.items))
+            rounds = list(rounds_of(replay(vm, trace.items)))
             rows.append((workload, strategy, published[strategy], rounds, registered.spec.mmu_lock))
     return rows
 

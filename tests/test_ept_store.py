@@ -313,3 +313,50 @@ def test_dumping_leaf_runs_holds_one_region_not_the_whole_ept() -> None:
     assert len(runs) < 100 and sum(count for _, _, count, _ in runs) == 4 << 20
     # One 1 GiB region is 256 Ki leaves; the whole EPT would be 16 times that.
     assert peak < 40 << 20, f"{peak >> 20} MiB"
+
+
+def _fresh_copy(store: EptStore) -> EptStore:
+    """The same EPT, with none of ``store``'s remembered walks."""
+    return EptStore.from_image(store.image(), store.mmio_table_budget)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(
+                st.just("install"),
+                st.sampled_from([Level.K4, Level.M2, Level.G1]),
+                st.integers(0, 1 << 22),
+            ),
+            st.tuples(st.just("zap"), st.integers(0, 1 << 22), st.integers(1, 1 << 22)),
+            st.tuples(st.just("zap-all"), st.just(0), st.just(0)),
+            st.tuples(st.just("again"), st.just(0), st.just(0)),
+        ),
+        max_size=40,
+    )
+)
+def test_a_zap_counts_what_a_walk_of_a_fresh_copy_counts(steps: list[tuple[object, ...]]) -> None:
+    """Prediction: the store answers a repeated zap of an unchanged EPT, and a zap of the whole
+    space, without walking; each must give exactly the counts a walk of an identical store that
+    remembers nothing gives (and leave the same EPT behind)."""
+    store, last = EptStore(), ZAP_ALL
+    for kind, first, second in steps:
+        if kind == "install":
+            level, gfn_ = first, second
+            assert isinstance(level, Level) and isinstance(gfn_, int)
+            if not store.lookup(gfn_).present:
+                store.install(gfn_, level, WB)
+            continue
+        if kind == "zap":
+            assert isinstance(first, int) and isinstance(second, int)
+            last = GfnRange(first, first + second)
+        elif kind == "zap-all":
+            last = ZAP_ALL
+        copy = _fresh_copy(store)
+        # [0, the last gfn) walks: with nothing mapped near the top of the space it visits and
+        # removes what a zap of everything does.
+        want = copy.zap(GfnRange(0, EPT_GFN_LIMIT - 1) if last == ZAP_ALL else last)
+        got = store.zap(last)
+        assert (got.removed, got.visited) == (want.removed, want.visited)
+        assert store.image().same_as(copy.image())

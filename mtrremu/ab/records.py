@@ -50,7 +50,6 @@ from typing import TYPE_CHECKING, Any
 from mtrremu.ab.published import published
 from mtrremu.core.counters import Counters
 from mtrremu.core.oracle import STALENESS_COUNTS
-from mtrremu.core.timing import DEFAULT_COSTS, model_cycles
 from mtrremu.core.units import PAGE_SHIFT
 from mtrremu.plugin.manager import RegisteredStrategy, own_version
 from mtrremu.workloads.trace import Trace
@@ -80,11 +79,7 @@ def record(
         refused: dict[str, int] = {}
     else:
         counters, staleness, refused = replay.counters, replay.staleness, replay.refused
-    cycles = (
-        None
-        if replay is None
-        else model_cycles(replay.rounds, DEFAULT_COSTS, registered.spec.mmu_lock).millions()
-    )
+    cycles = None if replay is None else replay.cycles.millions()
     fitted = pub is not None and pub.cycles_m is not None
     return {
         "schema": SCHEMA,

@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import astuple, dataclass, field
@@ -25,12 +25,13 @@ from typing import Any
 
 from mtrremu.ab.published import ROWS
 from mtrremu.ab.records import record
-from mtrremu.core.burst import execute
+from mtrremu.core.burst import replay
 from mtrremu.core.config import Memslot, MemslotKind
 from mtrremu.core.errors import BrokenStrategy, InvalidArgument
-from mtrremu.core.events import Refused, operation_results
+from mtrremu.core.events import EventResult, ItemResult, Refused, operation_results
 from mtrremu.core.oracle import STALENESS_COUNTS, StalenessLog
-from mtrremu.core.timing import ZapCall, rounds_of
+from mtrremu.core.strategy import MmuLock
+from mtrremu.core.timing import DEFAULT_COSTS, Cycles, ZapCall, round_cycles, rounds_of
 from mtrremu.plugin.manager import BUILTIN_PLUGINS, manager_for
 from mtrremu.workloads import build, workload
 from mtrremu.workloads.trace import Trace, load
@@ -137,8 +138,8 @@ class Replay:
     refused: dict[str, int]
     #: The first event the strategy failed on: (hook, error).
     strategy_failure: tuple[str, str] | None
-    #: The zap calls, grouped into what ran at the same time (the timing model's input).
-    rounds: list[tuple[ZapCall, ...]]
+    #: The timing model's cycles for the zap calls, by what ran at the same time.
+    cycles: Cycles
 
 
 def run(spec: RunSpec) -> dict[str, Any]:
@@ -154,7 +155,10 @@ def run(spec: RunSpec) -> dict[str, Any]:
     replay: Replay | None = None
     failure: dict[str, Any] | None
     try:
-        replay = _replay(spec, trace) if spec.target is None else _replay_remote(spec, trace)
+        lock = registered.spec.mmu_lock
+        replay = (
+            _replay(spec, trace, lock) if spec.target is None else _replay_remote(spec, trace, lock)
+        )
     except BrokenStrategy as error:
         failure = failed("strategy", error.why, hook="factory")
     except Exception as error:
@@ -181,80 +185,99 @@ def verdict_failure(replay: Replay, strict_trace: bool) -> dict[str, Any] | None
     return None
 
 
-def _replay(spec: RunSpec, trace: Trace) -> Replay:
+class _Fold:
+    """What a replay's results add up to, folded one result at a time (a replay of any length
+    holds none of them): refusals by reason, the first strategy failure, the modelled cycles."""
+
+    def __init__(self, lock: MmuLock) -> None:
+        self.lock = lock
+        self.refused: Counter[str] = Counter()
+        self.first_failure: tuple[str, str] | None = None
+        self.cycles = Cycles()
+
+    def outcome(self, reason: str | None, failure: tuple[str, str] | None) -> None:
+        if reason is not None:
+            self.refused[reason] += 1
+        elif failure is not None and self.first_failure is None:
+            self.first_failure = failure
+
+    def round(self, calls: Sequence[ZapCall]) -> None:
+        self.cycles.add(round_cycles(calls, DEFAULT_COSTS, self.lock))
+
+    def result(self, result: ItemResult) -> None:
+        """One item's result (a burst's: all its lanes)."""
+        if type(result) is EventResult and not result.counted:
+            # The common case, short-cut: an event that counted nothing zapped nothing.
+            if result.strategy_failure is not None:
+                self.outcome(None, astuple(result.strategy_failure))
+            return
+        for one in operation_results([result]):
+            if isinstance(one, Refused):
+                self.outcome(one.reason, None)
+            elif one.strategy_failure is not None:
+                self.outcome(None, astuple(one.strategy_failure))
+        for calls in rounds_of([result]):
+            self.round(calls)
+
+    def replay(self, counters: dict[str, int], staleness: dict[str, Any]) -> Replay:
+        refused = dict(sorted(self.refused.items()))
+        return Replay(counters, staleness, refused, self.first_failure, self.cycles)
+
+
+def _replay(spec: RunSpec, trace: Trace, lock: MmuLock) -> Replay:
     name, options = parse_strategy(spec.strategy)
     vm = manager_for(spec.plugins).create_vm(trace.config, name, options, vm_id="ab")
-    items = execute(vm, trace.items)
-    refused, first_failure = _tally(
-        (r.reason, None)
-        if isinstance(r, Refused)
-        else (None, None if r.strategy_failure is None else astuple(r.strategy_failure))
-        for r in operation_results(items)
-    )
+    fold = _Fold(lock)
+    for result in replay(vm, trace.items):
+        fold.result(result)
     end = vm.stale_at_quiescence()
     staleness = _staleness(vm.staleness, None if end is None else end.count)
-    counters = vm.counters_snapshot().as_dict()
-    return Replay(counters, staleness, refused, first_failure, rounds_of(items))
+    return fold.replay(vm.counters_snapshot().as_dict(), staleness)
 
 
-def _replay_remote(spec: RunSpec, trace: Trace) -> Replay:
+def _replay_remote(spec: RunSpec, trace: Trace, lock: MmuLock) -> Replay:
     from mtrremu import client as rpc  # noqa: PLC0415  (grpc only for runs against a server)
+    from mtrremu.rpc import convert  # noqa: PLC0415  (protobuf only for runs against a server)
 
     assert spec.target is not None
+    fold = _Fold(lock)
     with rpc.Client(spec.target, timeout=600) as connection:
         remote = connection.create_vm(trace.config, *parse_strategy(spec.strategy))
         try:
-            results = remote.execute(trace.items)
-            refused, first_failure = _tally(
-                (r.error.reason, None)
-                if r.HasField("error")
-                else (None, _remote_failure(r.outcome))
-                for r in results
-            )
+            messages = (convert.operation_message(item) for item in trace.items)
+            # A burst's results share an entry, lane by lane: those at the same lane index
+            # ran in one round. Results come in entry order, so one entry is held at a time.
+            entry, rounds = -1, dict[int, list[ZapCall]]()
+            for result in remote.execute_messages(messages):
+                if result.entry != entry:
+                    _fold_rounds(fold, rounds)
+                    entry, rounds = result.entry, {}
+                if result.HasField("error"):
+                    fold.outcome(result.error.reason, None)
+                    continue
+                fold.outcome(None, _remote_failure(result.outcome))
+                call = ZapCall.of(convert.counters(result.outcome.counters))
+                if call is not None:
+                    index = result.lane.index if result.HasField("lane") else -1
+                    rounds.setdefault(index, []).append(call)
+            _fold_rounds(fold, rounds)
             counters = remote.counters().as_dict()
             report = remote.staleness(at_quiescence=True)
         finally:
             remote.delete()
     at_end = report.stale_leaves if report.HasField("stale_leaves") else None
-    staleness = _staleness(report.tracking, at_end)
-    return Replay(counters, staleness, refused, first_failure, _remote_rounds(results))
+    return fold.replay(counters, _staleness(report.tracking, at_end))
 
 
-def _remote_rounds(results: Iterable[Any]) -> list[tuple[ZapCall, ...]]:
-    """:func:`rounds_of` for the batch stream's results: a burst's operations that share an
-    entry and a lane index ran in one round."""
-    from mtrremu.rpc import convert  # noqa: PLC0415  (protobuf only for runs against a server)
-
-    rounds: dict[tuple[int, int], list[ZapCall]] = {}
-    for result in results:
-        if result.HasField("error"):
-            continue
-        key = (result.entry, result.lane.index if result.HasField("lane") else -1)
-        call = ZapCall.of(convert.counters(result.outcome.counters))
-        calls = rounds.setdefault(key, [])
-        if call is not None:
-            calls.append(call)
-    return [tuple(calls) for calls in rounds.values() if calls]
+def _fold_rounds(fold: _Fold, rounds: dict[int, list[ZapCall]]) -> None:
+    for calls in rounds.values():
+        fold.round(calls)
 
 
 def _remote_failure(outcome: Any) -> tuple[str, str] | None:
     if not outcome.HasField("strategy_failure"):
         return None
     return (outcome.strategy_failure.hook, outcome.strategy_failure.error)
-
-
-def _tally(
-    outcomes: Iterable[tuple[str | None, tuple[str, str] | None]],
-) -> tuple[dict[str, int], tuple[str, str] | None]:
-    """Refusals by reason and the first strategy failure, from (reason, failure) per operation."""
-    refused: Counter[str] = Counter()
-    first: tuple[str, str] | None = None
-    for reason, failure in outcomes:
-        if reason is not None:
-            refused[reason] += 1
-        elif failure is not None and first is None:
-            first = failure
-    return dict(sorted(refused.items())), first
 
 
 def _staleness(log: StalenessLog | Any, at_end: int | None) -> dict[str, Any]:

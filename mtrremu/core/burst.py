@@ -11,7 +11,7 @@ and the counts repeat exactly for the same seed.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from mtrremu.core.errors import InvalidArgument, MtrremuError
 from mtrremu.core.events import (
@@ -99,10 +99,17 @@ def execute_one(vm: Vm, item: Item) -> ItemResult:
         return refusal(item, error)
 
 
-def execute(vm: Vm, items: Iterable[Item]) -> list[ItemResult]:
-    """Run operations and bursts in order; a refused one is reported and the rest go on.
+def replay(vm: Vm, items: Iterable[Item]) -> Iterator[ItemResult]:
+    """Run operations and bursts in order, each result as it comes; a refused one is reported
+    and the rest go on.
 
-    This is the one replay path: in-process runs and the gRPC batch stream both use it, so
-    the same trace gives the same counts either way.
+    This is the one replay path: in-process runs and the gRPC batch stream both use it (one
+    item at a time), so the same trace gives the same counts either way.
     """
-    return [execute_one(vm, item) for item in items]
+    for item in items:
+        yield execute_one(vm, item)
+
+
+def execute(vm: Vm, items: Iterable[Item]) -> list[ItemResult]:
+    """:func:`replay`, every result kept."""
+    return list(replay(vm, items))

@@ -295,6 +295,9 @@ def merge_runs(
 
 def _as_block(ids: npt.NDArray[np.int32]) -> slice | npt.NDArray[np.int32]:
     """A slice when the ids are one ascending run (views, no copies), else the ids themselves."""
+    if len(ids) == 1:
+        first = int(ids[0])
+        return slice(first, first + 1)
     if len(ids) and int(ids[-1]) - int(ids[0]) + 1 == len(ids) and bool(np.all(np.diff(ids) == 1)):
         return slice(int(ids[0]), int(ids[-1]) + 1)
     return ids
@@ -382,6 +385,11 @@ class EptStore:
         #: kept (:meth:`keep_touched`); ``None`` in the list's place once it overflowed.
         self._touched: list[tuple[int, int]] | None = None
         self._keeping = False
+        #: Bumped by every change to a table or entry: equal generations, equal stores.
+        self.generation = 0
+        # The last zap's (generation after it, range, entries visited): zapping the same range
+        # of an unchanged store again visits the same entries and removes nothing.
+        self._last_zap: tuple[int, int, int, dict[Level, int]] | None = None
 
     # -- introspection -------------------------------------------------------------------
 
@@ -583,6 +591,7 @@ class EptStore:
         does when a fault maps a huge page over a split range. Returns whether the fault was a
         refault (the faulting gfn's previous leaf was removed by a zap).
         """
+        self.generation += 1
         table = self._table_for(gfn, level)
         pool = self._pools[level]
         index = (gfn >> level.shift) & 511
@@ -607,6 +616,7 @@ class EptStore:
         if missing and self.mmio_tables + missing > self.mmio_table_budget:
             return False
         self.mmio_tables += missing
+        self.generation += 1
         table = self._table_for(gfn, Level.K4)
         self._pools[Level.K4].ent[table, gfn & 511] |= MMIO
         return True
@@ -640,8 +650,10 @@ class EptStore:
     ) -> tuple[Int64Array, Int64Array, Int64Array]:
         """For each table: its base gfn and the ``[lo, hi)`` entry indices overlapping the range."""
         base = self._pools[level].base[tables]
-        lo = np.clip((start - base) >> level.shift, 0, ENTRIES_PER_TABLE)
-        hi = np.clip(((end - 1 - base) >> level.shift) + 1, 0, ENTRIES_PER_TABLE)
+        # np.maximum/np.minimum rather than np.clip: the walk runs per zap, mostly on a few
+        # tables, where np.clip's dispatch costs more than the arithmetic.
+        lo = np.minimum(np.maximum((start - base) >> level.shift, 0), ENTRIES_PER_TABLE)
+        hi = np.minimum(np.maximum(((end - 1 - base) >> level.shift) + 1, 0), ENTRIES_PER_TABLE)
         return base, lo, hi
 
     def _walk(self, start: int, end: int, step: _LevelStep) -> None:
@@ -685,10 +697,19 @@ class EptStore:
             outcome.visited[level] += int((hi - lo).sum())
             full = (lo == 0) & (hi == ENTRIES_PER_TABLE)
             blocks: list[tuple[int | slice | npt.NDArray[np.int32], slice]] = []
-            if full.any():
-                blocks.append((_as_block(tables[full]), slice(None)))
-            for table, first, last in zip(tables[~full], lo[~full], hi[~full], strict=True):
-                blocks.append((int(table), slice(int(first), int(last))))
+            if full.all():
+                blocks.append((_as_block(tables), slice(None)))
+            else:
+                if full.any():
+                    blocks.append((_as_block(tables[full]), slice(None)))
+                partial = ~full
+                for table, first, last in zip(
+                    tables[partial].tolist(),
+                    lo[partial].tolist(),
+                    hi[partial].tolist(),
+                    strict=True,
+                ):
+                    blocks.append((table, slice(first, last)))
             below = []
             for rows, cols in blocks:
                 removed, children = self._zap_entries(pool, rows, cols)
@@ -698,8 +719,36 @@ class EptStore:
                 below.append(children)
             return below
 
-        self._walk(rng.start, rng.end, step)
+        memo = self._last_zap
+        if memo is not None and memo[:3] == (self.generation, rng.start, rng.end):
+            outcome.visited.update(memo[3])
+            return outcome
+        if rng.start <= 0 and rng.end >= EPT_GFN_LIMIT:
+            self._zap_everything(outcome)
+        else:
+            self._walk(rng.start, rng.end, step)
+        self.generation += outcome.leaves_removed > 0
+        self._last_zap = (self.generation, rng.start, rng.end, dict(outcome.visited))
         return outcome
+
+    def _zap_everything(self, outcome: ZapOutcome) -> None:
+        """:meth:`zap` of the whole space, without the walk: every table is reachable from the
+        root and wholly inside, so the walk would visit all entries of every table and remove
+        every leaf (the levels' leaf counts say where there are any: zap-all on a CD flip
+        usually finds few)."""
+        for level, pool in self._pools.items():
+            outcome.visited[level] += pool.live * ENTRIES_PER_TABLE
+            if level is Level.ROOT or not self._leaves[level]:
+                continue
+            every = pool.live_ids()
+            for first in range(0, len(every), _SCAN_TABLES):
+                ids = every[first : first + _SCAN_TABLES]
+                entries = pool.ent[ids]
+                leaves = entries >= LEAF
+                entries[leaves] = ZAPPED
+                pool.ent[ids] = entries
+            outcome.removed[level] += self._leaves[level]
+            self._leaves[level] = 0
 
     def zap_shared(self, rng: GfnRange) -> ZapOutcome:
         """Patch 12's zap under the MMU lock held for read (docs/semantics.md#patch-12).
@@ -711,6 +760,7 @@ class EptStore:
         stale type. Only tables straddling the range are descended.
         """
         outcome = ZapOutcome(shared=True)
+        self.generation += 1
 
         def step(
             level: Level,
@@ -796,6 +846,7 @@ class EptStore:
         assert root.child is not None
         entries = root.ent[0, lo:hi]
         present = root.child[0, lo:hi] >= 0
+        self.generation += 1
         entries[present] |= RECALC
         marked = int(np.count_nonzero(present))
         self.marked |= marked > 0
@@ -810,6 +861,7 @@ class EptStore:
         ``expected`` holds the leaf byte a fresh fault by the accessing vCPU would write.
         """
         outcome = RecalcOutcome()
+        self.generation += 1
 
         def step(
             level: Level,
@@ -931,6 +983,7 @@ class EptStore:
         (a 64th of the range), while a huge range of mostly unmapped space stays a few walks.
         """
         outcome = PopulateOutcome()
+        self.generation += 1
         if self._keeping:
             self._note(start, end)
         pieces = -(-(end - start) // _POPULATE_PIECES)
@@ -1124,6 +1177,8 @@ class EptStore:
         """
         hidden = self._hidden_tables()
         for level in LEAF_LEVELS_DESCENDING:
+            if not self._leaves[level]:
+                continue  # only zapped entries, markers or pointers: nothing to disagree
             pool = self._pools[level]
             every = pool.live_ids()
             span = level.pages * ENTRIES_PER_TABLE

@@ -51,7 +51,8 @@ class MtrrState:
     masks: list[int] = field(default_factory=lambda: [0] * msrs.VAR_PAIRS)
     #: Valid pair indices in KVM's list order.
     order: list[int] = field(default_factory=list)
-    #: Bumped on every accepted write; caches of derived maps key on it.
+    #: Bumped on every write that changes a register as read back or the variable list
+    #: order (what memory types depend on); caches of derived maps key on it.
     version: int = 0
 
     def __post_init__(self) -> None:
@@ -79,24 +80,35 @@ class MtrrState:
     def pair_type(self, pair: int) -> int:
         return self.bases[pair] & 0xFF
 
-    def write(self, msr: int, value: int) -> None:
-        """Store an already validated MTRR MSR value (defType, fixed or variable)."""
+    def write(self, msr: int, value: int) -> bool:
+        """Store an already validated MTRR MSR value (defType, fixed or variable); whether
+        the registers as read back or the variable list order changed (a rewrite of the same
+        value can still reorder pairs that share a base)."""
         if msr == msrs.DEFTYPE:
             self._undo = (msr, self.deftype, None)
+            changed = value != self.deftype
             self.deftype = value
         elif msrs.is_var_msr(msr):
             pair, is_mask = msrs.var_pair(msr)
             stored = self.masks[pair] if is_mask else self.bases[pair]
+            order = self.order
             # _write_var replaces the order list rather than changing it: the old one is kept.
-            self._undo = (msr, stored, self.order)
+            self._undo = (msr, stored, order)
             self._write_var(msr, value)
+            changed = (stored & ~self._high if is_mask else stored) != value or (
+                self.order is not order and self.order != order
+            )
         elif msrs.is_fixed_msr(msr):
-            self._undo = (msr, self.read(msr), None)
             slot = msrs.fixed_msr_slot(msr)
-            self.fixed[8 * slot : 8 * slot + 8] = value.to_bytes(8, "little")
+            old = self.fixed[8 * slot : 8 * slot + 8]
+            self._undo = (msr, int.from_bytes(old, "little"), None)
+            new = value.to_bytes(8, "little")
+            changed = new != old
+            self.fixed[8 * slot : 8 * slot + 8] = new
         else:
             raise ValueError(f"{msrs.msr_name(msr)} is not an MTRR MSR")
-        self.version += 1
+        self.version += changed
+        return changed
 
     def before_last_write(self) -> MtrrState:
         """A copy of these registers as they were before the last accepted write (an

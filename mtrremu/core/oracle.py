@@ -112,7 +112,8 @@ class StalenessLog:
     """What the oracle found while ``VmConfig.track_staleness`` is on (see :mod:`.oracle`).
 
     **At quiescent points.** After an event that may change memory types (an accepted MTRR
-    write, a CR0.CD flip, a DMA transition), the next time every vCPU holds the same MTRRs and
+    write that changed the registers as read back or the pair order, a CR0.CD flip, a DMA
+    transition), the next time every vCPU holds the same MTRRs and
     CR0.CD the oracle runs: ``checks`` counts those points, ``stale_points`` the ones with stale
     leaves, and ``stale_leaves_max`` the most stale leaves seen at one. A fault never adds a
     stale leaf, so checking only after such changes is exact. Inside a burst the check waits for
@@ -219,4 +220,9 @@ def newly_stale(store: EptStore, before: IntervalMap, after: IntervalMap) -> npt
     within = before.differences(after)
     if not len(within[0]):
         return _no_keys()
-    return np.setdiff1d(_keys(store, after, within), _keys(store, before, within))
+    # One scan: the leaves disagreeing with ``after``, then those of them ``before`` agreed with.
+    keys = np.sort(_keys(store, after, within))
+    gfns, pages = leaf_key_ranges(keys)
+    uniform, want = before.uniform(gfns, pages)
+    stale: npt.NDArray[np.int64] = keys[uniform & (want == (keys & 0xFF))]
+    return stale

@@ -23,7 +23,7 @@ counts into cycles; the defaults are fitted on the series' published 8-vCPU cycl
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import astuple, dataclass, fields
 
 from mtrremu.core.counters import Counters
@@ -181,19 +181,22 @@ def model_cycles(rounds: Iterable[Sequence[ZapCall]], costs: CycleCosts, lock: M
     return total
 
 
-def rounds_of(results: Iterable[ItemResult]) -> list[tuple[ZapCall, ...]]:
-    """The zap calls of a replay (:func:`~mtrremu.core.burst.execute`'s results), grouped into
-    what ran at the same time: a burst's rounds, every other event alone."""
-    rounds: list[tuple[ZapCall, ...]] = []
+def rounds_of(results: Iterable[ItemResult]) -> Iterator[tuple[ZapCall, ...]]:
+    """The zap calls of a replay (:func:`~mtrremu.core.burst.replay`'s results), grouped into
+    what ran at the same time: a burst's rounds, every other event alone (rounds without a zap
+    call left out). Lazy, as the results are: a replay of any length is folded in passing."""
     for item in results:
         if isinstance(item, BurstResult):
             lanes = list(item.lanes.values())
             for index in range(max((len(lane) for lane in lanes), default=0)):
                 events = [lane[index] for lane in lanes if index < len(lane)]
-                rounds.append(_calls(e for e in events if isinstance(e, EventResult)))
-        elif isinstance(item, EventResult):
-            rounds.append(_calls([item]))
-    return [calls for calls in rounds if calls]
+                calls = _calls(e for e in events if isinstance(e, EventResult))
+                if calls:
+                    yield calls
+        elif isinstance(item, EventResult) and item.counted:
+            calls = _calls([item])
+            if calls:
+                yield calls
 
 
 def _calls(events: Iterable[EventResult]) -> tuple[ZapCall, ...]:

@@ -60,6 +60,7 @@ from mtrremu.core.events import (
 from mtrremu.core.fault import FaultPlan, FaultView, Memslots
 from mtrremu.core.interval_map import IntervalMap
 from mtrremu.core.memtype import Profile
+from mtrremu.core.mtrr_state import MtrrState, Registers
 from mtrremu.core.observer import NULL_OBSERVER, Observer
 from mtrremu.core.operations import OPERATIONS
 from mtrremu.core.oracle import (
@@ -212,6 +213,9 @@ class Vm:
         #: Quiescent checks so far, and the expected types and stale leaves of the last one.
         self._checks = 0
         self._last_check: tuple[IntervalMap, npt.NDArray[np.int64]] | None = None
+        self._stale_memo: (
+            tuple[EptStore, int, IntervalMap, IntervalMap, npt.NDArray[np.int64]] | None
+        ) = None
         #: Every this many quiescent checks scan every leaf (a cross-check of the others).
         self.full_scan_every = FULL_SCAN_EVERY
         self._dirty = False
@@ -458,18 +462,30 @@ class Vm:
         key = (vcpu.mtrr.version, vcpu.cd, self._dma > 0)
         cached = self._plans.get(vcpu.index)
         if cached is None or cached[0] != key:
-            mtrr = vcpu.mtrr
-            inputs = (mtrr.registers(), tuple(mtrr.order), vcpu.cd, self._dma > 0)
-            plan = self._shared_plans.get(inputs)
-            if plan is None:
-                # A plan outlives this vCPU's registers: it reads a copy of them.
-                plan = FaultPlan(replace(self.fault_view(vcpu), mtrr=mtrr.copy()))
-                if len(self._shared_plans) >= SHARED_PLANS:
-                    del self._shared_plans[next(iter(self._shared_plans))]
-                self._shared_plans[inputs] = plan
-            cached = (key, plan)
+            cached = (key, self._shared_plan(vcpu, vcpu.mtrr, vcpu.signature()[0]))
             self._plans[vcpu.index] = cached
         return cached[1]
+
+    def _shared_plan(self, vcpu: VCpu, mtrr: MtrrState, registers: Registers) -> FaultPlan:
+        """The plan of ``vcpu`` were its MTRRs ``mtrr`` (``registers`` as read back)."""
+        inputs = (registers, tuple(mtrr.order), vcpu.cd, self._dma > 0)
+        plan = self._shared_plans.get(inputs)
+        if plan is None:
+            # A plan outlives this vCPU's registers: it reads a copy of them.
+            plan = FaultPlan(replace(self.fault_view(vcpu), mtrr=mtrr.copy()))
+            if len(self._shared_plans) >= SHARED_PLANS:
+                del self._shared_plans[next(iter(self._shared_plans))]
+            self._shared_plans[inputs] = plan
+        return plan
+
+    def _plan_before_write(self, vcpu: VCpu) -> tuple[FaultPlan, MtrrState]:
+        """``vcpu``'s plan as it was before its last MTRR write (which changed its registers),
+        and its MTRRs then."""
+        old = vcpu.mtrr.before_last_write()
+        cached = self._plans.get(vcpu.index)
+        if cached is not None and cached[0] == (vcpu.mtrr.version - 1, vcpu.cd, self._dma > 0):
+            return cached[1], old
+        return self._shared_plan(vcpu, old, old.registers()), old
 
     # -- MSRs ------------------------------------------------------------------------------
 
@@ -502,24 +518,12 @@ class Vm:
                 vc.pat = value
             else:
                 dropped = self._filter.active and self._filter.drops(vc.mtrr, vc.cd, msr, value)
-                if self._track and self._honours:
-                    old_span = (
-                        vc.mtrr.var_range_gfns(msrs.var_pair(msr)[0])
-                        if msrs.is_var_msr(msr)
-                        else None
-                    )
-                    who = "host" if op.host else "guest"
-                    self._expect_event(
-                        vc,
-                        "on_mtrr_write",
-                        f"{who} write of {value:#x} to {msrs.msr_name(msr)}",
-                        old_span,
-                        result,
-                    )
-                vc.mtrr.write(msr, value)
-                if self._track:
+                # A write leaving the registers as they were changes no type: nothing to check.
+                if vc.mtrr.write(msr, value) and self._track:
+                    if self._honours:
+                        self._expect_write(vc, op, result)
                     self._resign(vc)
-                self._dirty = self._track
+                    self._dirty = True
                 if self._honours and dropped:
                     result.counters.events_filtered += 1
                 elif self._honours:
@@ -531,6 +535,23 @@ class Vm:
         if result.own_counters is None and not self._observer.active and not self._dirty:
             return result
         return self._finish(result)
+
+    def _expect_write(self, vc: VCpu, op: WriteMsr, result: EventResult) -> None:
+        """:meth:`_expect_event` for an MTRR write that changed ``vc``'s registers, after the
+        fact (most writes change nothing, and then nothing is looked up)."""
+        before, old = self._plan_before_write(vc)
+        var = msrs.is_var_msr(op.msr)
+        who = "host" if op.host else "guest"
+        self._event_checks.append(
+            _EventCheck(
+                vc,
+                before.values,
+                "on_mtrr_write",
+                f"{who} write of {op.value:#x} to {msrs.msr_name(op.msr)}",
+                old.var_range_gfns(msrs.var_pair(op.msr)[0]) if var else None,
+                result,
+            )
+        )
 
     def _host_cd_change(self, vc: VCpu, what: str, result: EventResult) -> None:
         """A host CR0 write or RESET flipped ``vc``'s CD (called before the change, under its
@@ -901,10 +922,10 @@ class Vm:
         for check in checks:
             with check.vcpu.lock:
                 after = self.plan(check.vcpu).values
-                if check.before.same_as(after):
+                if check.before is after or check.before.same_as(after):
                     continue
                 with self._mmu_lock:
-                    keys = newly_stale(self.store, check.before, after)
+                    keys = self._newly_stale(check.before, after)
             log.event_checks += 1
             if not len(keys):
                 continue
@@ -920,6 +941,24 @@ class Vm:
                     f"{check.what} on vCPU {check.vcpu.index} left {len(keys)} leaves stale "
                     f"for it, e.g. {_leaf(int(keys[0]), after)}"
                 )
+
+    def _newly_stale(self, before: IntervalMap, after: IntervalMap) -> npt.NDArray[np.int64]:
+        """:func:`newly_stale` of the store, remembered for the last pair of maps with the
+        store's generation: vCPUs flipping CD one after another ask the same question of an
+        EPT nothing changed in. The maps are the shared fault plans' own objects, so identity
+        stands for equality."""
+        memo, store = self._stale_memo, self.store
+        if (
+            memo is not None
+            and memo[0] is store
+            and memo[1] == store.generation
+            and memo[2] is before
+            and memo[3] is after
+        ):
+            return memo[4]
+        keys = newly_stale(store, before, after)
+        self._stale_memo = (store, store.generation, before, after, keys)
+        return keys
 
     def _excuse(
         self, check: _EventCheck, keys: npt.NDArray[np.int64]

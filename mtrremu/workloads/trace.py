@@ -48,7 +48,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterable, Iterator, Mapping
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -59,6 +60,7 @@ from mtrremu.core.events import Burst, FaultRange, Item, MsrValue, Op, VcpuOp
 from mtrremu.core.memtype import Precedence
 from mtrremu.core.operations import BY_NAME, BY_TYPE
 from mtrremu.core.units import PAGE_SHIFT, PAGE_SIZE, Level
+from mtrremu.workloads.columns import LAYOUTS, Layout, TraceItems
 
 FORMAT = "mtrremu-trace"
 VERSION = 2
@@ -70,12 +72,15 @@ class Trace:
 
     workload: str
     config: VmConfig
-    items: tuple[Item, ...]
+    #: A tuple when built in memory; columns (:class:`TraceItems`) when read from a file.
+    items: Sequence[Item]
     params: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def operations(self) -> int:
         """Operations in all, bursts counted by their lane operations."""
+        if isinstance(self.items, TraceItems):
+            return self.items.operations
         return sum(
             sum(len(ops) for _, ops in item.lanes) if isinstance(item, Burst) else 1
             for item in self.items
@@ -318,12 +323,23 @@ class _Reader:
 
 
 def parse(text_lines: Iterable[str], source: str = "<trace>") -> Trace:
-    """A trace from JSON Lines; a malformed line raises :class:`TraceFormatError`."""
+    """A trace from JSON Lines, its items held in columns (:class:`TraceItems`); a malformed
+    line raises :class:`TraceFormatError`.
+
+    Lines exactly as :func:`lines` writes them are read by a pattern compiled from the
+    operation table; any other line goes through the JSON parser and the full checks (both
+    give the same items: a test compares them)."""
     reader = _Reader(source)
     header: dict[str, Any] | None = None
     config: VmConfig | None = None
-    items: list[Item] = []
+    items = TraceItems()
+    vcpus = 0
     for number, text in enumerate(text_lines, start=1):
+        if header is not None:
+            row = _canonical_row(text)
+            if row is not None and row[1] < vcpus:
+                items.append_row(*row)
+                continue
         reader.line = number
         if not text.strip():
             continue
@@ -343,7 +359,7 @@ def parse(text_lines: Iterable[str], source: str = "<trace>") -> Trace:
                 raise
             except MtrremuError as error:
                 raise reader.fail(str(error)) from None
-            header = record
+            header, vcpus = record, config.vcpus
             continue
         try:
             item = reader.item(record)
@@ -351,15 +367,72 @@ def parse(text_lines: Iterable[str], source: str = "<trace>") -> Trace:
             raise
         except MtrremuError as error:
             raise reader.fail(str(error)) from None
-        assert config is not None
-        _check_vcpus(reader, item, config.vcpus)
+        _check_vcpus(reader, item, vcpus)
         items.append(item)
     if header is None or config is None:
         raise TraceFormatError(source, max(reader.line, 1), "empty trace: no header line")
     params = header.get("params", {})
     if not isinstance(params, dict):
         raise TraceFormatError(source, 1, '"params" must be an object')
-    return Trace(str(header.get("workload", "trace")), config, tuple(items), params)
+    items.seal()
+    return Trace(str(header.get("workload", "trace")), config, items, params)
+
+
+def _canonical_pattern(layout: Layout) -> tuple[re.Pattern[str], tuple[str, ...]]:
+    """The line :func:`lines` writes for ``layout``'s kind, as a pattern, and what each group
+    is: ``v`` (the vCPU), ``a``/``b`` (integer fields) or ``f<bit>`` (a flag). The pattern
+    admits only values the full checks accept (32-bit MSR indices, 64-bit numbers); the vCPU
+    is checked against the VM by the caller."""
+    parts = [re.escape(f'{{"op":"{layout.kind.name}"')]
+    roles = []
+    for spec in layout.kind.fields:
+        if spec.name == "vcpu":
+            parts.append(',"vcpu":(0|[1-9][0-9]{0,9})')
+            roles.append("v")
+        elif spec.name in layout.ints:
+            digits = 8 if spec.name == "msr" else 16
+            parts.append(f',"{spec.name}":"0x(0|[1-9a-f][0-9a-f]{{0,{digits - 1}}})"')
+            roles.append("ab"[layout.ints.index(spec.name)])
+        else:
+            parts.append(f',"{spec.name}":(true|false)')
+            roles.append(f"f{layout.flags.index(spec.name)}")
+    parts.append(r"\}\s*")
+    return re.compile("".join(parts)), tuple(roles)
+
+
+#: Canonical line patterns by operation name. A fault range's alignment is checked by the full
+#: path only, so its lines always take it (they are few).
+_CANONICAL = {
+    layout.kind.name: (layout.index, *_canonical_pattern(layout))
+    for layout in LAYOUTS
+    if layout is not None and layout.kind.type is not FaultRange
+}
+_OP_PREFIX = '{"op":"'
+
+
+def _canonical_row(text: str) -> tuple[int, int, int, int, int] | None:
+    """``(kind index, vcpu, a, b, flags)`` of a line exactly as :func:`lines` writes it."""
+    if not text.startswith(_OP_PREFIX):
+        return None
+    end = text.find('"', len(_OP_PREFIX))
+    known = _CANONICAL.get(text[len(_OP_PREFIX) : end])
+    if known is None:
+        return None
+    index, pattern, roles = known
+    match = pattern.fullmatch(text)
+    if match is None:
+        return None
+    vcpu = a = b = flags = 0
+    for role, value in zip(roles, match.groups(), strict=True):
+        if role == "v":
+            vcpu = int(value)
+        elif role == "a":
+            a = int(value, 16)
+        elif role == "b":
+            b = int(value, 16)
+        elif value == "true":
+            flags |= 1 << int(role[1])
+    return index, vcpu, a, b, flags
 
 
 def _check_vcpus(reader: _Reader, item: Item, vcpus: int) -> None:
