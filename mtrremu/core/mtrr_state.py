@@ -58,7 +58,8 @@ class MtrrState:
     def __post_init__(self) -> None:
         self._high = msrs.reserved_gpa_bits(self.maxphyaddr)
         # What the last write replaced: (msr, stored value, variable list order or None).
-        self._undo: tuple[int, int, list[int] | None] | None = None
+        # (A fixed range's old value is kept as its 8 bytes.)
+        self._undo: tuple[int, int | bytearray, list[int] | None] | None = None
 
     # -- registers ------------------------------------------------------------------------
 
@@ -99,12 +100,13 @@ class MtrrState:
                 self.order is not order and self.order != order
             )
         elif msrs.is_fixed_msr(msr):
-            slot = msrs.fixed_msr_slot(msr)
-            old = self.fixed[8 * slot : 8 * slot + 8]
-            self._undo = (msr, int.from_bytes(old, "little"), None)
+            at = 8 * msrs.fixed_msr_slot(msr)
+            old = self.fixed[at : at + 8]
+            self._undo = (msr, old, None)  # bytes: turned into a value only if asked for
             new = value.to_bytes(8, "little")
             changed = new != old
-            self.fixed[8 * slot : 8 * slot + 8] = new
+            if changed:
+                self.fixed[at : at + 8] = new
         else:
             raise ValueError(f"{msrs.msr_name(msr)} is not an MTRR MSR")
         self.version += changed
@@ -117,18 +119,18 @@ class MtrrState:
         if self._undo is None:
             return state
         msr, stored, order = self._undo
-        if msr == msrs.DEFTYPE:
+        if isinstance(stored, bytearray):
+            slot = msrs.fixed_msr_slot(msr)
+            state.fixed[8 * slot : 8 * slot + 8] = stored
+        elif msr == msrs.DEFTYPE:
             state.deftype = stored
-        elif order is not None:
+        else:
             pair, is_mask = msrs.var_pair(msr)
             if is_mask:
                 state.masks[pair] = stored
             else:
                 state.bases[pair] = stored
-            state.order = list(order)
-        else:
-            slot = msrs.fixed_msr_slot(msr)
-            state.fixed[8 * slot : 8 * slot + 8] = stored.to_bytes(8, "little")
+            state.order = list(order or ())
         state.version = -1
         return state
 
