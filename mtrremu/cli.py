@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import dataclasses
 import logging
+import os
 import sys
 from collections import Counter
 from collections.abc import Sequence
@@ -22,7 +23,7 @@ from mtrremu.ab.runner import (
     EXPERIMENTS,
     LAYOUTS,
     Plan,
-    default_strategies,
+    chosen_strategies,
     executor_for,
     run_all,
     spawned_server,
@@ -30,28 +31,95 @@ from mtrremu.ab.runner import (
 )
 from mtrremu.core.errors import InvalidArgument, MtrremuError
 from mtrremu.core.units import SIZE_SUFFIXES
-from mtrremu.plugin.manager import default_manager
+from mtrremu.plugin.manager import (
+    BLOCK_ENV,
+    ONLY_ENV,
+    TRACE_ENV,
+    PluginSelection,
+    default_manager,
+)
 from mtrremu.rpc.transport import Tls
 from mtrremu.server.clients import Clients
 from mtrremu.server.fairness import StreamLimits
 from mtrremu.server.limits import Limits
 from mtrremu.snapshot import read_snapshot
-from mtrremu.workloads import WORKLOADS
-from mtrremu.workloads.trace import save
+from mtrremu.workloads import WORKLOADS, build
+from mtrremu.workloads.recording import (
+    DEFAULT_BURST_WINDOW_US,
+    FORMATS,
+    VMMS,
+    RecordingOptions,
+    export_lines,
+)
+from mtrremu.workloads.trace import load, save
 
 if TYPE_CHECKING:
     from mtrremu.client import Client
 
 
+#: ``mtrremu strategies --strict``'s exit status when a plugin was not loaded.
+EXIT_PLUGIN_FAULT = 1
+
+
 def _strategies(args: argparse.Namespace) -> int:
-    for registered in default_manager().strategies():
+    manager = default_manager()
+    for registered in manager.strategies():
         spec = registered.spec
         print(
             f"{spec.name:<20} profile {spec.profile.value:<5} "
             f"{registered.distribution} {registered.version} ({registered.plugin})"
         )
         print(f"{'':<20} {spec.description}")
-    return 0
+    if manager.faults:
+        print(f"\nnot loaded ({len(manager.faults)}):")
+        for fault in manager.faults:
+            print(f"  {fault.error}")
+    if manager.skipped:
+        print(f"\nskipped ({len(manager.skipped)}):")
+        for skipped in manager.skipped:
+            print(
+                f"  plugin {skipped.plugin!r} ({skipped.distribution} {skipped.version}): "
+                f"{skipped.why}"
+            )
+    return EXIT_PLUGIN_FAULT if args.strict and manager.faults else 0
+
+
+def _add_plugin_options(parser: argparse.ArgumentParser) -> None:
+    """The options selecting installed plugins and tracing hook calls (docs/plugin-loading.md);
+    :func:`_select_plugins` applies them."""
+    parser.add_argument(
+        "--block-plugin",
+        action="append",
+        metavar="DIST",
+        help=f"do not load the installed plugins of distribution DIST (repeatable; adds to "
+        f"${BLOCK_ENV})",
+    )
+    parser.add_argument(
+        "--only-plugins",
+        metavar="DIST,...",
+        help=f"load only these installed plugin distributions besides the built-ins "
+        f"(replaces ${ONLY_ENV}; '' loads none)",
+    )
+    parser.add_argument(
+        "--trace-hooks",
+        action="store_true",
+        help=f"log every plugin hook call with its arguments and outcome (or ${TRACE_ENV}=1)",
+    )
+
+
+def _select_plugins(args: argparse.Namespace) -> None:
+    """Apply ``--block-plugin``, ``--only-plugins`` and ``--trace-hooks`` by setting their
+    environment variables, so every process the command starts (``--executor local:N``
+    workers, a ``--target spawn`` server) selects the same plugins; a bad selection (blocking
+    the built-ins) fails here."""
+    if args.block_plugin:
+        blocked = [n for n in os.environ.get(BLOCK_ENV, "").split(",") if n.strip()]
+        os.environ[BLOCK_ENV] = ",".join([*blocked, *args.block_plugin])
+    if args.only_plugins is not None:
+        os.environ[ONLY_ENV] = args.only_plugins
+    if args.trace_hooks:
+        os.environ[TRACE_ENV] = "1"
+    PluginSelection.from_environment()
 
 
 _SUFFIXES = {"": 1, **SIZE_SUFFIXES}
@@ -235,8 +303,9 @@ def _ab(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     plugins = tuple(args.plugin or ())
     plan = Plan(
-        workloads=args.workload or ([] if args.trace else list(DEFAULT_WORKLOADS)),
-        strategies=args.strategy or default_strategies(plugins),
+        workloads=args.workload
+        or ([] if args.trace or args.recording else list(DEFAULT_WORKLOADS)),
+        strategies=chosen_strategies(args.strategy or [], plugins),
         seeds=args.seed or [1],
         vcpus=args.vcpus or [],
         memory=args.memory or [],
@@ -245,6 +314,13 @@ def _ab(args: argparse.Namespace) -> int:
         layouts=args.layout or [],
         params=dict(args.param or []),
         traces=args.trace or [],
+        recordings=args.recording or [],
+        recording=RecordingOptions(
+            format=args.recording_format,
+            vmm=args.vmm,
+            memslots_file=args.memslots,
+            burst_window_us=args.burst_window_us,
+        ),
         plugins=plugins,
         strict_trace=args.strict_trace,
     )
@@ -298,9 +374,30 @@ def _ab(args: argparse.Namespace) -> int:
         code = EXIT_STALE
     else:
         code = EXIT_CLEAN
+    for done in records:
+        found = done.get("host_disagreements")
+        if found and found["count"]:
+            console.print(
+                f"host faults: {done['workload']} {done['strategy']}: {found['count']} guest "
+                f"MSR writes faulted differently from the recording; first: {found['first']}"
+            )
     summary = ", ".join(f"{n} {v}" for v, n in sorted(verdicts.items()))
     console.print(f"verdict:    {len(records)} runs: {summary} (exit status {code})")
     return code
+
+
+def _export(args: argparse.Namespace) -> int:
+    if args.workload is not None:
+        trace = build(args.workload, dict(args.param or []), args.seed)
+    elif args.param:
+        raise InvalidArgument("--param applies to workloads only")
+    else:
+        trace = load(Path(args.trace))
+    with contextlib.ExitStack() as stack:
+        out = sys.stdout if args.out is None else stack.enter_context(Path(args.out).open("w"))
+        for line in export_lines(trace, args.format):
+            out.write(line + "\n")
+    return 0
 
 
 class _Help(argparse.RawDescriptionHelpFormatter):
@@ -326,7 +423,21 @@ def build_parser() -> argparse.ArgumentParser:
         description="Emulate how Linux KVM on Intel EPT picks guest memory types and zaps.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    listing = commands.add_parser("strategies", help="list the installed zap strategies")
+    listing = commands.add_parser(
+        "strategies",
+        help="list the installed zap strategies and the plugins that could not be loaded",
+        description="List every strategy (name, memtype profile, distribution, version and "
+        "plugin), then the plugins that were not loaded and why, then those the plugin "
+        "selection skipped (docs/plugin-loading.md).",
+        epilog=f"exit status: 0, or {EXIT_PLUGIN_FAULT} with --strict if a plugin was not "
+        "loaded; 2 for a bad selection",
+    )
+    listing.add_argument(
+        "--strict",
+        action="store_true",
+        help=f"exit {EXIT_PLUGIN_FAULT} if any plugin could not be loaded",
+    )
+    _add_plugin_options(listing)
     listing.set_defaults(run=_strategies)
     defaults = Limits()
     streams = StreamLimits()
@@ -419,6 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a stream with no request and no work for this long is cancelled",
     )
     serve.add_argument("--plugin", action="append", metavar="MODULE", help=_PLUGIN_HELP)
+    _add_plugin_options(serve)
     serve.add_argument(
         "--tls-cert",
         metavar="FILE",
@@ -476,6 +588,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_snapshot_commands(commands)
 
+    export = commands.add_parser(
+        "export",
+        help="write a workload or trace as a host recording would show it (docs/recordings.md)",
+        formatter_class=_Help,
+    )
+    source = export.add_mutually_exclusive_group(required=True)
+    source.add_argument("-w", "--workload", metavar="ID", help="a workload, e.g. W1")
+    source.add_argument("--trace", metavar="FILE", help="a trace file (JSON Lines)")
+    export.add_argument("--format", choices=FORMATS, default="ftrace", help="the text format")
+    export.add_argument("--seed", type=int, default=1, help="the workload's seed")
+    export.add_argument(
+        "--param", type=_key_value, action="append", metavar="KEY=VALUE", help="a parameter"
+    )
+    export.add_argument("-o", "--out", metavar="FILE", help="output file (default: stdout)")
+    export.set_defaults(run=_export)
+
     ab = commands.add_parser(
         "ab",
         help="A/B comparison of zap strategies on realistic workloads",
@@ -503,8 +631,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--strategy",
         action="append",
         metavar="NAME[:OPT=VAL,...]",
-        help=f"a strategy, with options if any, e.g. lazy:scope=changed or kvm-6.5:events=acrn "
-        f"(default: {', '.join((*ROWS, *EXPERIMENTS))}, and every installed non-built-in one)",
+        help=f"a strategy, with options if any, e.g. lazy:scope=changed or kvm-6.5:events=acrn; "
+        f"'all' adds every other built-in and installed one "
+        f"(default: {', '.join((*ROWS, *EXPERIMENTS))}, and those of --plugin modules)",
     )
     ab.add_argument(
         "--plugin",
@@ -512,6 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MODULE",
         help=_PLUGIN_HELP + " (its strategies join the default set)",
     )
+    _add_plugin_options(ab)
     ab.add_argument(
         "--vcpus", type=int, action="append", help="vCPU count (default: the workload's)"
     )
@@ -551,6 +681,39 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="FILE",
         help="replay a trace file (JSON Lines, see mtrremu.workloads.trace) as well",
+    )
+    ab.add_argument(
+        "--recording",
+        action="append",
+        metavar="FILE",
+        help="replay a host's trace-cmd/ftrace or perf script text of kvm:kvm_msr and "
+        "kvm:kvm_cr (gzip too) as well (docs/recordings.md); --memory sets its RAM "
+        "(default: 16G on q35)",
+    )
+    ab.add_argument(
+        "--recording-format",
+        choices=("auto", *FORMATS),
+        default="auto",
+        help="the recordings' text format",
+    )
+    ab.add_argument(
+        "--vmm",
+        choices=VMMS,
+        default="qemu",
+        help="what the VMM wrote that the tracepoints cannot see (QEMU's reset-time pushes)",
+    )
+    ab.add_argument(
+        "--memslots",
+        metavar="FILE.json",
+        help="the recordings' VM as a JSON object shaped as a trace header's \"vm\"",
+    )
+    ab.add_argument(
+        "--burst-window-us",
+        type=int,
+        default=DEFAULT_BURST_WINDOW_US,
+        metavar="N",
+        help="recorded writes from several vCPUs, each within N µs of the one before, are one "
+        "burst",
     )
     ab.add_argument("--save-traces", metavar="DIR", help="also write the generated traces")
     ab.add_argument(
@@ -615,6 +778,8 @@ def _add_snapshot_commands(commands: argparse._SubParsersAction[argparse.Argumen
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if "trace_hooks" in args:
+            _select_plugins(args)
         code: int = args.run(args)
     except MtrremuError as error:
         print(f"mtrremu: {error}", file=sys.stderr)

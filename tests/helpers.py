@@ -18,7 +18,7 @@ import grpc
 import pytest
 from google.protobuf.descriptor import MethodDescriptor
 
-from mtrremu.core import cr0, events, msrs
+from mtrremu.core import events
 from mtrremu.core.config import Memslot, MemslotKind, VmConfig
 from mtrremu.core.memtypes import MemType
 from mtrremu.core.units import GIB, KIB, MIB, Level
@@ -26,6 +26,12 @@ from mtrremu.core.vm import Vm
 from mtrremu.plugin.manager import PluginManager
 from mtrremu.server.app import EmulatorServer, ServerSettings
 from mtrremu.server.interceptor import RateLimit
+from mtrremu.testing.cases import CD0 as CD0  # noqa: PLC0414 (re-export)
+from mtrremu.testing.cases import CD1 as CD1  # noqa: PLC0414 (re-export)
+from mtrremu.testing.cases import set_deftype as set_deftype  # noqa: PLC0414 (re-export)
+from mtrremu.testing.cases import set_fixed_all as set_fixed_all  # noqa: PLC0414 (re-export)
+from mtrremu.testing.cases import set_var as set_var  # noqa: PLC0414 (re-export)
+from mtrremu.testing.cases import var_mask as var_mask  # noqa: PLC0414 (re-export)
 
 #: The test profile (see ``tests/conftest.py``): ``quick`` unless ``MTRREMU_TEST_PROFILE=ci``.
 PROFILE = os.environ.get("MTRREMU_TEST_PROFILE", "quick")
@@ -48,8 +54,6 @@ SHARED = ("zap-all-shared", "fine-grained-shared", "fine-grained-split-shared")
 EXPERIMENTAL = ("precise", "lazy")
 ALL_STRATEGIES = FAITHFUL + SHARED + EXPERIMENTAL
 SERIES = ("zap-all", "zap-all-serialized", "fine-grained", "fine-grained-split")
-CD0 = cr0.ET | cr0.PE
-CD1 = cr0.ET | cr0.PE | cr0.CD
 
 _MANAGER = PluginManager(entry_points=False)
 
@@ -72,33 +76,6 @@ def q35_slots(ram_gib: int = 4) -> tuple[Memslot, ...]:
     if ram_gib > 2:
         slots.append(Memslot.from_bytes(4 * GIB, (ram_gib - 2) * GIB, name="high"))
     return tuple(slots)
-
-
-def var_mask(size: int, maxphyaddr: int = 40) -> int:
-    """A valid PhysMask value for a power-of-two ``size``."""
-    return (~(size - 1) & ((1 << maxphyaddr) - 1) & ~0xFFF) | msrs.PHYSMASK_VALID
-
-
-def set_var(
-    vm: Vm, vcpu: int, pair: int, base: int, size: int, mtype: int, host: bool = True
-) -> None:
-    """Program a variable pair: base (with type) then mask, as firmware does."""
-    maxphy = vm.config.guest_maxphyaddr
-    assert vm.write_msr(vcpu, msrs.PHYSBASE0 + 2 * pair, base | mtype, host=host).gp is None
-    assert (
-        vm.write_msr(vcpu, msrs.PHYSBASE0 + 2 * pair + 1, var_mask(size, maxphy), host=host).gp
-        is None
-    )
-
-
-def set_fixed_all(vm: Vm, vcpu: int, mtype: int, host: bool = True) -> None:
-    value = int.from_bytes(bytes([mtype] * 8), "little")
-    for msr in msrs.FIXED_MSRS:
-        assert vm.write_msr(vcpu, msr, value, host=host).gp is None
-
-
-def set_deftype(vm: Vm, vcpu: int, value: int, host: bool = True) -> None:
-    assert vm.write_msr(vcpu, msrs.DEFTYPE, value, host=host).gp is None
 
 
 def programmed(strategy: str, vcpus: int, fixed: MemType = MemType.WB) -> Vm:

@@ -52,6 +52,7 @@ RECORD_FIELDS = {
     "verdict",
     "failure",
     "refused",
+    "host_disagreements",
     "counters",
     "staleness",
     "published",

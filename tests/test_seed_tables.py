@@ -2,101 +2,26 @@
 
 Each case programs one vCPU's MTRRs, faults all memory in, flips CR0.CD with a guest write and
 checks the zap decision — nothing, the listed non-default ranges, or everything — both in what
-was requested and in what is left in the EPT. The same events under ``zap-all`` zap everything.
+was requested and in what is left in the EPT (the cells live in :mod:`mtrremu.testing.cases`,
+shared with the conformance suite). The same events under ``zap-all`` zap everything.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 
-from mtrremu.core import msrs
 from mtrremu.core.events import EventResult
-from mtrremu.core.memtypes import MemType
-from mtrremu.core.units import ZAP_ALL, GfnRange
+from mtrremu.core.units import GfnRange
 from mtrremu.core.vm import Vm
-from tests.helpers import (
-    CD0,
-    CD1,
-    GIB,
-    MIB,
-    gfn,
-    gpa,
-    leaves,
-    make_vm,
-    q35_slots,
-    set_deftype,
-    set_fixed_all,
-    set_var,
+from mtrremu.testing.cases import (
+    CELLS,
+    EVERYTHING,
+    NOTHING,
+    Cell,
+    expected_ranges,
+    program,
 )
-
-FIXED_AREA = GfnRange(0, gfn(MIB))
-UC_HOLE = GfnRange(gfn(3 * GIB), gfn(4 * GIB))
-WT_RANGE = GfnRange(gfn(5 * GIB), gfn(5 * GIB + 512 * MIB))
-NOTHING: tuple[GfnRange, ...] = ()
-EVERYTHING = (ZAP_ALL,)
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One cell: the MTRR setup, the guest's CPUID and quirk, the toggle direction."""
-
-    quirk: bool
-    mtrrs: str  # "enabled-wb", "enabled-wb-fixed-wb", "enabled-uc", "disabled"
-    feature_mtrr: bool
-    to_cd: int  # the CD value the guest writes
-
-    @property
-    def id(self) -> str:
-        quirk = "quirk-on" if self.quirk else "quirk-off"
-        feature = "" if self.feature_mtrr else "-no-feature-mtrr"
-        return f"{quirk}-{self.mtrrs}{feature}-cd{1 - self.to_cd}to{self.to_cd}"
-
-
-def program(vm: Vm, cell: Cell) -> None:
-    """Host-initiated MTRR setup on vCPU 0 (host writes at CD=1 never zap)."""
-    fixed_type = MemType.WB if cell.mtrrs == "enabled-wb-fixed-wb" else MemType.UC
-    set_fixed_all(vm, 0, MemType.WB)
-    if fixed_type is not MemType.WB:
-        assert vm.write_msr(0, msrs.FIX16K_A0000, 0, host=True).gp is None
-    set_var(vm, 0, 0, 0, 8 * GIB, MemType.WB)
-    set_var(vm, 0, 1, 3 * GIB, GIB, MemType.UC)
-    set_var(vm, 0, 2, 5 * GIB, 512 * MIB, MemType.WT)
-    deftype = {
-        "enabled-wb": 0xC06,
-        "enabled-wb-fixed-wb": 0xC06,
-        "enabled-uc": 0xC00,
-        "disabled": 0x006,
-    }[cell.mtrrs]
-    set_deftype(vm, 0, deftype)
-
-
-def expected_ranges(cell: Cell) -> tuple[GfnRange, ...]:
-    if not cell.quirk:
-        return EVERYTHING  # CD=1 is UC+IPAT: never the MTRR type
-    if cell.mtrrs == "disabled":
-        return EVERYTHING if cell.feature_mtrr else NOTHING
-    if cell.mtrrs == "enabled-uc":
-        return EVERYTHING
-    # Default WB == the CD=1 type: only ranges of another type, the fixed area first, then
-    # the variable ranges in KVM's list order (descending base: WT at 5 GiB, then UC at 3 GiB).
-    var = (WT_RANGE, UC_HOLE)
-    return var if cell.mtrrs == "enabled-wb-fixed-wb" else (FIXED_AREA, *var)
-
-
-CELLS = [
-    Cell(quirk, mtrrs, feature, to_cd)
-    for quirk in (True, False)
-    for mtrrs, feature in (
-        ("enabled-wb", True),
-        ("enabled-wb-fixed-wb", True),
-        ("enabled-uc", True),
-        ("disabled", True),
-        ("disabled", False),
-    )
-    for to_cd in (0, 1)
-]
+from tests.helpers import CD0, CD1, gpa, leaves, make_vm, q35_slots
 
 
 def toggle(strategy: str, cell: Cell) -> tuple[Vm, EventResult, list[tuple[int, int, int]]]:

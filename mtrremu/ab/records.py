@@ -23,6 +23,10 @@ Fields:
                       ``"error"`` (anything else, e.g. the server went away)
 ``refused``           operations the emulator refused, by reason (``HOST_WRITE_REJECTED``,
                       ``FAILED_PRECONDITION``, …); they changed nothing
+``host_disagreements`` for a host recording replayed in-process (docs/recordings.md): guest MSR
+                      writes the emulator faulted and the host did not, or the other way
+                      round: ``{"count", "first"}`` (``first`` describes one, or ``null``);
+                      ``null`` otherwise
 ``counters``          every counter of :class:`mtrremu.core.counters.Counters`, plus the totals
                       ``leaves_removed``, ``entries_visited`` and ``recalc_work`` (zeros if
                       the replay never ran)
@@ -112,6 +116,7 @@ def record(
         "verdict": verdict(staleness, failure),
         "failure": failure,
         "refused": refused,
+        "host_disagreements": None if replay is None else replay.host_disagreements,
         "counters": counters,
         "staleness": staleness,
         "published": None

@@ -28,12 +28,13 @@ from mtrremu.ab.records import record
 from mtrremu.core.burst import replay
 from mtrremu.core.config import Memslot, MemslotKind
 from mtrremu.core.errors import BrokenStrategy, InvalidArgument
-from mtrremu.core.events import EventResult, ItemResult, Refused, operation_results
+from mtrremu.core.events import EventResult, ItemResult, Refused, WriteMsr, operation_results
 from mtrremu.core.oracle import STALENESS_COUNTS, StalenessLog
 from mtrremu.core.strategy import MmuLock
 from mtrremu.core.timing import DEFAULT_COSTS, Cycles, ZapCall, round_cycles, rounds_of
-from mtrremu.plugin.manager import BUILTIN_PLUGINS, manager_for
+from mtrremu.plugin.manager import manager_for
 from mtrremu.workloads import build, workload
+from mtrremu.workloads.recording import RecordingOptions, load_recording
 from mtrremu.workloads.trace import Trace, load
 
 LAYOUTS = ("default", "merged")
@@ -61,7 +62,8 @@ class RunSpec:
     """One run. ``overrides`` are workload parameters; ``vm`` overrides VM flags after the
     trace is built (``quirk_cd_nw_cleared``, ``feature_mtrr``, ``layout``); ``plugins`` are
     plugin modules to load besides the installed ones (``--plugin``); ``strict_trace`` makes any
-    refused operation fail the run."""
+    refused operation fail the run; with ``recording``, ``trace_file`` is a host recording
+    imported with those options (docs/recordings.md)."""
 
     workload: str
     #: A name, with options if any (see :func:`parse_strategy`).
@@ -73,6 +75,7 @@ class RunSpec:
     target: str | None = None
     plugins: tuple[str, ...] = ()
     strict_trace: bool = False
+    recording: RecordingOptions | None = None
 
     @property
     def label(self) -> str:
@@ -95,7 +98,10 @@ def trace_for(spec: RunSpec) -> Trace:
     if spec.trace_file is not None:
         path = Path(spec.trace_file)
         stat = path.stat() if path.is_file() else None
-        trace = _loaded(str(path), stat.st_mtime_ns, stat.st_size) if stat else load(path)
+        if stat is None:
+            trace = load(path) if spec.recording is None else load_recording(path, spec.recording)
+        else:
+            trace = _loaded(str(path), stat.st_mtime_ns, stat.st_size, spec.recording)
     else:
         trace = build(spec.workload, dict(spec.overrides), spec.seed)
     vm = dict(spec.vm)
@@ -109,9 +115,12 @@ def trace_for(spec: RunSpec) -> Trace:
 
 
 @lru_cache(maxsize=2)
-def _loaded(path: str, mtime_ns: int, size: int) -> Trace:
-    """A trace file parsed once for all the runs of a job that replay it (the same file as
-    long as its time stamp and size are); traces are immutable."""
+def _loaded(path: str, mtime_ns: int, size: int, recording: RecordingOptions | None) -> Trace:
+    """A trace file (or a recording, imported with ``recording``) parsed once for all the runs
+    of a job that replay it (the same file as long as its time stamp and size are); traces
+    are immutable."""
+    if recording is not None:
+        return load_recording(Path(path), recording)
     return load(Path(path))
 
 
@@ -140,6 +149,9 @@ class Replay:
     strategy_failure: tuple[str, str] | None
     #: The timing model's cycles for the zap calls, by what ran at the same time.
     cycles: Cycles
+    #: For a host recording: guest MSR writes whose outcome differs from the host's
+    #: (``count``, and the ``first`` as text); ``None`` for anything else.
+    host_disagreements: dict[str, Any] | None = None
 
 
 def run(spec: RunSpec) -> dict[str, Any]:
@@ -187,13 +199,35 @@ def verdict_failure(replay: Replay, strict_trace: bool) -> dict[str, Any] | None
 
 class _Fold:
     """What a replay's results add up to, folded one result at a time (a replay of any length
-    holds none of them): refusals by reason, the first strategy failure, the modelled cycles."""
+    holds none of them): refusals by reason, the first strategy failure, the modelled cycles,
+    and for a host recording, how many guest MSR writes the emulator faulted where the host
+    did not or the other way round (a count per vCPU and the first disagreement only)."""
 
-    def __init__(self, lock: MmuLock) -> None:
+    def __init__(self, lock: MmuLock, host_faults: frozenset[tuple[int, int]] | None) -> None:
         self.lock = lock
         self.refused: Counter[str] = Counter()
         self.first_failure: tuple[str, str] | None = None
         self.cycles = Cycles()
+        self.host_faults = host_faults
+        self.msr_writes: Counter[int] = Counter()
+        self.disagreements = 0
+        self.first_disagreement = ""
+
+    def guest_msr_write(self, vcpu: int, msr: int, value: int, faulted: bool) -> None:
+        """A guest MSR write's outcome, compared with the host's (recordings only)."""
+        if self.host_faults is None:
+            return
+        index = self.msr_writes[vcpu]
+        self.msr_writes[vcpu] += 1
+        host_faulted = (vcpu, index) in self.host_faults
+        if faulted != host_faulted:
+            self.disagreements += 1
+            if not self.first_disagreement:
+                self.first_disagreement = (
+                    f"vCPU {vcpu} guest MSR write #{index} ({msr:#x} = {value:#x}): "
+                    f"host {'#GP' if host_faulted else 'accepted'}, "
+                    f"emulator {'#GP' if faulted else 'accepted'}"
+                )
 
     def outcome(self, reason: str | None, failure: tuple[str, str] | None) -> None:
         if reason is not None:
@@ -206,6 +240,14 @@ class _Fold:
 
     def result(self, result: ItemResult) -> None:
         """One item's result (a burst's: all its lanes)."""
+        if self.host_faults is not None:
+            for one in operation_results([result]):
+                if (
+                    isinstance(one, EventResult)
+                    and isinstance(one.op, WriteMsr)
+                    and not one.op.host
+                ):
+                    self.guest_msr_write(one.op.vcpu, one.op.msr, one.op.value, one.gp is not None)
         if type(result) is EventResult and not result.counted:
             # The common case, short-cut: an event that counted nothing zapped nothing.
             if result.strategy_failure is not None:
@@ -221,13 +263,18 @@ class _Fold:
 
     def replay(self, counters: dict[str, int], staleness: dict[str, Any]) -> Replay:
         refused = dict(sorted(self.refused.items()))
-        return Replay(counters, staleness, refused, self.first_failure, self.cycles)
+        disagreements = (
+            None
+            if self.host_faults is None
+            else {"count": self.disagreements, "first": self.first_disagreement or None}
+        )
+        return Replay(counters, staleness, refused, self.first_failure, self.cycles, disagreements)
 
 
 def _replay(spec: RunSpec, trace: Trace, lock: MmuLock) -> Replay:
     name, options = parse_strategy(spec.strategy)
     vm = manager_for(spec.plugins).create_vm(trace.config, name, options, vm_id="ab")
-    fold = _Fold(lock)
+    fold = _Fold(lock, trace.host_faults)
     for result in replay(vm, trace.items):
         fold.result(result)
     end = vm.stale_at_quiescence()
@@ -240,7 +287,9 @@ def _replay_remote(spec: RunSpec, trace: Trace, lock: MmuLock) -> Replay:
     from mtrremu.rpc import convert  # noqa: PLC0415  (protobuf only for runs against a server)
 
     assert spec.target is not None
-    fold = _Fold(lock)
+    # Results come back without their operations: a recording's host faults are compared
+    # in-process only (the record says null).
+    fold = _Fold(lock, None)
     with rpc.Client(spec.target, timeout=600) as connection:
         remote = connection.create_vm(trace.config, *parse_strategy(spec.strategy))
         try:
@@ -307,6 +356,9 @@ class Plan:
     layouts: Sequence[str] = ()
     params: Mapping[str, str] = field(default_factory=dict)
     traces: Sequence[str] = ()
+    #: Host recordings, imported with ``recording`` (``memory`` gives their RAM when set).
+    recordings: Sequence[str] = ()
+    recording: RecordingOptions = field(default_factory=RecordingOptions)
     plugins: tuple[str, ...] = ()
     strict_trace: bool = False
 
@@ -326,14 +378,30 @@ class Plan:
             # Unknown names and options fail before anything runs.
             manager_for(self.plugins).check_options(*parse_strategy(strategy))
         specs = []
+        self.recording.check()
         sources = [(w, None) for w in self.workloads] + [("trace", t) for t in self.traces]
+        sources += [("recording", r) for r in self.recordings]
         for (name, trace_file), config, vm_config, seed, strategy in itertools.product(
             sources, configs, vm_configs, self.seeds, self.strategies
         ):
             overrides = [kv for kv in config if kv is not None]
+            recording = None
             if trace_file is None:
                 workload(name)  # unknown names fail before anything runs
                 overrides += list(self.params.items())
+            elif name == "recording":
+                recording = self.recording
+                ram = dict(overrides).pop("ram", None)
+                if (
+                    self.params
+                    or len(overrides) > (ram is not None)
+                    or (ram is not None and recording.memslots_file)
+                ):
+                    raise InvalidArgument(
+                        "only --memory applies to --recording files, and not with --memslots"
+                    )
+                if ram is not None:
+                    recording = dataclasses.replace(recording, ram_bytes=ram)
             elif overrides or self.params:
                 raise InvalidArgument("--vcpus, --memory and --param do not apply to --trace files")
             specs.append(
@@ -346,6 +414,7 @@ class Plan:
                     trace_file=trace_file,
                     plugins=self.plugins,
                     strict_trace=self.strict_trace,
+                    recording=recording,
                 )
             )
         return specs
@@ -360,11 +429,33 @@ def _or_none(axis: list[tuple[str, Any]]) -> list[tuple[str, Any] | None]:
 EXPERIMENTS = ("precise", "lazy", "lazy:scope=changed")
 
 
+#: The ``-s`` value that stands for every registered strategy.
+ALL = "all"
+
+
 def default_strategies(plugins: tuple[str, ...] = ()) -> list[str]:
-    """The series' rows and our experimental strategies, then every strategy not built in:
-    installed ones and those of the plugin modules ``plugins``."""
-    extras = [s.name for s in manager_for(plugins).strategies() if s.plugin not in BUILTIN_PLUGINS]
+    """The series' rows and our experimental strategies, then those of the plugin modules
+    ``plugins`` (``--plugin``). Installed third-party strategies are not in it: they join with
+    ``-s all`` and are always selectable by name, so installing a plugin never changes the
+    default job."""
+    extras = [s.name for s in manager_for(plugins).strategies() if s.plugin in plugins]
     return [*ROWS, *EXPERIMENTS, *extras]
+
+
+def chosen_strategies(requested: Sequence[str], plugins: tuple[str, ...] = ()) -> list[str]:
+    """The strategies ``-s`` asks for, in order and without repeats: none given is
+    :func:`default_strategies`; :data:`ALL` is the default set followed by every other
+    registered strategy (built-in or installed), by name."""
+    if not requested:
+        return default_strategies(plugins)
+    chosen: list[str] = []
+    for item in requested:
+        if item != ALL:
+            chosen.append(item)
+            continue
+        defaults = default_strategies(plugins)
+        chosen += [*defaults, *(s.name for s in manager_for(plugins).strategies())]
+    return list(dict.fromkeys(chosen))
 
 
 # -- executing ------------------------------------------------------------------------------

@@ -214,3 +214,35 @@ class BrokenStrategy(FailedPrecondition):
     @classmethod
     def _rebuild(cls, message: str, metadata: Mapping[str, str]) -> MtrremuError:
         return cls(metadata["strategy"], metadata["origin"], metadata["why"])
+
+
+class BrokenPlugin(FailedPrecondition):
+    """An installed plugin that could not be loaded: it failed to import, pluggy refused its
+    hook implementations, its ``mtrremu_strategies`` raised or returned something other than
+    :class:`~mtrremu.plugin.StrategySpec` records. The message names the plugin, its
+    distribution and version (``origin``) and what went wrong; the other plugins still load."""
+
+    reason = "PLUGIN_BROKEN"
+
+    def __init__(self, plugin: str, origin: str, why: str) -> None:
+        super().__init__(f"plugin {plugin!r} ({origin}) is broken: {why}")
+        self.plugin = plugin
+        self.origin = origin
+        self.why = why
+
+    def __reduce__(self) -> tuple[type[BrokenPlugin], tuple[str, str, str]]:
+        return (type(self), (self.plugin, self.origin, self.why))
+
+    def metadata(self) -> dict[str, str]:
+        return {"plugin": self.plugin, "origin": self.origin, "why": self.why}
+
+    @classmethod
+    def _rebuild(cls, message: str, metadata: Mapping[str, str]) -> MtrremuError:
+        return cls(metadata["plugin"], metadata["origin"], metadata["why"])
+
+
+class IncompatiblePlugin(BrokenPlugin):
+    """A plugin built for a newer hookspec version than this mtrremu supports (its module's
+    ``MTRREMU_HOOKSPEC_VERSION``); it is refused before any of its code is called."""
+
+    reason = "PLUGIN_INCOMPATIBLE"

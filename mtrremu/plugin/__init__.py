@@ -10,7 +10,10 @@ A strategy implements :class:`ZapStrategy` (three methods, each returning a
 :class:`ZapDecision`, and optionally ``on_host_cd_change``) and is registered as a
 :class:`StrategySpec`. Everything a strategy may read or return is re-exported here, with the
 helpers that give an event's exact effect on memory types (:func:`memtype_map`,
-:func:`changed_ranges`, :func:`merge_ranges`).
+:func:`changed_ranges`, :func:`merge_ranges`). A plugin module may declare the hook
+catalogue version it was built for, ``MTRREMU_HOOKSPEC_VERSION = N`` (missing means 1); one
+newer than :data:`HOOKSPEC_VERSION` is refused. How plugins are found, selected, traced and
+refused: docs/plugin-loading.md.
 """
 
 import pluggy
@@ -38,12 +41,14 @@ from mtrremu.core.strategy import (
     merge_ranges,
 )
 from mtrremu.core.units import ZAP_ALL, GfnRange
+from mtrremu.plugin.hookspecs import HOOKSPEC_VERSION
 from mtrremu.plugin.records import StrategyFactory, StrategySpec
 
 #: Marks a plugin's hook implementations.
 hookimpl = pluggy.HookimplMarker("mtrremu")
 
 __all__ = [
+    "HOOKSPEC_VERSION",
     "NO_ZAP",
     "ZAP_ALL",
     "AllocFailure",

@@ -21,14 +21,23 @@ from mtrremu.plugin.records import StrategySpec
 
 hookspec = pluggy.HookspecMarker("mtrremu")
 
+#: The version of this hook catalogue. It grows when a hook is added or a hook's arguments or
+#: contract change; a plugin module declaring ``MTRREMU_HOOKSPEC_VERSION = N`` (missing means 1)
+#: with N above it is refused as built for a newer mtrremu (docs/plugin-loading.md).
+HOOKSPEC_VERSION: int = 1
+
 
 @hookspec
 def mtrremu_strategies() -> Iterable[StrategySpec]:
     """Return the zap strategies this plugin provides, as :class:`StrategySpec` records.
 
-    Called once when the plugin manager starts. Names are global: two plugins providing the
-    same name is an error naming both. A strategy object is built per VM by the record's
-    factory and then called directly by that VM (never through a hook).
+    Called through pluggy once per plugin when the plugin manager starts (built-ins first, then
+    the others in pluggy's call order, so ``tryfirst``/``trylast`` apply), with every wrapper of
+    this hook around each call; a wrapper sees and may change one plugin's records at a time.
+    Names are global: a plugin providing a name already taken is not loaded, and the fault
+    names both. A plugin that raises or returns anything but an iterable of records is not
+    loaded either; the other plugins are (docs/plugin-loading.md). A strategy object is built
+    per VM by the record's factory and then called directly by that VM (never through a hook).
     """
     raise NotImplementedError
 

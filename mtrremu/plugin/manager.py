@@ -1,8 +1,11 @@
 """Finds plugins, collects their strategies and builds VMs with the strategy they ask for.
 
 Registration order is fixed: the built-in strategies first (registered through the same hook a
-third party implements), then every plugin installed under the ``mtrremu`` entry-point group,
-then ``check_pending`` so a misspelt hook fails loudly.
+third party implements), then the plugin modules and objects a caller names, then every plugin
+installed under the ``mtrremu`` entry-point group that the :class:`PluginSelection` admits. A
+plugin that cannot be loaded (import error, hookspec version too new, pluggy validation,
+``mtrremu_strategies`` raising or returning garbage, a name already taken) becomes a
+:class:`PluginFault`, is unregistered and logged; the others load (docs/plugin-loading.md).
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ import importlib
 import importlib.metadata
 import itertools
 import logging
+import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -21,7 +26,15 @@ import pluggy
 from mtrremu.core import event_filter as event_filter_option
 from mtrremu.core.config import VmConfig
 from mtrremu.core.ept import ZapOutcome
-from mtrremu.core.errors import BrokenStrategy, InvalidArgument, PluginConflict, UnknownStrategy
+from mtrremu.core.errors import (
+    BrokenPlugin,
+    BrokenStrategy,
+    IncompatiblePlugin,
+    InvalidArgument,
+    MtrremuError,
+    PluginConflict,
+    UnknownStrategy,
+)
 from mtrremu.core.event_filter import EventFilter
 from mtrremu.core.events import EventResult
 from mtrremu.core.observer import NULL_OBSERVER, Observer
@@ -37,8 +50,19 @@ BUILTIN_PLUGINS = (
     "mtrremu_strategies.series",
     "mtrremu_strategies.experimental",
 )
+#: The distribution the built-ins belong to: always loaded, never blocked.
+OWN_DISTRIBUTION = "mtrremu"
+#: Comma-separated plugin distributions never loaded (``--block-plugin``).
+BLOCK_ENV = "MTRREMU_PLUGINS_BLOCK"
+#: Comma-separated plugin distributions that are the only ones loaded (``--only-plugins``).
+ONLY_ENV = "MTRREMU_PLUGINS_ONLY"
+#: ``1`` (or ``true``, ``yes``, ``on``): log every hook call (``--trace-hooks``).
+TRACE_ENV = "MTRREMU_TRACE_HOOKS"
 _OBSERVER_HOOKS = ("mtrremu_zap_executed", "mtrremu_fault", "mtrremu_event_handled")
+_STRATEGIES_HOOK = "mtrremu_strategies"
 _log = logging.getLogger(__name__)
+#: Where ``--trace-hooks`` writes: one line per hook call and one per its outcome.
+_trace = logging.getLogger("mtrremu.hooks")
 
 
 def own_version() -> str:
@@ -46,6 +70,59 @@ def own_version() -> str:
         return importlib.metadata.version("mtrremu")
     except importlib.metadata.PackageNotFoundError:
         return "0+unknown"
+
+
+def canonical_distribution(name: str) -> str:
+    """A distribution name as the package index compares them (PEP 503: case and runs of
+    ``-``, ``_`` and ``.`` do not matter)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _names(text: str) -> frozenset[str]:
+    return frozenset(canonical_distribution(n) for n in text.split(",") if n.strip())
+
+
+@dataclass(frozen=True)
+class PluginSelection:
+    """Which installed plugin distributions load (canonical names), and whether hook calls are
+    traced. ``only`` is ``None`` for "every distribution"; the built-ins' distribution
+    (:data:`OWN_DISTRIBUTION`) is always admitted and may not be blocked. The selection applies
+    to entry-point plugins only: a module or object the caller names explicitly always loads."""
+
+    block: frozenset[str] = frozenset()
+    only: frozenset[str] | None = None
+    trace_hooks: bool = False
+
+    def __post_init__(self) -> None:
+        if OWN_DISTRIBUTION in self.block:
+            raise InvalidArgument(
+                f"the built-in distribution {OWN_DISTRIBUTION!r} cannot be blocked "
+                "(choose the strategies a run compares with -s)"
+            )
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] | None = None) -> PluginSelection:
+        """The selection :data:`BLOCK_ENV`, :data:`ONLY_ENV` and :data:`TRACE_ENV` describe (in
+        ``environ``, by default the process's environment); an empty ``ONLY`` list means "no
+        third-party distribution"."""
+        environ = os.environ if environ is None else environ
+        only = environ.get(ONLY_ENV)
+        return cls(
+            block=_names(environ.get(BLOCK_ENV, "")),
+            only=None if only is None else _names(only),
+            trace_hooks=environ.get(TRACE_ENV, "").strip().lower() in ("1", "true", "yes", "on"),
+        )
+
+    def refusal(self, distribution: str) -> str | None:
+        """Why ``distribution``'s plugins are not loaded, or ``None`` if they are."""
+        name = canonical_distribution(distribution)
+        if name == OWN_DISTRIBUTION:
+            return None
+        if name in self.block:
+            return f"blocked ({BLOCK_ENV} / --block-plugin)"
+        if self.only is not None and name not in self.only:
+            return f"not in the only-list ({ONLY_ENV} / --only-plugins)"
+        return None
 
 
 @dataclass(frozen=True)
@@ -60,6 +137,28 @@ class RegisteredStrategy:
     @property
     def name(self) -> str:
         return self.spec.name
+
+
+@dataclass(frozen=True)
+class PluginFault:
+    """A plugin that was not loaded, and why: ``error`` (:class:`BrokenPlugin`,
+    :class:`IncompatiblePlugin` or :class:`PluginConflict`) names the plugin and its
+    distribution."""
+
+    plugin: str
+    distribution: str
+    version: str
+    error: MtrremuError
+
+
+@dataclass(frozen=True)
+class SkippedPlugin:
+    """An installed entry-point plugin the :class:`PluginSelection` left out."""
+
+    plugin: str
+    distribution: str
+    version: str
+    why: str
 
 
 class _PluggyObserver:
@@ -98,7 +197,15 @@ class PluginManager:
 
     ``modules`` (import paths, e.g. ``mtrremu.testing.mutants``) and then ``plugins`` (objects)
     are registered after the built-ins and before entry points. A module is credited to the
-    distribution that installed it, if any; a plugin object to none (``(unpackaged)``).
+    distribution that installed it, if any; a plugin object to none (``(unpackaged)``). A
+    module in ``modules`` that cannot be imported is the caller's error
+    (:class:`InvalidArgument`); every other plugin problem is a :class:`PluginFault` in
+    :attr:`faults`, logged as a warning, and the plugin is left out — or, with ``strict``, the
+    first fault's error is raised once every plugin was tried.
+
+    Every hook is called through pluggy (``pm.hook``), so wrappers and ``tryfirst``/``trylast``
+    apply; only the strategy objects a VM uses are called directly (the VM resolves its
+    strategy once: a hook call per MTRR write would cost more than most strategies' work).
     """
 
     def __init__(
@@ -107,63 +214,124 @@ class PluginManager:
         entry_points: bool = True,
         plugins: Sequence[object | ModuleType] = (),
         modules: Sequence[str] = (),
+        selection: PluginSelection = PluginSelection(),
+        strict: bool = False,
     ) -> None:
         self._pm = pluggy.PluginManager("mtrremu")
         self._pm.add_hookspecs(hookspecs)
+        if selection.trace_hooks:
+            _enable_tracing(self._pm)
         self._origin: dict[str, tuple[str, str]] = {}
+        self._faults: list[PluginFault] = []
+        self.skipped: list[SkippedPlugin] = []
         for module in BUILTIN_PLUGINS:
-            self._pm.register(importlib.import_module(module), name=module)
-            self._origin[module] = ("mtrremu", own_version())
+            self._add(module, importlib.import_module(module), (OWN_DISTRIBUTION, own_version()))
         for module in modules:
-            self._pm.register(_import_plugin(module), name=module)
-            self._origin[module] = _distribution_of(module)
+            self._add(module, _import_plugin(module), _distribution_of(module))
         for plugin in plugins:
-            name = self._pm.register(plugin)
-            if name is not None:
-                self._origin[name] = ("(unpackaged)", "")
+            name = self._pm.get_canonical_name(plugin)
+            self._add(name, plugin, ("(unpackaged)", ""))
         if entry_points:
-            self._load_entry_points()
-        self._pm.check_pending()
+            self._load_entry_points(selection)
         self._strategies = self._collect()
         self._ids = itertools.count(1)
+        for fault in self._faults:
+            _log.warning("plugin not loaded: %s", fault.error)
+        if strict and self._faults:
+            raise self._faults[0].error
 
-    def _load_entry_points(self) -> None:
-        """Register every plugin of the entry-point group; a name clash is an error (pluggy's
-        own loader would silently skip the second one)."""
+    @property
+    def faults(self) -> list[PluginFault]:
+        """The plugins that were not loaded, in the order they were tried."""
+        return list(self._faults)
+
+    def _fault(
+        self, name: str, origin: tuple[str, str], error: MtrremuError, plugin: object = None
+    ) -> None:
+        """Record that plugin ``name`` is not loaded; unregister ``plugin`` if it was."""
+        if plugin is not None and self._pm.is_registered(plugin):
+            self._pm.unregister(plugin)
+        self._faults.append(PluginFault(name, *origin, error))
+
+    def _add(self, name: str, plugin: object, origin: tuple[str, str]) -> None:
+        """Register ``plugin`` as ``name`` if its hookspec version, its name and its hook
+        implementations are acceptable; otherwise record the fault."""
+        where = f"{origin[0]} {origin[1]}".strip()
+        if name in self._origin or self._pm.get_plugin(name) is not None:
+            other = self._origin.get(name, ("(unpackaged)", ""))
+            why = f"plugin name {name!r} of {where} is already taken by {' '.join(other).strip()}"
+            self._fault(name, origin, PluginConflict(why))
+            return
+        wanted = getattr(plugin, "MTRREMU_HOOKSPEC_VERSION", 1)
+        if type(wanted) is not int or wanted < 1:
+            why = f"MTRREMU_HOOKSPEC_VERSION must be a positive int, not {wanted!r}"
+            self._fault(name, origin, BrokenPlugin(name, where, why))
+            return
+        if wanted > hookspecs.HOOKSPEC_VERSION:
+            why = (
+                f"built for hookspec version {wanted}; this mtrremu supports up to "
+                f"{hookspecs.HOOKSPEC_VERSION}: upgrade mtrremu"
+            )
+            self._fault(name, origin, IncompatiblePlugin(name, where, why))
+            return
+        try:
+            self._pm.register(plugin, name=name)
+            self._pm.check_pending()  # a hook this catalogue does not have, e.g. a misspelling
+        except (pluggy.PluginValidationError, ValueError) as error:
+            why = _described(error)
+            self._fault(name, origin, BrokenPlugin(name, where, why), plugin)
+            return
+        self._origin[name] = origin
+
+    def _load_entry_points(self, selection: PluginSelection) -> None:
+        """Register every plugin of the entry-point group that ``selection`` admits (pluggy's
+        own loader would silently skip a second plugin of the same name: here it is a fault)."""
         for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-            dist = (ep.dist.name, ep.dist.version) if ep.dist else ("(unknown)", "")
-            if ep.name in self._origin:
-                other = self._origin[ep.name]
-                raise PluginConflict(
-                    f"plugin name {ep.name!r} of {dist[0]} {dist[1]} is already taken by "
-                    f"{other[0]} {other[1]}"
-                )
-            self._pm.register(ep.load(), name=ep.name)
-            self._origin[ep.name] = dist
+            origin = (ep.dist.name, ep.dist.version) if ep.dist else ("(unknown)", "")
+            why = selection.refusal(origin[0])
+            if why is not None:
+                self.skipped.append(SkippedPlugin(ep.name, *origin, why))
+                continue
+            try:
+                plugin = ep.load()
+            except Exception as error:  # any import-time failure is the plugin's fault
+                where = f"{origin[0]} {origin[1]}".strip()
+                why = f"cannot import {ep.value}: {_described(error)}"
+                self._fault(ep.name, origin, BrokenPlugin(ep.name, where, why))
+                continue
+            self._add(ep.name, plugin, origin)
 
     def _collect(self) -> dict[str, RegisteredStrategy]:
+        """Every plugin's strategies, from one ``mtrremu_strategies`` call per plugin through
+        pluggy (the hook's wrappers around it): built-ins first, then pluggy's call order. A
+        plugin whose call raises, returns garbage or reuses a taken name is faulted."""
+        impls = [
+            impl
+            for impl in reversed(getattr(self._pm.hook, _STRATEGIES_HOOK).get_hookimpls())
+            if not (impl.wrapper or impl.hookwrapper)
+        ]
+        impls.sort(key=lambda impl: impl.plugin_name not in BUILTIN_PLUGINS)  # stable
         found: dict[str, RegisteredStrategy] = {}
-        for impl in self._pm.hook.mtrremu_strategies.get_hookimpls():
-            distribution, version = self._origin.get(impl.plugin_name, ("(unpackaged)", ""))
-            specs = impl.function()
-            if not isinstance(specs, Iterable):
-                raise TypeError(
-                    f"plugin {impl.plugin_name}: mtrremu_strategies must return records"
+        for impl in impls:
+            name = impl.plugin_name
+            distribution, version = self._origin[name]
+            where = f"{distribution} {version}".strip()
+            others = [i.plugin for i in impls if i is not impl]
+            try:
+                results = self._pm.subset_hook_caller(_STRATEGIES_HOOK, others)()
+                specs = [_checked(spec) for result in results for spec in _records(result)]
+            except Exception as error:
+                why = f"mtrremu_strategies: {_described(error)}"
+                self._fault(
+                    name, (distribution, version), BrokenPlugin(name, where, why), impl.plugin
                 )
+                continue
+            conflict = _conflict(specs, found, name, where)
+            if conflict is not None:
+                self._fault(name, (distribution, version), conflict, impl.plugin)
+                continue
             for spec in specs:
-                if not isinstance(spec, StrategySpec):
-                    raise TypeError(
-                        f"plugin {impl.plugin_name} returned {spec!r}, not a StrategySpec"
-                    )
-                entry = RegisteredStrategy(spec, impl.plugin_name, distribution, version)
-                if spec.name in found:
-                    other = found[spec.name]
-                    raise PluginConflict(
-                        f"strategy {spec.name!r} is provided by both {other.plugin} "
-                        f"({other.distribution} {other.version}) and {entry.plugin} "
-                        f"({distribution} {version})"
-                    )
-                found[spec.name] = entry
+                found[spec.name] = RegisteredStrategy(spec, name, distribution, version)
         return found
 
     @property
@@ -267,17 +435,91 @@ def build_strategy(registered: RegisteredStrategy, options: Mapping[str, str]) -
     return strategy
 
 
-@lru_cache(maxsize=1)
 def default_manager() -> PluginManager:
-    """The process-wide manager: built-ins plus installed entry-point plugins."""
-    return PluginManager()
+    """The process-wide manager: built-ins plus the installed entry-point plugins the
+    environment's :class:`PluginSelection` admits."""
+    return manager_for()
+
+
+def manager_for(modules: tuple[str, ...] = ()) -> PluginManager:
+    """The process-wide manager, with the plugin ``modules`` (import paths) registered too:
+    how a command line loads a plugin that is not installed (``--plugin``). The installed
+    plugins are selected by the environment (:meth:`PluginSelection.from_environment`), read
+    at each call: one manager per (modules, selection)."""
+    return _manager(modules, PluginSelection.from_environment())
 
 
 @lru_cache(maxsize=8)
-def manager_for(modules: tuple[str, ...] = ()) -> PluginManager:
-    """The process-wide manager, with the plugin ``modules`` (import paths) registered too:
-    how a command line loads a plugin that is not installed (``--plugin``)."""
-    return PluginManager(modules=modules) if modules else default_manager()
+def _manager(modules: tuple[str, ...], selection: PluginSelection) -> PluginManager:
+    return PluginManager(modules=modules, selection=selection)
+
+
+def _enable_tracing(pm: pluggy.PluginManager) -> None:
+    """Log every hook call of ``pm`` (name, arguments, the implementing plugins) and its
+    outcome to the ``mtrremu.hooks`` logger at INFO, on stderr unless logging is set up."""
+    _trace.setLevel(logging.INFO)
+    if not logging.getLogger().handlers and not _trace.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("mtrremu.hooks: %(message)s"))
+        _trace.addHandler(handler)
+
+    def before(hook: str, impls: Sequence[pluggy.HookImpl], kwargs: Mapping[str, object]) -> None:
+        arguments = ", ".join(f"{key}={value!r}" for key, value in kwargs.items())
+        plugins = ", ".join(impl.plugin_name for impl in reversed(impls))
+        _trace.info("call %s(%s) -> [%s]", hook, arguments, plugins)
+
+    def after(
+        outcome: pluggy.Result[object],
+        hook: str,
+        impls: Sequence[pluggy.HookImpl],
+        kwargs: Mapping[str, object],
+    ) -> None:
+        if outcome.exception is not None:
+            _trace.info("  %s raised %r", hook, outcome.exception)
+        else:
+            _trace.info("  %s returned %r", hook, outcome.get_result())
+
+    pm.add_hookcall_monitoring(before, after)
+
+
+def _described(error: BaseException) -> str:
+    """``error``'s type and message on one line (a fault is one line of a log)."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"
+
+
+def _records(result: object) -> Iterable[object]:
+    """What one ``mtrremu_strategies`` implementation returned, as an iterable."""
+    if isinstance(result, str | bytes) or not isinstance(result, Iterable):
+        raise TypeError(f"returned {result!r}, not an iterable of StrategySpec records")
+    return result
+
+
+def _checked(spec: object) -> StrategySpec:
+    if not isinstance(spec, StrategySpec):
+        raise TypeError(f"returned {spec!r}, not a StrategySpec")
+    return spec
+
+
+def _conflict(
+    specs: Sequence[StrategySpec], found: Mapping[str, RegisteredStrategy], plugin: str, where: str
+) -> PluginConflict | None:
+    """The conflict if plugin ``plugin`` (of ``where``) reuses a strategy name already in
+    ``found`` or repeats one of its own."""
+    seen: set[str] = set()
+    for spec in specs:
+        if spec.name in seen:
+            return PluginConflict(
+                f"plugin {plugin} ({where}) provides strategy {spec.name!r} twice"
+            )
+        other = found.get(spec.name)
+        if other is not None:
+            return PluginConflict(
+                f"strategy {spec.name!r} is provided by both {other.plugin} "
+                f"({other.distribution} {other.version}) and {plugin} ({where}); "
+                f"{plugin} is not loaded"
+            )
+        seen.add(spec.name)
+    return None
 
 
 def _import_plugin(module: str) -> ModuleType:

@@ -75,6 +75,10 @@ class Trace:
     #: A tuple when built in memory; columns (:class:`TraceItems`) when read from a file.
     items: Sequence[Item]
     params: Mapping[str, Any] = field(default_factory=dict)
+    #: For a host recording (:mod:`mtrremu.workloads.recording`): ``(vcpu, n)`` of each guest
+    #: MSR write the host faulted (the ``n``-th guest MSR write of that vCPU, from 0), which
+    #: the replay must fault too; ``None`` for anything else (nothing is compared).
+    host_faults: frozenset[tuple[int, int]] | None = None
 
     @property
     def operations(self) -> int:
@@ -320,6 +324,19 @@ class _Reader:
             max_mapping_level=level,
             precedence=precedence,
         )
+
+
+def vm_config(vm: Any, source: str) -> VmConfig:
+    """A VM from an object shaped as a header's ``vm`` (a memslot file's contents too); a
+    malformed one raises :class:`TraceFormatError` on line 1 of ``source``."""
+    reader = _Reader(source)
+    reader.line = 1
+    try:
+        return reader.config(vm)
+    except TraceFormatError:
+        raise
+    except MtrremuError as error:
+        raise reader.fail(str(error)) from None
 
 
 def parse(text_lines: Iterable[str], source: str = "<trace>") -> Trace:
