@@ -629,9 +629,11 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument(
         "-s",
         "--strategy",
+        "--strategies",
         action="append",
         metavar="NAME[:OPT=VAL,...]",
-        help=f"a strategy, with options if any, e.g. lazy:scope=changed or kvm-6.5:events=acrn; "
+        help=f"a strategy (repeatable; --strategies is the same option), with options if any, "
+        f"e.g. lazy:scope=changed or kvm-6.5:events=acrn; "
         f"'all' adds every other built-in and installed one "
         f"(default: {', '.join((*ROWS, *EXPERIMENTS))}, and those of --plugin modules)",
     )

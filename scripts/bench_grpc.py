@@ -10,7 +10,8 @@ Both servers run in this process on loopback, measured in the same run:
 (b) unary: one ``WriteMsr`` call per write against a no-op ``WriteMsr``.
 
 Last line: ``batched_ratio=<x> unary_ratio=<y>`` (emulator throughput / no-op throughput;
-targets: batched >= 0.75, unary >= 0.8; docs/architecture.md#tests-and-benchmarks says why the batched one is not met).
+targets: batched >= 0.75, unary >= 0.8; docs/architecture.md#tests-and-benchmarks says why
+the batched one is not met).
 """
 
 from __future__ import annotations
