@@ -62,3 +62,30 @@ def test_a_heavy_result_is_measured() -> None:
     result = EventResult(WriteMsr(0, 0x2FF, 0, False), gp="x" * 5000)
     message = pb.OperationResult()
     assert convert.fill_result(0, result, message) == message.ByteSize() > 5000
+
+
+def test_only_a_result_holding_nothing_is_bare() -> None:
+    """Every field but the operation at its default is bare; any one field set is not."""
+    op = WriteMsr(0, 0x2FF, 0, False)
+    assert convert.is_bare(EventResult(op))
+    assert not convert.is_bare(EventResult(op, cd_toggled=True))
+    for name in set(EventResult.__slots__) - {"op", "cd_toggled"}:
+        assert not convert.is_bare(EventResult(op, **{name: object()})), name  # type: ignore[arg-type]
+
+
+def test_bare_runs_merge_into_exactly_what_filling_each_result_builds() -> None:
+    """Prediction from protobuf's merge rule (repeated fields append): a run of ready-made
+    pieces merged into a response that already holds results equals filling them one by one."""
+    bare, other = EventResult(WriteMsr(0, 0x2FF, 0, False)), EventResult(WriteMsr(1, 0, 0, False))
+    other.counters.guest_gp = 1
+    pieces = convert.BareResults()
+    merged, filled = pb.ExecuteResponse(batch_id=7), pb.ExecuteResponse(batch_id=7)
+    for response in (merged, filled):
+        convert.fill_result(0, other, response.results.add())
+    merged.MergeFromString(pieces.run(1, 40))
+    for entry in range(1, 40):
+        convert.fill_result(entry, bare, filled.results.add())
+    convert.fill_result(40, other, merged.results.add())
+    convert.fill_result(40, other, filled.results.add())
+    assert merged.SerializeToString() == filled.SerializeToString()
+    assert [r.entry for r in merged.results] == list(range(41))

@@ -237,8 +237,12 @@ class Servicer:
             # REPLY_CHUNK_BYTES, and that result moves on to the next one.
             batch_id = request.batch_id
             operation, fill = convert.operation, convert.fill_result  # hot: bound once
+            is_bare, bare_cost = convert.is_bare, convert.LIGHT_RESULT_BYTES + RESULT_OVERHEAD_BYTES
             response = pb.ExecuteResponse(batch_id=batch_id)
             used = 0
+            # Bare results (most MTRR writes) wait as a run [bare_from, entry) and join the
+            # response as one merge of ready-made pieces, before anything else is added to it.
+            bare_from = -1
             for entry, op in enumerate(request.operations):
                 if ended:
                     return
@@ -249,6 +253,18 @@ class Servicer:
                     result = execute_one(vm, operation(op))
                 except MtrremuError as error:  # a malformed operation: nothing ran
                     result = error
+                if is_bare(result):
+                    if used and used + bare_cost > REPLY_CHUNK_BYTES:
+                        self._merge_bare(response, bare_from, entry)
+                        yield response
+                        response, used, bare_from = pb.ExecuteResponse(batch_id=batch_id), 0, -1
+                    if bare_from < 0:
+                        bare_from = entry
+                    used += bare_cost
+                    continue
+                if bare_from >= 0:
+                    self._merge_bare(response, bare_from, entry)
+                    bare_from = -1
                 if isinstance(result, BurstResult):
                     for message, size in convert.burst_results(entry, result):
                         cost = size + RESULT_OVERHEAD_BYTES
@@ -265,8 +281,18 @@ class Servicer:
                     yield closed
                     used = 0
                 used += cost
+            if bare_from >= 0:
+                self._merge_bare(response, bare_from, len(request.operations))
             response.last = True
             yield response
+
+    @staticmethod
+    def _merge_bare(response: pb.ExecuteResponse, first: int, end: int) -> None:
+        """Append the bare results of entries ``[first, end)`` to ``response``."""
+        response.MergeFromString(_BARE.run(first, end))
+
+
+_BARE = convert.BareResults()
 
 
 def _translated(handler: Unary) -> Unary:
