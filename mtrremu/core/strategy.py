@@ -21,6 +21,7 @@ Views are read-only and valid only during the call. :func:`memtype_map` and
 from __future__ import annotations
 
 import enum
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -279,18 +280,32 @@ def memtype_map(
 
     The vCPU's state as it is now, unless ``cd``, ``noncoherent_dma`` (attached or not) or
     ``mtrr`` (e.g. ``vcpu.mtrr.before_write()``) say otherwise. Built per segment of the MTRRs
-    and memslots (O(ranges), never per page), by the very rules a fault uses.
+    and memslots (O(ranges), never per page), by the very rules a fault uses, and remembered
+    by everything it depends on (the last :data:`_MAPS_KEPT`): vCPUs replaying the same
+    sequence ask for the same maps. The map is shared: read it, never change it.
     """
+    state = (vcpu.mtrr if mtrr is None else mtrr)._state
+    dma = vm.noncoherent_dma > 0 if noncoherent_dma is None else noncoherent_dma
+    cd = vcpu.cd if cd is None else cd
+    key = (vm.profile, vm.config, dma, cd, state.registers(), tuple(state.order))
+    with _maps_lock:
+        found = _maps.get(key)
+    if found is not None:
+        return found
     slots = vm.slots if vm.slots is not None else Memslots(vm.config)
-    view = FaultView(
-        vm.profile,
-        vm.config,
-        slots,
-        vm.noncoherent_dma > 0 if noncoherent_dma is None else noncoherent_dma,
-        vcpu.cd if cd is None else cd,
-        (vcpu.mtrr if mtrr is None else mtrr)._state,
-    )
-    return IntervalMap.build(view.breakpoints(), view.leaf_byte)
+    view = FaultView(vm.profile, vm.config, slots, dma, cd, state)
+    built = IntervalMap.build(view.breakpoints(), view.leaf_byte)
+    with _maps_lock:
+        if len(_maps) >= _MAPS_KEPT:
+            del _maps[next(iter(_maps))]
+        _maps[key] = built
+    return built
+
+
+#: How many memtype maps :func:`memtype_map` remembers (a few KiB each), oldest dropped first.
+_MAPS_KEPT = 256
+_maps: dict[tuple[object, ...], IntervalMap] = {}
+_maps_lock = threading.Lock()
 
 
 def changed_ranges(before: IntervalMap, after: IntervalMap) -> tuple[GfnRange, ...]:
