@@ -13,11 +13,14 @@ from collections.abc import Iterator
 import pytest
 
 from mtrremu.ab.runner import RunSpec, run
+from mtrremu.core import cr0, msrs
 from mtrremu.core.burst import execute
 from mtrremu.core.counters import Counters
-from mtrremu.core.events import Burst, WriteCr0
+from mtrremu.core.errors import InvalidArgument
+from mtrremu.core.events import Access, Burst, FaultRange, WriteCr0, WriteMsr
 from mtrremu.core.vm import Vm
 from mtrremu.workloads import WORKLOADS, build
+from mtrremu.workloads.building import LINUX_CR0
 from mtrremu.workloads.trace import Trace
 from tests.helpers import SERIES, create_vm, serving
 
@@ -65,22 +68,104 @@ def test_w3_zap_counts(overrides: dict[str, object], base1: int, base2: int) -> 
 
 
 def test_w4_w5_w6_zap_counts() -> None:
+    # Predictions, derived from the rules in docs/semantics.md and the module docstrings (no
+    # published figure exists for these workloads): QEMU's restore puts CR0 (CD=0) before the
+    # MTRRs and writes defType (E=1) first, so all 28 MSRs of each vCPU zap under both rule
+    # sets; the event adds 2 per vCPU (W4), the add and the delete 2 each (W5).
     n = 6
     w4 = build("W4", {"vcpus": n, "ram": 64 << 30, "max_mapping_level": "1G"})
     assert (replay(w4, "kvm-6.5")[0].zap_events, replay(w4, "zap-all")[0].zap_events) == (
-        3 * n,
-        2 * n,
+        28 * n + 2 * n,
+        28 * n + 2 * n,
     )
     w5 = build("W5", {"vcpus": n, "ram": 8 << 30})
     assert (replay(w5, "kvm-6.5")[0].zap_events, replay(w5, "zap-all")[0].zap_events) == (
-        5 * n,
-        4 * n,
+        28 * n + 4 * n,
+        28 * n + 4 * n,
     )
     for variant in ("kvm", "cd0"):
         w6 = build("W6", {"vcpus": n, "variant": variant})
         linux = 2 + 2 * n
         assert replay(w6, "kvm-6.5")[0].zap_events == n + linux
         assert replay(w6, "zap-all")[0].zap_events == n + linux  # kvm: 1 + (n-1) CD flips
+
+
+@pytest.mark.parametrize("workload", ["W4", "W5"])
+def test_a_restore_puts_cr0_before_the_mtrrs_and_deftype_first(workload: str) -> None:
+    # qemu target/i386/kvm/kvm.c kvm_arch_put_registers: kvm_put_sregs2 before kvm_put_msrs,
+    # whose MTRR block starts with MSR_MTRRdefType.
+    trace = build(workload, {"vcpus": 2, "ram": 8 << 30})
+    for vcpu in range(2):
+        pushed = [
+            op
+            for op in trace.items
+            if isinstance(op, WriteCr0 | WriteMsr) and op.vcpu == vcpu and op.host
+        ]
+        assert isinstance(pushed[0], WriteCr0) and pushed[0].value == LINUX_CR0
+        assert not pushed[0].value & cr0.CD
+        assert [op.msr for op in pushed[1:] if isinstance(op, WriteMsr)] == list(msrs.MTRR_MSRS)
+        assert isinstance(pushed[1], WriteMsr) and pushed[1].value & msrs.DEFTYPE_E
+
+
+def test_ovmfs_mtrr_wrapper_clears_only_e() -> None:
+    # edk2 MtrrLib.c MtrrLibPreMtrrChange: DefType.Bits.E = 0, FE and the type kept.
+    trace = build("W2", {"vcpus": 2, "ram": 4 << 30})
+    held: dict[int, int] = {}
+    disabling = []
+    for op in trace.items:
+        ops = [o for _, lane in op.lanes for o in lane] if isinstance(op, Burst) else [op]
+        if isinstance(op, WriteCr0) and op.value == LINUX_CR0:
+            break  # Linux's entry: its mtrr_disable clears E, FE and the type
+        for o in ops:
+            if isinstance(o, WriteMsr) and o.msr == msrs.DEFTYPE:
+                before = held.get(o.vcpu, 0)
+                if before & msrs.DEFTYPE_E and not o.value & msrs.DEFTYPE_E:
+                    disabling.append(o.value)
+                    assert o.value == before & ~msrs.DEFTYPE_E
+                held[o.vcpu] = o.value
+    assert disabling and all(value == 0x406 for value in disabling)  # 0xC06 with E cleared
+
+
+def test_w6_is_xen_by_default_with_both_pci_holes() -> None:
+    # Xen: xg_dom_x86.c starts the BSP with CR0 = PE|ET, hvm_vcpu_reset_state gives an AP ET:
+    # every vCPU programs its MTRRs with CD=0. cacheattr.c covers [pci_mem_start, pci_mem_end =
+    # RESERVED_MEMBASE) and then [pci_hi_mem_start, pci_hi_mem_end).
+    trace = build("W6")
+    assert trace.params["variant"] == "cd0"
+    cr0s = {op.vcpu: op.value for op in trace.items if isinstance(op, WriteCr0) and op.host}
+    assert cr0s == {0: cr0.PE | cr0.ET, 1: cr0.ET, 2: cr0.ET, 3: cr0.ET}
+
+    def bases(trace: Trace) -> list[int]:
+        var_bases = msrs.VAR_MSRS[::2]
+        ops = trace.items
+        return [
+            o.value for o in ops if isinstance(o, WriteMsr) and o.msr in var_bases and not o.vcpu
+        ]
+
+    low = [0xD0000000, 0xE0000000, 0xF0000000, 0xF8000000]
+    # 8 GiB of q35 RAM ends at 10 GiB: one 16 GiB BAR goes at 16 GiB, the hole ends at 32 GiB.
+    assert bases(trace) == [*low, 16 << 30]
+    assert bases(build("W6", {"high_bars": 0})) == low
+
+
+def test_w3_touches_with_cd1_depend_on_the_kernel_format() -> None:
+    def before_entry(trace: Trace) -> list[object]:
+        ops: list[object] = []
+        for op in trace.items:
+            if isinstance(op, WriteCr0) and not op.host:
+                break
+            if isinstance(op, Access | FaultRange):
+                ops.append(op)
+        return ops
+
+    # A vmlinux (Firecracker's only x86_64 format): the VMM's page tables and the entry page.
+    elf = before_entry(build("W3"))
+    assert elf == [Access(0, gpa) for gpa in (0x9000, 0xA000, 0xB000, 16 << 20)]
+    # A bzImage (crosvm): the decompressor runs with CD=1 over its 32 MiB from 1 MiB.
+    bz = before_entry(build("W3", {"vmm": "crosvm", "kernel_format": "bzimage"}))
+    assert bz == [FaultRange(0, 1 << 20, 33 << 20)]
+    with pytest.raises(InvalidArgument, match="firecracker loads no bzImage"):
+        build("W3", {"kernel_format": "bzimage"})
 
 
 @pytest.mark.parametrize("workload", ["W1", "W2"])

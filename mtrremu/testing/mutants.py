@@ -133,7 +133,8 @@ class OffByOne(RangeMistake):
 
     @staticmethod
     def mangle(rng: GfnRange) -> GfnRange:
-        return GfnRange(rng.start, rng.end - 1)
+        # A wrapped range (a base written under a never-written mask) ends at 0: stays empty.
+        return GfnRange(rng.start, max(rng.end - 1, 0))
 
 
 class NoFixedArea(FineGrained):

@@ -159,11 +159,27 @@ class TraceBuilder:
 
 
 def qemu_reset_push(b: TraceBuilder) -> None:
-    """QEMU's ``kvm_put_msrs`` on every vCPU: the 28 MTRR MSRs, zero, host-initiated,
-    defType first, while CR0 holds its reset value (CD=1, NW=1)."""
+    """QEMU's ``kvm_arch_put_registers`` at ``KVM_PUT_RESET_STATE`` on every vCPU [qemu
+    target/i386/kvm/kvm.c]: the sregs first (``kvm_put_sregs2``), which load the reset CR0
+    0x60000010 (CD=1, NW=1) the vCPU already holds, so no CR0 write is recorded; then
+    ``kvm_put_msrs``: the 28 MTRR MSRs, zero, host-initiated, defType first."""
     for vcpu in b.vcpus:
         # msrs.MTRR_MSRS is QEMU's order too: defType, the 11 fixed MSRs, the 8 pairs.
         b.add(b.wrmsr(vcpu, msr, 0, host=True) for msr in msrs.MTRR_MSRS)
+
+
+def qemu_put_registers(
+    b: TraceBuilder, vcpu: int, cr0_value: int, mtrrs: Mapping[int, int]
+) -> list[VcpuOp]:
+    """QEMU's ``kvm_arch_put_registers`` on one vCPU at ``KVM_PUT_FULL_STATE`` (an incoming
+    migration or a snapshot restore) [qemu target/i386/kvm/kvm.c]: the sregs come first
+    (``kvm_put_sregs2``; its comment: "must be before kvm_put_nested_state"), so CR0 already
+    holds ``cr0_value`` when ``kvm_put_msrs`` writes the MTRRs afterwards, host-initiated, in
+    its order: defType first, the 11 fixed MSRs, then each pair's base and mask (a restored
+    guest's defType has E set, so every MSR after it lands with MTRRs enabled)."""
+    ops: list[VcpuOp] = [b.write_cr0(vcpu, cr0_value, host=True)]
+    ops += [b.wrmsr(vcpu, msr, mtrrs[msr], host=True) for msr in msrs.MTRR_MSRS]
+    return ops
 
 
 def var_pairs(
@@ -191,13 +207,15 @@ def mtrr_change(
     writes: Iterable[tuple[int, int]],
     deftype: int,
     *,
-    keep_default_type: bool = False,
+    clear: int = msrs.DEFTYPE_E | msrs.DEFTYPE_FE | msrs.DEFTYPE_TYPE_MASK,
 ) -> list[VcpuOp]:
     """The sequence every MTRR writer wraps its writes in (SDM 11.11.8): CD 0→1 · defType with
-    E and FE cleared (and its default type too, unless kept) · the writes · defType ←
-    ``deftype`` · CD 1→0."""
-    keep = msrs.DEFTYPE_TYPE_MASK if keep_default_type else 0
-    ops = [*b.set_cd(vcpu, True), b.wrmsr(vcpu, msrs.DEFTYPE, b.mtrrs[vcpu][msrs.DEFTYPE] & keep)]
+    the ``clear`` bits cleared · the writes · defType ← ``deftype`` · CD 1→0. By default E, FE
+    and the default type are cleared, as Linux's ``mtrr_disable`` does (``deftype_lo &
+    MTRR_DEF_TYPE_DISABLE`` [linux arch/x86/kernel/cpu/mtrr/generic.c]); edk2's MtrrLib clears
+    only E."""
+    disabled = b.mtrrs[vcpu][msrs.DEFTYPE] & ~clear
+    ops = [*b.set_cd(vcpu, True), b.wrmsr(vcpu, msrs.DEFTYPE, disabled)]
     ops += [b.wrmsr(vcpu, msr, value) for msr, value in writes]
     ops += [b.wrmsr(vcpu, msrs.DEFTYPE, deftype), *b.set_cd(vcpu, False)]
     return ops

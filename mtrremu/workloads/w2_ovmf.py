@@ -3,8 +3,10 @@
 OvmfPkg/Library/PlatformInitLib/MemDetect.c, UefiCpuPkg/Library/MtrrLib/MtrrLib.c,
 UefiCpuPkg/Library/MpInitLib/MpLib.c, CpuDxe/CpuDxe.c, OvmfPkg/QemuVideoDxe].
 
-Every MTRR change is wrapped as: CR0.CD ← 1 · defType ← current with E and FE cleared ·
-writes · defType ← new value (E set) · CR0.CD ← 0; setting CD when it is already 1 is no flip.
+Every MTRR change is wrapped as: CR0.CD ← 1 · defType ← current with E cleared (FE and the
+default type kept: ``MtrrLibPreMtrrChange`` writes ``DefType.Bits.E = 0`` only) · writes ·
+defType ← new value (E set; ``MtrrLibPostMtrrChange`` sets E and FE, ``MtrrSetAllMtrrs``
+writes the table's value) · CR0.CD ← 0; setting CD when it is already 1 is no flip.
 ``MtrrSetAllMtrrs`` (set-all) writes all 11 fixed and 16 variable MSRs; ``MtrrSetMemoryAttribute``
 (set-attribute) writes only those that change. In order (touches are guest accesses, no zap
 events; each installs a leaf of the type the touching vCPU's state gives then):
@@ -158,9 +160,10 @@ def set_attribute(b: TraceBuilder, vcpu: int, table: dict[int, int]) -> list[Vcp
 def _change(
     b: TraceBuilder, vcpu: int, writes: list[tuple[int, int]], deftype: int
 ) -> list[VcpuOp]:
-    """MtrrLib's wrapper around an MTRR change (``MtrrLibPreMtrrChange``/``PostMtrrChange``
-    clear only E and FE, keeping the default type)."""
-    return mtrr_change(b, vcpu, writes, deftype, keep_default_type=True)
+    """MtrrLib's wrapper around an MTRR change: ``MtrrLibPreMtrrChange`` clears only E (FE and
+    the default type stay), then ``MtrrLibPostMtrrChange`` (or ``MtrrSetAllMtrrs``) writes
+    ``deftype`` [edk2 UefiCpuPkg/Library/MtrrLib/MtrrLib.c, edk2-stable202305]."""
+    return mtrr_change(b, vcpu, writes, deftype, clear=msrs.DEFTYPE_E)
 
 
 def _pairs(table: dict[int, int], ranges: list[tuple[int, int]], maxphyaddr: int) -> None:

@@ -1,10 +1,12 @@
 """W4: a large VM — pre-populated RAM, a whole-VM MTRR event, then every vCPU re-touching its
-working set [linux arch/x86/kernel/cpu/cacheinfo.c ``cache_aps_init``; mtrr/generic.c].
+working set [linux arch/x86/kernel/cpu/cacheinfo.c ``cache_aps_init``; mtrr/generic.c; qemu
+target/i386/kvm/kvm.c ``kvm_arch_put_registers``, ``kvm_put_msrs``].
 
-The VM starts as a running Linux guest restored by its VMM: every vCPU's MTRRs pushed by the
-host while CD=1 (as after reset), then Linux's CR0 set by the host (no zap). Every vCPU has
-touched its share of RAM (the EPT is fully populated at ``max_mapping_level``). Then
-``event``:
+The VM starts as a running Linux guest restored by its VMM (QEMU's incoming migration or
+snapshot load, ``KVM_PUT_FULL_STATE``): ``kvm_arch_put_registers`` puts the sregs first, so
+every vCPU gets Linux's running CR0 (CD=0, a host write: no zap) *before* ``kvm_put_msrs``
+pushes its MTRRs, defType (E=1) first, then the 11 fixed MSRs and the 8 pairs. Every vCPU has
+touched its share of RAM (the EPT is fully populated at ``max_mapping_level``). Then ``event``:
 
 * ``cache_aps_init`` (default): every CPU runs ``cache_cpu_init`` (CD 0→1, defType ← 0,
   defType ← saved, CD 1→0), one at a time under a spinlock;
@@ -13,10 +15,16 @@ touched its share of RAM (the EPT is fully populated at ``max_mapping_level``). 
 
 Finally every vCPU touches its working set again (the refaults).
 
-Zap events, N vCPUs: the host push is N defType writes under Base1 (none under Base2, CD=1);
-the event is 2N under either rule set (``cache_aps_init``: defType pairs / CD flips;
-``mtrr_add``: Base1 adds the pair's base and mask writes only if E=1 — they come after the
-disabling defType write, so none).
+Zap events, N vCPUs (predicted from the rules in docs/semantics.md):
+
+* the restore: 28N under either rule set — the defType write (E=1) zaps all, and since it comes
+  first and CD is already 0, each of the 11 fixed writes (E=1, FE=1) zaps its span and each of
+  the 16 pair writes zaps its pair's span;
+* the event: 2N under either rule set (``cache_aps_init``: defType pairs / CD flips;
+  ``mtrr_add``: Base1 adds the pair's base and mask writes only if E=1 — they come after the
+  disabling defType write, so none).
+
+So 30N under Base1 and Base2 alike.
 
 Sizes from the issue: 416 vCPUs on 1.5 TiB at 2 MiB leaves, and on 12 TiB at 1 GiB leaves,
 ``guest_maxphyaddr`` 46.
@@ -38,6 +46,7 @@ from mtrremu.workloads.building import (
     TraceBuilder,
     linux_cache_cpu_init,
     mtrr_change,
+    qemu_put_registers,
     var_mask,
 )
 from mtrremu.workloads.layouts import q35
@@ -72,13 +81,11 @@ def booted_table(maxphyaddr: int) -> dict[int, int]:
     return table
 
 
-def restore_booted(b: TraceBuilder, table: dict[int, int]) -> None:
-    """The VMM restoring a running guest: MTRRs pushed at CD=1 (defType last), then CR0."""
+def restore_running(b: TraceBuilder, table: dict[int, int]) -> None:
+    """The VMM restoring a running guest on every vCPU (:func:`qemu_put_registers`): Linux's
+    CR0 first (CD=0), then the MTRRs, defType first."""
     for vcpu in b.vcpus:
-        b.add(
-            b.wrmsr(vcpu, msr, table[msr], host=True) for msr in (*msrs.MTRR_MSRS[1:], msrs.DEFTYPE)
-        )
-        b.add([b.write_cr0(vcpu, LINUX_CR0, host=True)])
+        b.add(qemu_put_registers(b, vcpu, LINUX_CR0, table))
 
 
 #: Below 1 MiB, only [0, 640 KiB) is usable RAM in a PC's e820 map.
@@ -131,7 +138,7 @@ def build(params: Params, seed: int = 1) -> Trace:
     )
     b = TraceBuilder(config, seed)
     table = booted_table(config.guest_maxphyaddr)
-    restore_booted(b, table)
+    restore_running(b, table)
     shares = ram_shares(b, 1.0)
     for vcpu, start, size in shares:
         b.touch(vcpu, start, size)

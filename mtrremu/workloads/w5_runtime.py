@@ -1,17 +1,20 @@
 """W5: a runtime ``mtrr_add`` then ``mtrr_del`` of a WC range over a device BAR
-[linux arch/x86/kernel/cpu/mtrr/mtrr.c ``set_mtrr``, generic.c ``generic_set_mtrr``].
+[linux arch/x86/kernel/cpu/mtrr/mtrr.c ``set_mtrr``, generic.c ``generic_set_mtrr``; qemu
+target/i386/kvm/kvm.c ``kvm_arch_put_registers``].
 
-A running guest (restored as in W4) writes ``/proc/mtrr``: every CPU in turn disables caches
-and MTRRs (CD 0→1, defType ← 0), writes the changed pair (``mtrr_add``: base then mask;
-``mtrr_del``: PHYSMASK ← 0 only), and enables them again (defType, CD 1→0). Variants:
+A running guest (restored as in W4: CR0 first, CD=0, then its MTRRs, defType first) writes
+``/proc/mtrr``: every CPU in turn disables caches and MTRRs (CD 0→1, defType ← 0), writes the
+changed pair (``mtrr_add``: base then mask; ``mtrr_del``: PHYSMASK ← 0 only), and enables them
+again (defType, CD 1→0). Variants:
 
 * ``a``: a BAR with no RAM behind it inside the UC PCI hole — WC inside UC stays UC, so no
   memory type changes at all: every zap is pure cost;
 * ``b``: a 32 GiB RAM-typed BAR memslot (ivshmem-like) above RAM, fully touched before, after
   the add and after the delete.
 
-Zap events, N vCPUs: the restore (N under Base1), then 2N for the add and 2N for the delete
-under either rule set (defType pairs under Base1, CD flips under Base2).
+Zap events, N vCPUs, under either rule set: the restore 28N (as in W4: with CD=0 and E=1 from
+the first write on, every one of the 28 MSRs zaps), then 2N for the add and 2N for the delete
+(defType pairs under Base1, CD flips under Base2): 32N.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from mtrremu.core.units import GIB, MIB
 from mtrremu.workloads.building import TraceBuilder, var_mask
 from mtrremu.workloads.layouts import q35
 from mtrremu.workloads.trace import Trace
-from mtrremu.workloads.w4_large import booted_table, mtrr_add_on, ram_shares, restore_booted
+from mtrremu.workloads.w4_large import booted_table, mtrr_add_on, ram_shares, restore_running
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,7 @@ def build(params: Params, seed: int = 1) -> Trace:
         slots = (*slots, Memslot.from_bytes(bar, size, name="ivshmem-bar"))
     config = VmConfig(vcpus=params.vcpus, noncoherent_dma=1, memslots=slots)
     b = TraceBuilder(config, seed)
-    restore_booted(b, booted_table(config.guest_maxphyaddr))
+    restore_running(b, booted_table(config.guest_maxphyaddr))
 
     def touch_all() -> None:
         for vcpu, start, length in ram_shares(b, params.working_set):

@@ -10,13 +10,15 @@ while no such device is attached; the MTRR type otherwise), so KVM zaps everythi
 (QEMU's virtio-net "failover" unplug before live migration keeps the group, and the count,
 unchanged: it is not this event.)
 
-In order: the VMM restores a booted q35 guest (as W4: MTRRs pushed while CD=1, then CR0);
+In order: the VMM restores a booted q35 guest as QEMU does (as W4: CR0 first, CD=0, then the
+MTRRs, defType first, so every MTRR write lands with MTRRs enabled);
 every vCPU touches its working set and the BSP the framebuffer (std VGA BAR0, UC under the
 MTRRs); ``unplug`` detaches the device; the guest runs on; ``replug`` attaches it again; the
 guest runs on.
 
-Zap events, N vCPUs: the restore's N defType writes under Base1 (none under Base2: CD=1). The
-two transitions are DMA zap events (counted apart), one each under every rule set.
+Zap events, N vCPUs: the restore's 28 MTRR writes on each vCPU, 28N, under every rule set
+(CD=0 and E=1 from the first write on). The two transitions are DMA zap events (counted
+apart), one each under every rule set.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from mtrremu.core.units import GIB, MIB
 from mtrremu.workloads.building import TraceBuilder
 from mtrremu.workloads.layouts import q35
 from mtrremu.workloads.trace import Trace
-from mtrremu.workloads.w4_large import booted_table, ram_shares, restore_booted
+from mtrremu.workloads.w4_large import booted_table, ram_shares, restore_running
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,7 @@ def build(params: Params, seed: int = 1) -> Trace:
         vcpus=params.vcpus, noncoherent_dma=1, memslots=q35(params.ram, vram=params.vram)
     )
     b = TraceBuilder(config, seed)
-    restore_booted(b, booted_table(config.guest_maxphyaddr))
+    restore_running(b, booted_table(config.guest_maxphyaddr))
 
     def run() -> None:
         for vcpu, start, size in ram_shares(b, params.working_set):
