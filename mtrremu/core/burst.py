@@ -103,8 +103,10 @@ def replay(vm: Vm, items: Iterable[Item]) -> Iterator[ItemResult]:
     """Run operations and bursts in order, each result as it comes; a refused one is reported
     and the rest go on.
 
-    This is the one replay path: in-process runs and the gRPC batch stream both use it (one
-    item at a time), so the same trace gives the same counts either way.
+    In-process runs use it; the gRPC batch stream runs each message with
+    :func:`mtrremu.rpc.convert.execute`, which calls the same handlers without building the
+    item twice, so the same trace gives the same counts either way (a test compares them
+    result by result).
     """
     for item in items:
         yield execute_one(vm, item)

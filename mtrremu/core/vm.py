@@ -501,7 +501,10 @@ class Vm:
 
     def _write_msr(self, op: WriteMsr, defer_drain: bool) -> EventResult:
         # The high-rate path: kept lean (no helper layers for what one line does).
-        vc = self.vcpu(op.vcpu)
+        vcpus = self.vcpus
+        if not 0 <= op.vcpu < len(vcpus):
+            raise UnknownVcpu(op.vcpu, len(vcpus))
+        vc = vcpus[op.vcpu]
         msr, value = op.msr, op.value
         if not (0 <= msr <= U64_MASK and 0 <= value <= U64_MASK):
             raise InvalidArgument(f"MSR {msr:#x} or value {value:#x} does not fit in 64 bits")
@@ -531,7 +534,8 @@ class Vm:
                         decision: object = self._on_mtrr_write(self._view, vc.view, msr)
                     except Exception as error:  # a plugin's bug: reported, never fatal
                         decision = _raised("on_mtrr_write", error)
-                    self._decide(result, decision, "on_mtrr_write", defer_drain)
+                    if decision is not NO_ZAP:  # the usual answer, checked first
+                        self._decide(result, decision, "on_mtrr_write", defer_drain)
         if result.own_counters is None and not self._observer.active and not self._dirty:
             return result
         return self._finish(result)

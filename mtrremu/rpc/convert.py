@@ -17,6 +17,7 @@ from typing import Any, Literal, cast
 
 from google.rpc import code_pb2
 
+from mtrremu.core.burst import run_burst
 from mtrremu.core.config import Memslot, MemslotKind, VmConfig
 from mtrremu.core.counters import COUNTER_NAMES, Counters
 from mtrremu.core.ept import decode_leaf
@@ -27,6 +28,7 @@ from mtrremu.core.events import (
     BurstResult,
     EventResult,
     Item,
+    ItemResult,
     Mapping,
     MsrValue,
     Op,
@@ -216,11 +218,9 @@ def _msrs(entries: Any) -> tuple[MsrValue, ...]:
     return tuple(MsrValue(e.msr, e.value) for e in entries)
 
 
-def _converter(kind: OperationKind) -> Callable[[Any], Op]:
-    """How to build a ``kind`` operation from its message, compiled from the table once (as
-    :mod:`dataclasses` compiles ``__init__``): ``lambda m: WriteMsr(m.vcpu, m.msr, m.value,
-    _host(m.initiator))``. This runs for every operation of a batch, so it reads each field
-    directly instead of looping over the fields."""
+def _built(kind: OperationKind) -> str:
+    """The expression building a ``kind`` operation from its message ``m``:
+    ``build(m.vcpu, m.msr, m.value, _host(m.initiator))``."""
     arguments = [
         "_host(m.initiator)"
         if f.name == "host"
@@ -229,12 +229,26 @@ def _converter(kind: OperationKind) -> Callable[[Any], Op]:
         else f"m.{f.name}"
         for f in kind.fields
     ]
-    namespace = {"build": kind.type, "_host": _host, "_msrs": _msrs}
-    convert: Callable[[Any], Op] = eval(f"lambda m: build({', '.join(arguments)})", namespace)
-    return convert
+    return f"build({', '.join(arguments)})"
 
 
-_CONVERTERS: dict[str, Callable[[Any], Op]] = {kind.name: _converter(kind) for kind in OPERATIONS}
+def _compiled(kind: OperationKind, body: str) -> Any:
+    """``eval(body)`` with ``build`` standing for ``kind``'s dataclass. Conversions run for
+    every operation of a batch, so they are compiled from the table once (as :mod:`dataclasses`
+    compiles ``__init__``) and read each field directly instead of looping over the fields."""
+    return eval(body, {"build": kind.type, "_host": _host, "_msrs": _msrs})
+
+
+#: Per operation name: its operation from its message.
+_CONVERTERS: dict[str, Callable[[Any], Op]] = {
+    kind.name: _compiled(kind, f"lambda m: {_built(kind)}") for kind in OPERATIONS
+}
+#: Per operation name: its operation from its message, run by the VM's handler for it
+#: (``Vm._<name>``, what :meth:`Vm.apply` dispatches to), in one call.
+_RUNNERS: dict[str, Callable[[Vm, Any], EventResult]] = {
+    kind.name: _compiled(kind, f"lambda vm, m: vm._{kind.name}({_built(kind)}, False)")
+    for kind in OPERATIONS
+}
 
 
 def operation_of(kind: OperationKind, message: Any) -> Op:
@@ -266,6 +280,19 @@ def operation(message: pb.Operation, *, in_burst: bool = False) -> Item:
     if convert is None:
         raise InvalidArgument("an operation must set one of its kinds")
     return convert(getattr(message, name or ""))
+
+
+def execute(vm: Vm, message: pb.Operation) -> ItemResult:
+    """Run one batch operation on ``vm``: what :func:`~mtrremu.core.burst.execute_one` does
+    with :func:`operation`'s item, without the layers between (this runs for every operation
+    of a batch). A malformed operation or one the emulator refuses raises."""
+    name = message.WhichOneof("kind")
+    run = _RUNNERS.get(name) if name is not None else None
+    if run is not None:
+        return run(vm, getattr(message, name or ""))
+    burst = operation(message)  # a burst, or nothing set (which raises)
+    assert isinstance(burst, Burst)
+    return run_burst(vm, burst)
 
 
 def _burst(message: pb.Burst) -> Burst:

@@ -15,7 +15,6 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.message import Message
 
-from mtrremu.core.burst import execute_one
 from mtrremu.core.config import VmConfig
 from mtrremu.core.errors import (
     InvalidArgument,
@@ -236,7 +235,7 @@ class Servicer:
             # of its size; a response is closed before a result would take it past
             # REPLY_CHUNK_BYTES, and that result moves on to the next one.
             batch_id = request.batch_id
-            operation, fill = convert.operation, convert.fill_result  # hot: bound once
+            execute, fill = convert.execute, convert.fill_result  # hot: bound once
             is_bare, bare_cost = convert.is_bare, convert.LIGHT_RESULT_BYTES + RESULT_OVERHEAD_BYTES
             response = pb.ExecuteResponse(batch_id=batch_id)
             used = 0
@@ -250,7 +249,7 @@ class Servicer:
                     raise UnknownVm(request.vm_id)
                 result: ItemResult | MtrremuError
                 try:
-                    result = execute_one(vm, operation(op))
+                    result = execute(vm, op)
                 except MtrremuError as error:  # a malformed operation: nothing ran
                     result = error
                 if is_bare(result):
