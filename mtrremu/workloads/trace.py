@@ -47,6 +47,7 @@ ignored. :func:`load` rejects a malformed file with the line number and the reas
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -427,8 +428,12 @@ _CANONICAL = {
 _OP_PREFIX = '{"op":"'
 
 
+@functools.lru_cache(maxsize=8192)
 def _canonical_row(text: str) -> tuple[int, int, int, int, int] | None:
-    """``(kind index, vcpu, a, b, flags)`` of a line exactly as :func:`lines` writes it."""
+    """``(kind index, vcpu, a, b, flags)`` of a line exactly as :func:`lines` writes it.
+
+    Remembered for the last 8,192 distinct lines (about a megabyte): a long trace repeats the
+    same lines (firmware programming the same MTRRs on every vCPU, CD flips) over and over."""
     if not text.startswith(_OP_PREFIX):
         return None
     end = text.find('"', len(_OP_PREFIX))
