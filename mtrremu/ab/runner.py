@@ -240,26 +240,19 @@ class _Fold:
 
     def result(self, result: ItemResult) -> None:
         """One item's result (a burst's: all its lanes)."""
-        if self.host_faults is not None:
-            for one in operation_results([result]):
-                if (
-                    isinstance(one, EventResult)
-                    and isinstance(one.op, WriteMsr)
-                    and not one.op.host
-                ):
-                    self.guest_msr_write(one.op.vcpu, one.op.msr, one.op.value, one.gp is not None)
-        if type(result) is EventResult and not result.counted:
-            # The common case, short-cut: an event that counted nothing zapped nothing.
-            if result.strategy_failure is not None:
-                self.outcome(None, astuple(result.strategy_failure))
-            return
-        for one in operation_results([result]):
+        ones = (result,) if isinstance(result, EventResult) else operation_results([result])
+        for one in ones:
             if isinstance(one, Refused):
                 self.outcome(one.reason, None)
-            elif one.strategy_failure is not None:
+                continue
+            if one.strategy_failure is not None:
                 self.outcome(None, astuple(one.strategy_failure))
-        for calls in rounds_of([result]):
-            self.round(calls)
+            if self.host_faults is not None and isinstance(one.op, WriteMsr) and not one.op.host:
+                self.guest_msr_write(one.op.vcpu, one.op.msr, one.op.value, one.gp is not None)
+        # An event that counted nothing zapped nothing (the common case): no round to model.
+        if not isinstance(result, EventResult) or result.counted:
+            for calls in rounds_of([result]):
+                self.round(calls)
 
     def replay(self, counters: dict[str, int], staleness: dict[str, Any]) -> Replay:
         refused = dict(sorted(self.refused.items()))

@@ -501,10 +501,7 @@ class Vm:
 
     def _write_msr(self, op: WriteMsr, defer_drain: bool) -> EventResult:
         # The high-rate path: kept lean (no helper layers for what one line does).
-        vcpus = self.vcpus
-        if not 0 <= op.vcpu < len(vcpus):
-            raise UnknownVcpu(op.vcpu, len(vcpus))
-        vc = vcpus[op.vcpu]
+        vc = self.vcpu(op.vcpu)
         msr, value = op.msr, op.value
         if not (0 <= msr <= U64_MASK and 0 <= value <= U64_MASK):
             raise InvalidArgument(f"MSR {msr:#x} or value {value:#x} does not fit in 64 bits")
@@ -546,15 +543,13 @@ class Vm:
         before, old = self._plan_before_write(vc)
         var = msrs.is_var_msr(op.msr)
         who = "host" if op.host else "guest"
-        self._event_checks.append(
-            _EventCheck(
-                vc,
-                before.values,
-                "on_mtrr_write",
-                f"{who} write of {op.value:#x} to {msrs.msr_name(op.msr)}",
-                old.var_range_gfns(msrs.var_pair(op.msr)[0]) if var else None,
-                result,
-            )
+        self._expect_event(
+            vc,
+            "on_mtrr_write",
+            f"{who} write of {op.value:#x} to {msrs.msr_name(op.msr)}",
+            old.var_range_gfns(msrs.var_pair(op.msr)[0]) if var else None,
+            result,
+            before=before.values,
         )
 
     def _host_cd_change(self, vc: VCpu, what: str, result: EventResult) -> None:
@@ -908,10 +903,13 @@ class Vm:
         what: str,
         old_span: GfnRange | None = None,
         result: EventResult | None = None,
+        *,
+        before: IntervalMap | None = None,
     ) -> None:
-        """Remember what ``vc`` expects before an event, to check it after the event's zaps."""
-        check = _EventCheck(vc, self.plan(vc).values, hook, what, old_span, result)
-        self._event_checks.append(check)
+        """Remember what ``vc`` expects before an event (``before``, if it already changed;
+        else its plan now), to check it after the event's zaps."""
+        expected = self.plan(vc).values if before is None else before
+        self._event_checks.append(_EventCheck(vc, expected, hook, what, old_span, result))
 
     def _check_events(self, only: EventResult | None = None) -> None:
         """The oracle after events (see :class:`StalenessLog`): leaves each event left newly
