@@ -21,6 +21,20 @@ from mtrremu.core.units import PAGE_SHIFT, U64_MASK, GfnRange
 _PAGE_MASK = U64_MASK ^ ((1 << PAGE_SHIFT) - 1)
 
 
+# Where each MTRR MSR is stored, found with one lookup per write: its kind (one of these four
+# objects, compared by identity) and its fixed-range byte offset or variable pair index.
+_DEFTYPE, _FIXED, _BASE, _MASK = "deftype", "fixed", "base", "mask"
+_WHERE: dict[int, tuple[str, int]] = {
+    msrs.DEFTYPE: (_DEFTYPE, 0),
+    **{msr: (_FIXED, 8 * slot) for slot, msr in enumerate(msrs.FIXED_MSRS)},
+    **{
+        msr: (_MASK if is_mask else _BASE, pair)
+        for msr in msrs.VAR_MSRS
+        for pair, is_mask in [msrs.var_pair(msr)]
+    },
+}
+
+
 @dataclass(frozen=True)
 class Lookup:
     """What KVM's MTRR lookup saw over one gpa range, in the order it saw it.
@@ -85,32 +99,26 @@ class MtrrState:
         """Store an already validated MTRR MSR value (defType, fixed or variable); whether
         the registers as read back or the variable list order changed (a rewrite of the same
         value can still reorder pairs that share a base)."""
-        if msr == msrs.DEFTYPE:
-            self._undo = (msr, self.deftype, None)
-            changed = value != self.deftype
-            self.deftype = value
-        elif msrs.is_var_msr(msr):
-            pair, is_mask = msrs.var_pair(msr)
-            stored = self.masks[pair] if is_mask else self.bases[pair]
-            order = self.order
-            # _write_var replaces the order list rather than changing it: the old one is kept.
-            self._undo = (msr, stored, order)
-            self._write_var(msr, value)
-            changed = (stored & ~self._high if is_mask else stored) != value or (
-                self.order is not order and self.order != order
-            )
-        elif msrs.is_fixed_msr(msr):
-            at = 8 * msrs.fixed_msr_slot(msr)
+        where = _WHERE.get(msr)
+        if where is None:
+            raise ValueError(f"{msrs.msr_name(msr)} is not an MTRR MSR")
+        kind, at = where
+        if kind is _FIXED:
             old = self.fixed[at : at + 8]
             self._undo = (msr, old, None)  # bytes: turned into a value only if asked for
             new = value.to_bytes(8, "little")
-            changed = new != old
-            if changed:
-                self.fixed[at : at + 8] = new
-        else:
-            raise ValueError(f"{msrs.msr_name(msr)} is not an MTRR MSR")
-        self.version += changed
-        return changed
+            if new == old:
+                return False
+            self.fixed[at : at + 8] = new
+        elif kind is _DEFTYPE:
+            self._undo = (msr, self.deftype, None)
+            if value == self.deftype:
+                return False
+            self.deftype = value
+        elif not self._write_var(msr, at, kind is _MASK, value):
+            return False
+        self.version += 1
+        return True
 
     def before_last_write(self) -> MtrrState:
         """A copy of these registers as they were before the last accepted write (an
@@ -134,21 +142,31 @@ class MtrrState:
         state.version = -1
         return state
 
-    def _write_var(self, msr: int, value: int) -> None:
-        pair, is_mask = msrs.var_pair(msr)
-        was_valid = self.pair_valid(pair)
+    def _write_var(self, msr: int, pair: int, is_mask: bool, value: int) -> bool:
+        """Store a variable-range MSR of ``pair`` and put the pair where KVM's list would have
+        it; whether the registers as read back or the list order changed."""
+        masks, bases, order = self.masks, self.bases, self.order
+        was_valid = masks[pair] & msrs.PHYSMASK_VALID
         if is_mask:
-            self.masks[pair] = value | self._high
+            stored = masks[pair]
+            masks[pair] = value | self._high
+            changed = stored & ~self._high != value
         else:
-            self.bases[pair] = value
-        if not (was_valid or self.pair_valid(pair)):
-            return
-        order = [other for other in self.order if other != pair]
-        if self.pair_valid(pair):
-            base = self.bases[pair]
-            at = next((i for i, other in enumerate(order) if base >= self.bases[other]), len(order))
-            order.insert(at, pair)
-        self.order = order
+            stored = bases[pair]
+            bases[pair] = value
+            changed = stored != value
+        # The order list is replaced, never changed in place: the undo record keeps the old.
+        self._undo = (msr, stored, order)
+        valid = masks[pair] & msrs.PHYSMASK_VALID
+        if not (was_valid or valid):
+            return changed
+        new = [other for other in order if other != pair]
+        if valid:
+            base = bases[pair]
+            at = next((i for i, other in enumerate(new) if base >= bases[other]), len(new))
+            new.insert(at, pair)
+        self.order = new
+        return changed or new != order
 
     def read(self, msr: int) -> int:
         """Read an MTRR MSR back as a guest would (masks without the internal high bits)."""
