@@ -6,7 +6,7 @@ a guest #GP (a guest WRMSR) or a request error (a host-initiated write), as KVM 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import lru_cache
 
 from mtrremu.core.memtypes import is_mtrr_type, is_pat_type, type_label
@@ -141,6 +141,11 @@ def _bad_type_byte(value: int, legal: bytes, what: str) -> str | None:
     return f"byte {k} holds {type_label(raw[k])}, not a legal {what} type"
 
 
+def not_emulated(msr: int) -> str:
+    """Why a write to an MSR without a check (:attr:`WriteRules.checks`) is refused."""
+    return f"{msr_name(msr)} is not an emulated MSR"
+
+
 class WriteRules:
     """KVM's ``kvm_mtrr_valid`` for one guest MAXPHYADDR, plus read-only MTRRcap and unknown
     indices: one check per MSR, found by index."""
@@ -158,14 +163,13 @@ class WriteRules:
         for msr in range(PHYSBASE0, PHYSMASK_LAST + 1, 2):
             checks[msr] = self._base
             checks[msr + 1] = self._mask
-        self._checks = checks
+        #: Per emulated MSR: why a value cannot be written to it, or ``None``.
+        self.checks: Mapping[int, Callable[[int], str | None]] = checks
 
     def rejection(self, msr: int, value: int) -> str | None:
         """Why ``value`` (a u64) cannot be written to ``msr``, or ``None``."""
-        check = self._checks.get(msr)
-        if check is None:
-            return f"{msr_name(msr)} is not an emulated MSR"
-        return check(value)
+        check = self.checks.get(msr)
+        return not_emulated(msr) if check is None else check(value)
 
     @staticmethod
     def _deftype(value: int) -> str | None:

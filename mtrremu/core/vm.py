@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
@@ -26,6 +26,7 @@ from mtrremu.core.ept import EptStore, decode_leaf, encode_leaf, merge_runs
 from mtrremu.core.errors import (
     FailedPrecondition,
     InvalidArgument,
+    MtrremuError,
     RejectedHostWrite,
     ResourceExhausted,
     UnknownVcpu,
@@ -500,42 +501,87 @@ class Vm:
         return self._write_msr(WriteMsr(vcpu, msr, value, host), defer_drain)
 
     def _write_msr(self, op: WriteMsr, defer_drain: bool) -> EventResult:
-        # The high-rate path: kept lean (no helper layers for what one line does).
-        vc = self.vcpu(op.vcpu)
-        msr, value = op.msr, op.value
-        if not (0 <= msr <= U64_MASK and 0 <= value <= U64_MASK):
-            raise InvalidArgument(f"MSR {msr:#x} or value {value:#x} does not fit in 64 bits")
-        result = EventResult(op)
-        with vc.lock:
-            why = self._rules.rejection(msr, value)
-            if why is not None:
-                if op.host:
-                    raise RejectedHostWrite(msrs.msr_name(msr), value, why)
-                result.gp = f"WRMSR {msrs.msr_name(msr)}: {why}"
-                result.counters.guest_gp += 1
-                return self._finish(result)
-            if msr == _PAT:
-                vc.pat = value
+        (outcome,) = self.write_msr_run((op,), defer_drain=defer_drain)
+        if outcome is None:
+            return EventResult(op)
+        if isinstance(outcome, MtrremuError):
+            raise outcome
+        return outcome
+
+    def write_msr_run(
+        self,
+        ops: Iterable[WriteMsr],
+        *,
+        defer_drain: bool = False,
+        stop: threading.Event | None = None,
+    ) -> list[EventResult | MtrremuError | None]:
+        """Single-MSR writes in order, each its own event exactly as :meth:`write_msr` runs it
+        (this is that method's implementation): per write, ``None`` when its result is bare
+        (accepted, nothing counted, zapped or failed: what most writes of a replay are), else
+        its :class:`EventResult`, or the error :meth:`write_msr` raises (that write did
+        nothing; the run goes on). With ``stop``: ends early, with fewer outcomes, once
+        ``stop`` is set or the VM is closed (checked before each write).
+
+        A run exists for speed: one call runs many writes with what they share looked up
+        once, and a bare write builds no result (the gRPC front end answers a run of them
+        with ready-made pieces, see :class:`mtrremu.rpc.convert.BareResults`)."""
+        # Hot: what every write reads is bound once (what may change meanwhile, such as
+        # ``_honours`` with the DMA count, is still read per write).
+        vcpus, count, checks = self.vcpus, len(self.vcpus), self._rules.checks
+        ask, track, event_filter = self._on_mtrr_write, self._track, self._filter
+        filtering = event_filter.active
+        outcomes: list[EventResult | MtrremuError | None] = []
+        add = outcomes.append
+        for op in ops:
+            if stop is not None and (stop.is_set() or self.closed):
+                break
+            vcpu, msr, value = op.vcpu, op.msr, op.value
+            if not 0 <= vcpu < count:
+                add(UnknownVcpu(vcpu, count))
+                continue
+            if not (0 <= msr <= U64_MASK and 0 <= value <= U64_MASK):
+                add(InvalidArgument(f"MSR {msr:#x} or value {value:#x} does not fit in 64 bits"))
+                continue
+            vc = vcpus[vcpu]
+            result: EventResult | None = None
+            with vc.lock:
+                check = checks.get(msr)
+                why = msrs.not_emulated(msr) if check is None else check(value)
+                if why is not None:
+                    if op.host:
+                        add(RejectedHostWrite(msrs.msr_name(msr), value, why))
+                        continue
+                    result = EventResult(op, gp=f"WRMSR {msrs.msr_name(msr)}: {why}")
+                    result.counters.guest_gp += 1
+                elif msr == _PAT:
+                    vc.pat = value
+                else:
+                    honours = self._honours
+                    dropped = filtering and event_filter.drops(vc.mtrr, vc.cd, msr, value)
+                    # A write leaving the registers as they were changes no type: no check.
+                    if vc.mtrr.write(msr, value) and track:
+                        if honours:
+                            result = EventResult(op)
+                            self._expect_write(vc, op, result)
+                        self._resign(vc)
+                        self._dirty = True
+                    if honours and dropped:
+                        result = EventResult(op) if result is None else result
+                        result.counters.events_filtered += 1
+                    elif honours:
+                        try:
+                            decision: object = ask(self._view, vc.view, msr)
+                        except Exception as error:  # a plugin's bug: reported, never fatal
+                            decision = _raised("on_mtrr_write", error)
+                        if decision is not NO_ZAP:  # the usual answer, checked first
+                            result = EventResult(op) if result is None else result
+                            self._decide(result, decision, "on_mtrr_write", defer_drain)
+            if result is None and not self._observer.active and not self._dirty:
+                self.changes += 1  # what _finish does first (a snapshot may be due)
+                add(None)
             else:
-                dropped = self._filter.active and self._filter.drops(vc.mtrr, vc.cd, msr, value)
-                # A write leaving the registers as they were changes no type: nothing to check.
-                if vc.mtrr.write(msr, value) and self._track:
-                    if self._honours:
-                        self._expect_write(vc, op, result)
-                    self._resign(vc)
-                    self._dirty = True
-                if self._honours and dropped:
-                    result.counters.events_filtered += 1
-                elif self._honours:
-                    try:
-                        decision: object = self._on_mtrr_write(self._view, vc.view, msr)
-                    except Exception as error:  # a plugin's bug: reported, never fatal
-                        decision = _raised("on_mtrr_write", error)
-                    if decision is not NO_ZAP:  # the usual answer, checked first
-                        self._decide(result, decision, "on_mtrr_write", defer_drain)
-        if result.own_counters is None and not self._observer.active and not self._dirty:
-            return result
-        return self._finish(result)
+                add(self._finish(EventResult(op) if result is None else result))
+        return outcomes
 
     def _expect_write(self, vc: VCpu, op: WriteMsr, result: EventResult) -> None:
         """:meth:`_expect_event` for an MTRR write that changed ``vc``'s registers, after the
