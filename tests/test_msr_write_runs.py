@@ -1,7 +1,9 @@
 """Runs of single-MSR writes (``Vm.write_msr_run``, what ``Execute`` uses for consecutive
 ``write_msr`` operations) do exactly what the same writes do one at a time: same outcome per
 write, same registers, counters, EPT, oracle log and observer calls; a stop ends a run before
-its next write."""
+its next write. Over gRPC, a batch's results are the ones the in-process VM gives, whatever
+mix of runs, malformed writes and other operations it holds, and however many responses its
+bare results take."""
 
 from __future__ import annotations
 
@@ -12,15 +14,20 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
+from mtrremu.client import Client
 from mtrremu.core import msrs
 from mtrremu.core.config import Memslot, VmConfig
-from mtrremu.core.errors import MtrremuError
-from mtrremu.core.events import EventResult, WriteMsr
+from mtrremu.core.errors import InvalidArgument, MtrremuError
+from mtrremu.core.events import EventResult, Op, ReadMsr, WriteMsr
 from mtrremu.core.memtype import Profile
 from mtrremu.core.strategy import NO_ZAP, VcpuView, VmView, ZapDecision
 from mtrremu.core.units import GIB, MIB, GfnRange
 from mtrremu.core.vm import Vm
-from tests.helpers import CD0, create_vm
+from mtrremu.rpc import convert
+from mtrremu.rpc.transport import REPLY_CHUNK_BYTES
+from mtrremu.server.servicer import RESULT_OVERHEAD_BYTES, RUN_WRITES
+from mtrremu.v1 import emulator_pb2 as pb
+from tests.helpers import CD0, create_vm, serving
 
 VCPUS = 3
 MEMSLOTS = (Memslot.from_bytes(0, 640 * 1024), Memslot.from_bytes(MIB, GIB - MIB))
@@ -186,3 +193,84 @@ def test_a_write_that_zaps_nothing_still_counts_as_a_change() -> None:
     before = vm.changes
     assert vm.write_msr_run([WriteMsr(1, msrs.DEFTYPE, 0xC06)]) == [None]  # at CD=1: no zap
     assert vm.changes == before + 1
+
+
+# -- over gRPC ---------------------------------------------------------------------------
+
+
+def mixed_batch() -> list[Op]:
+    """Runs longer than RUN_WRITES, broken by other operations and by refused writes."""
+    ops: list[Op] = []
+    for index in range(3 * RUN_WRITES + 7):
+        vcpu = index % VCPUS
+        ops.append(WriteMsr(vcpu, msrs.PHYSBASE0 + 2 * (index % 4), 0x80000006 + (index << 12)))
+        if index % 97 == 0:
+            ops.append(ReadMsr(vcpu, msrs.PHYSBASE0))
+        if index % 131 == 0:
+            ops.append(WriteMsr(VCPUS, msrs.DEFTYPE, 0xC06))  # no such vCPU
+            ops.append(WriteMsr(vcpu, msrs.DEFTYPE, 0x0F00))  # reserved bits: a #GP
+            ops.append(WriteMsr(vcpu, msrs.DEFTYPE, 0x0F00, host=True))  # refused
+        if index % 50 == 0:
+            ops.append(WriteMsr(0, msrs.DEFTYPE, 0xC06 ^ (index & 0x800)))  # at CD=0: zaps
+    return ops
+
+
+def expected_results(ops: list[Op], malformed: set[int]) -> list[pb.OperationResult]:
+    """Each operation's result on an in-process twin, filled as the server fills it."""
+    vm, _, _, _ = twins("fine-grained")
+    results = []
+    for entry, op in enumerate(ops):
+        message = pb.OperationResult()
+        outcome: EventResult | MtrremuError
+        if entry in malformed:
+            outcome = InvalidArgument("unknown initiator 9")
+        else:
+            try:
+                outcome = vm.apply(op)
+            except MtrremuError as error:
+                outcome = error
+        convert.fill_result(entry, outcome, message)
+        results.append(message)
+    return results
+
+
+def test_a_mixed_batch_answers_as_the_vm_does_in_process() -> None:
+    ops = mixed_batch()
+    messages = [convert.operation_message(op) for op in ops]
+    malformed = {5, RUN_WRITES + 3, len(ops) - 1}
+    for entry in malformed:  # an unknown initiator: refused alone, the run around it goes on
+        bad = pb.WriteMsrOperation(vcpu=0, msr=msrs.DEFTYPE, value=0xC06)
+        bad.MergeFromString(b"\x20\x09")  # field 4 (initiator) = 9: no such Initiator
+        messages[entry] = pb.Operation(write_msr=bad)
+    with serving() as server, Client(server.addresses[0]) as client:
+        vm = client.create_vm(
+            VmConfig(vcpus=VCPUS, noncoherent_dma=1, memslots=MEMSLOTS), "fine-grained"
+        )
+        vm.write_cr0(0, CD0)
+        vm.fault_range(0, 0, 64 * MIB)
+        got = list(vm.execute_messages(messages, batch_size=len(messages)))
+    want = expected_results(ops, malformed)
+    assert len(got) == len(want)
+    for entry, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert g == w, (entry, ops[entry])
+
+
+def test_bare_results_fill_responses_up_to_their_bound_in_order() -> None:
+    """Prediction from the size rule: a bare result counts LIGHT_RESULT_BYTES plus its
+    overhead, so a response holds at most REPLY_CHUNK_BYTES // that many of them."""
+    per_response = REPLY_CHUNK_BYTES // (convert.LIGHT_RESULT_BYTES + RESULT_OVERHEAD_BYTES)
+    count = 2 * per_response + 10
+    ops = [
+        convert.operation_message(WriteMsr(i % VCPUS, msrs.PAT, msrs.PAT_DEFAULT))
+        for i in range(count)
+    ]
+    with serving() as server, Client(server.addresses[0]) as client:
+        vm = client.create_vm(VmConfig(vcpus=VCPUS), "fine-grained")
+        request = pb.ExecuteRequest(vm_id=vm.vm_id, operations=ops, batch_id=4)
+        responses = list(client.stub.Execute(iter([request])))
+    assert [len(r.results) for r in responses] == [per_response, per_response, 10]
+    assert [r.last for r in responses] == [False, False, True]
+    assert {r.batch_id for r in responses} == {4}
+    entries = [result.entry for r in responses for result in r.results]
+    assert entries == list(range(count))
+    assert all(r.ByteSize() <= REPLY_CHUNK_BYTES for r in responses)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import threading
 import typing
 from collections.abc import Callable, Iterator, Sequence
@@ -36,6 +37,7 @@ from mtrremu.core.events import (
     Refused,
     StalenessAnswer,
     VcpuOp,
+    WriteMsr,
 )
 from mtrremu.core.memtype import EptMemtype, Precedence, Profile
 from mtrremu.core.memtypes import MemType
@@ -200,18 +202,18 @@ def counters(message: pb.Counters) -> Counters:
 # Operation oneof field of its name, and its fields are the dataclass's, except ``host``, which
 # is the message's ``initiator``, and tuples of MsrValue, which are repeated MsrValue messages.
 
-_HOST: dict[int, bool] = {
-    pb.INITIATOR_UNSPECIFIED: False,
-    pb.INITIATOR_GUEST: False,
-    pb.INITIATOR_HOST: True,
-}
 
+class _Initiators(dict[int, bool]):
+    """``host`` by ``Initiator`` value; an unknown one is refused (a subscript: this runs for
+    every operation of a batch)."""
 
-def _host(initiator: int) -> bool:
-    host = _HOST.get(initiator)
-    if host is None:
+    def __missing__(self, initiator: int) -> bool:
         raise InvalidArgument(f"unknown initiator {initiator}")
-    return host
+
+
+_HOST = _Initiators(
+    {pb.INITIATOR_UNSPECIFIED: False, pb.INITIATOR_GUEST: False, pb.INITIATOR_HOST: True}
+)
 
 
 def _msrs(entries: Any) -> tuple[MsrValue, ...]:
@@ -220,9 +222,9 @@ def _msrs(entries: Any) -> tuple[MsrValue, ...]:
 
 def _built(kind: OperationKind) -> str:
     """The expression building a ``kind`` operation from its message ``m``:
-    ``build(m.vcpu, m.msr, m.value, _host(m.initiator))``."""
+    ``build(m.vcpu, m.msr, m.value, _HOST[m.initiator])``."""
     arguments = [
-        "_host(m.initiator)"
+        "_HOST[m.initiator]"
         if f.name == "host"
         else "_msrs(m.msrs)"
         if f.name == "msrs"
@@ -236,7 +238,7 @@ def _compiled(kind: OperationKind, body: str) -> Any:
     """``eval(body)`` with ``build`` standing for ``kind``'s dataclass. Conversions run for
     every operation of a batch, so they are compiled from the table once (as :mod:`dataclasses`
     compiles ``__init__``) and read each field directly instead of looping over the fields."""
-    return eval(body, {"build": kind.type, "_host": _host, "_msrs": _msrs})
+    return eval(body, {"build": kind.type, "_HOST": _HOST, "_msrs": _msrs})
 
 
 #: Per operation name: its operation from its message.
@@ -295,6 +297,29 @@ def execute(vm: Vm, message: pb.Operation) -> ItemResult:
     return run_burst(vm, burst)
 
 
+#: The single-MSR writes of a list of ``write_msr`` messages (``ms``), as core operations.
+_WRITE_MSR_RUN: Callable[[Any], list[WriteMsr]] = _compiled(
+    BY_TYPE[WriteMsr], f"lambda ms: [{_built(BY_TYPE[WriteMsr])} for m in ms]"
+)
+
+
+def msr_write_run(operations: Sequence[pb.Operation], start: int, end: int) -> list[WriteMsr]:
+    """The single-MSR writes ``operations[start:end]`` (all ``write_msr``) as core operations:
+    a run for :meth:`Vm.write_msr_run`. It ends before the first malformed one, if any
+    (:func:`execute` refuses that one on its own)."""
+    messages = [message.write_msr for message in operations[start:end]]
+    try:
+        return _WRITE_MSR_RUN(messages)
+    except InvalidArgument:
+        run: list[WriteMsr] = []
+        for message in messages:
+            try:
+                run.extend(_WRITE_MSR_RUN((message,)))
+            except InvalidArgument:
+                break
+        return run
+
+
 def _burst(message: pb.Burst) -> Burst:
     lanes = []
     for lane in message.lanes:
@@ -324,11 +349,25 @@ def operation_message(item: Item) -> pb.Operation:
     return message
 
 
-def batch_size(operations: Sequence[pb.Operation]) -> int:
-    """Operations a batch stands for: each entry, plus every lane operation of a burst."""
-    return len(operations) + sum(
-        len(lane.operations) for op in operations if op.HasField("burst") for lane in op.burst.lanes
-    )
+def batch_segments(operations: Sequence[pb.Operation]) -> tuple[int, list[tuple[str, int]]]:
+    """What a server needs to know of a batch before running it: the operations it stands for
+    (each entry, plus every lane operation of a burst) and its entries as segments of one
+    kind, each ``(kind, end)`` (its first entry is the previous one's end; a kind is a
+    ``pb.Operation.kind`` field name, or ``""`` for an entry with none set)."""
+    kinds: list[str] = [message.WhichOneof("kind") or "" for message in operations]
+    size = len(kinds)
+    if "burst" in kinds:
+        size += sum(
+            len(lane.operations)
+            for message, kind in zip(operations, kinds, strict=True)
+            if kind == "burst"
+            for lane in message.burst.lanes
+        )
+    segments, end = [], 0
+    for kind, group in itertools.groupby(kinds):
+        end += sum(1 for _ in group)
+        segments.append((kind, end))
+    return size, segments
 
 
 # -- results ------------------------------------------------------------------------------

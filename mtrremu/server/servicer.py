@@ -9,7 +9,8 @@ the operations (one unary RPC each, plus their place in ``Execute``) come from t
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -23,7 +24,7 @@ from mtrremu.core.errors import (
     ResourceExhausted,
     UnknownVm,
 )
-from mtrremu.core.events import BurstResult, ItemResult
+from mtrremu.core.events import BurstResult, ItemResult, WriteMsr
 from mtrremu.core.operations import OPERATIONS, OperationKind
 from mtrremu.core.vm_state import VmState, capture
 from mtrremu.plugin.manager import accepted_options
@@ -41,6 +42,9 @@ SERVICE = pb.DESCRIPTOR.services_by_name["EmulatorService"].full_name
 RESULT_OVERHEAD_BYTES = 5
 #: Snapshots in transit stay in memory up to this size, then go to a temporary file.
 SPOOL_BYTES = 8 << 20
+#: Single-MSR writes run at most this many at a time: what a run holds dies young (before
+#: the cycle collector's first generation fills and moves it on).
+RUN_WRITES = 128
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 DEFAULT_RUNS_PER_MESSAGE = 4096
@@ -49,7 +53,8 @@ MAX_RUNS_PER_MESSAGE = 65536
 Unary = Callable[[Any, grpc.ServicerContext], Message]
 #: The answers that describe a VM just created.
 Answer = TypeVar("Answer", pb.CreateVmResponse, pb.ImportVmResponse)
-Streaming = Callable[[Any, grpc.ServicerContext], Iterator[Message]]
+#: A streaming handler; a response is a message, or already serialized (Execute's).
+Streaming = Callable[[Any, grpc.ServicerContext], Iterator[Message | bytes]]
 
 
 class Servicer:
@@ -214,84 +219,156 @@ class Servicer:
 
     def Execute(
         self, request_iterator: Iterator[pb.ExecuteRequest], context: grpc.ServicerContext
-    ) -> Iterator[pb.ExecuteResponse]:
-        """Batches in order, each answered by responses of at most REPLY_CHUNK_BYTES; a refused
-        operation is an error result and the batch goes on. An unknown VM or an oversized batch
-        ends the stream with its status. A call that ends (cancelled, deadline, the client
-        gone) applies no operation after the one running; a VM deleted meanwhile ends the
-        stream with VM_NOT_FOUND before its next operation."""
+    ) -> Iterator[bytes]:
+        """Batches in order, each answered by responses of at most REPLY_CHUNK_BYTES (built
+        serialized, see :class:`_Replies`); a refused operation is an error result and the
+        batch goes on. An unknown VM or an oversized batch ends the stream with its status. A
+        call that ends (cancelled, deadline, the client gone) applies no operation after the
+        one running; a VM deleted meanwhile ends the stream with VM_NOT_FOUND before its next
+        operation. Consecutive single-MSR writes (most of a replay) run up to RUN_WRITES at a
+        time (:meth:`Vm.write_msr_run`); other operations one by one."""
         limit = self.table.limits.max_batch_operations
         owner = self.owner(context)
-        ended: list[bool] = []
-        context.add_callback(lambda: ended.append(True))
+        ended = threading.Event()
+        context.add_callback(ended.set)
         for request in request_iterator:
             vm = self.table.vm(request.vm_id, owner)
-            size = convert.batch_size(request.operations)
+            operations = request.operations
+            size, segments = convert.batch_segments(operations)
             if size > limit:
                 raise ResourceExhausted(
                     f"batch {request.batch_id} holds {size} operations; the limit is {limit}"
                 )
-            # Results are filled in place in the response being built, each counted at a bound
-            # of its size; a response is closed before a result would take it past
-            # REPLY_CHUNK_BYTES, and that result moves on to the next one.
-            batch_id = request.batch_id
-            execute, fill = convert.execute, convert.fill_result  # hot: bound once
-            is_bare, bare_cost = convert.is_bare, convert.LIGHT_RESULT_BYTES + RESULT_OVERHEAD_BYTES
-            response = pb.ExecuteResponse(batch_id=batch_id)
-            used = 0
-            # Bare results (most MTRR writes) wait as a run [bare_from, entry) and join the
-            # response as one merge of ready-made pieces, before anything else is added to it.
-            bare_from = -1
-            for entry, op in enumerate(request.operations):
-                if ended:
-                    return
-                if vm.closed:
-                    raise UnknownVm(request.vm_id)
-                result: ItemResult | MtrremuError
-                try:
-                    result = execute(vm, op)
-                except MtrremuError as error:  # a malformed operation: nothing ran
-                    result = error
-                if is_bare(result):
-                    if used and used + bare_cost > REPLY_CHUNK_BYTES:
-                        self._merge_bare(response, bare_from, entry)
-                        yield response
-                        response, used, bare_from = pb.ExecuteResponse(batch_id=batch_id), 0, -1
-                    if bare_from < 0:
-                        bare_from = entry
-                    used += bare_cost
-                    continue
-                if bare_from >= 0:
-                    self._merge_bare(response, bare_from, entry)
-                    bare_from = -1
-                if isinstance(result, BurstResult):
-                    for message, size in convert.burst_results(entry, result):
-                        cost = size + RESULT_OVERHEAD_BYTES
-                        if used and used + cost > REPLY_CHUNK_BYTES:
-                            yield response
-                            response, used = pb.ExecuteResponse(batch_id=batch_id), 0
-                        response.results.append(message)
-                        used += cost
-                    continue
-                cost = fill(entry, result, response.results.add()) + RESULT_OVERHEAD_BYTES
-                if used and used + cost > REPLY_CHUNK_BYTES:
-                    closed, response = response, pb.ExecuteResponse(batch_id=batch_id)
-                    response.results.append(closed.results.pop())
-                    yield closed
-                    used = 0
-                used += cost
-            if bare_from >= 0:
-                self._merge_bare(response, bare_from, len(request.operations))
-            response.last = True
-            yield response
+            replies = _Replies(request.batch_id)
+            entry = 0
+            for kind, end in segments:
+                while entry < end:
+                    if ended.is_set():
+                        return
+                    if vm.closed:
+                        raise UnknownVm(request.vm_id)
+                    run: list[WriteMsr] = []
+                    if kind == "write_msr":  # (a malformed first write gives an empty run)
+                        run = convert.msr_write_run(operations, entry, min(end, entry + RUN_WRITES))
+                    if run:
+                        outcomes = vm.write_msr_run(run, stop=ended)
+                        replies.add(entry, outcomes)
+                        entry += len(outcomes)
+                    else:
+                        result: ItemResult | MtrremuError
+                        try:
+                            result = convert.execute(vm, operations[entry])
+                        except MtrremuError as error:  # a malformed operation: nothing ran
+                            result = error
+                        replies.add(entry, (result,))
+                        entry += 1
+                    yield from replies.ready
+                    replies.ready.clear()
+            yield replies.last()
 
-    @staticmethod
-    def _merge_bare(response: pb.ExecuteResponse, first: int, end: int) -> None:
-        """Append the bare results of entries ``[first, end)`` to ``response``."""
-        response.MergeFromString(_BARE.run(first, end))
+
+class _Replies:
+    """The responses of one batch as its results come, each serialized as it closes: results
+    are counted at a bound of their size, and a response is closed (into :attr:`ready`)
+    before a result would take it past REPLY_CHUNK_BYTES, that result moving on to the next.
+
+    A response is built as serialized pieces (serialized messages concatenated parse as
+    their merge, and merging appends repeated fields): bare results (most MTRR writes) are
+    ready-made pieces (:class:`convert.BareResults`), joined without building a message per
+    result; the others are filled into a message, serialized when a bare one follows."""
+
+    def __init__(self, batch_id: int) -> None:
+        self.batch_id = batch_id
+        #: Responses closed, serialized, to be sent in this order.
+        self.ready: list[bytes] = []
+        self._header = pb.ExecuteResponse(batch_id=batch_id).SerializeToString()
+        self._pieces = [self._header]
+        #: Results other than bare ones not serialized yet.
+        self._full = pb.ExecuteResponse()
+        self._used = 0
+        #: The entries ``[first, end)`` of the run of bare results not joined yet (first -1:
+        #: none).
+        self._bare = (-1, -1)
+
+    def add(self, first: int, outcomes: Sequence[ItemResult | MtrremuError | None]) -> None:
+        """The results of entries ``first``, ``first + 1``, ... (``None``: a bare result)."""
+        if outcomes.count(None) == len(outcomes):  # the usual run: all bare
+            self._add_bare(first, len(outcomes))
+            return
+        for entry, outcome in enumerate(outcomes, first):
+            if outcome is None or convert.is_bare(outcome):
+                self._add_bare(entry, 1)
+            else:
+                self._add_full(entry, outcome)
+
+    def last(self) -> bytes:
+        """The batch's last response (what was added and is not in :attr:`ready`)."""
+        self._flush()
+        self._pieces.append(_LAST)
+        return b"".join(self._pieces)
+
+    def _add_bare(self, first: int, count: int) -> None:
+        """Bare results of entries ``[first, first + count)``."""
+        self._flush_full()
+        while count:
+            fit = (REPLY_CHUNK_BYTES - self._used) // _BARE_COST
+            if not fit:
+                self._next()
+                continue
+            taken = min(fit, count)
+            if self._bare[0] < 0:
+                self._bare = (first, first)
+            first += taken
+            count -= taken
+            self._bare = (self._bare[0], first)
+            self._used += taken * _BARE_COST
+
+    def _add_full(self, entry: int, result: ItemResult | MtrremuError) -> None:
+        self._flush_bare()
+        if isinstance(result, BurstResult):
+            for message, size in convert.burst_results(entry, result):
+                cost = size + RESULT_OVERHEAD_BYTES
+                if self._used and self._used + cost > REPLY_CHUNK_BYTES:
+                    self._next()
+                self._full.results.append(message)
+                self._used += cost
+            return
+        cost = convert.fill_result(entry, result, self._full.results.add())
+        cost += RESULT_OVERHEAD_BYTES
+        if self._used and self._used + cost > REPLY_CHUNK_BYTES:
+            moved = self._full.results.pop()
+            self._next()
+            self._full.results.append(moved)
+        self._used += cost
+
+    def _next(self) -> None:
+        """Close the response being built and start the next."""
+        self._flush()
+        self.ready.append(b"".join(self._pieces))
+        self._pieces = [self._header]
+        self._used = 0
+
+    def _flush(self) -> None:
+        self._flush_bare()
+        self._flush_full()
+
+    def _flush_bare(self) -> None:
+        first, end = self._bare
+        if first >= 0:
+            self._pieces.append(_BARE.run(first, end))
+            self._bare = (-1, -1)
+
+    def _flush_full(self) -> None:
+        if self._full.results:
+            self._pieces.append(self._full.SerializeToString())
+            self._full = pb.ExecuteResponse()
 
 
 _BARE = convert.BareResults()
+#: What a bare result counts for in a response.
+_BARE_COST = convert.LIGHT_RESULT_BYTES + RESULT_OVERHEAD_BYTES
+#: The piece that ends a batch's last response.
+_LAST = pb.ExecuteResponse(last=True).SerializeToString()
 
 
 def _translated(handler: Unary) -> Unary:
@@ -309,7 +386,7 @@ def _translated(handler: Unary) -> Unary:
 def _translated_stream(handler: Streaming) -> Streaming:
     """The same for a handler returning a response iterator."""
 
-    def wrapper(request: Any, context: grpc.ServicerContext) -> Iterator[Message]:
+    def wrapper(request: Any, context: grpc.ServicerContext) -> Iterator[Message | bytes]:
         try:
             yield from handler(request, context)
         except MtrremuError as error:
@@ -331,7 +408,7 @@ def _guarded(handler: Streaming, guard: StreamGuard) -> Streaming:
     """A stream within the guard's bounds: admitted or refused at once, kept alive by its
     requests and responses, cancelled by the guard when idle, released when it ends."""
 
-    def wrapper(request: Any, context: grpc.ServicerContext) -> Iterator[Message]:
+    def wrapper(request: Any, context: grpc.ServicerContext) -> Iterator[Message | bytes]:
         stream = guard.admit(context)
         try:
             if not isinstance(request, Message):
@@ -406,6 +483,6 @@ def service(servicer: Servicer, guard: StreamGuard) -> grpc.GenericRpcHandler[An
     handlers["Execute"] = grpc.stream_stream_rpc_method_handler(
         _translated_stream(_guarded(servicer.Execute, guard)),
         request_deserializer=pb.ExecuteRequest.FromString,
-        response_serializer=pb.ExecuteResponse.SerializeToString,
+        response_serializer=bytes,  # Execute builds its responses serialized
     )
     return grpc.method_handlers_generic_handler(SERVICE, handlers)
