@@ -115,8 +115,23 @@ class MtrrState:
             if value == self.deftype:
                 return False
             self.deftype = value
-        elif not self._write_var(msr, at, kind is _MASK, value):
-            return False
+        else:  # a variable pair's base or mask (``at`` is the pair)
+            masks, bases = self.masks, self.bases
+            was_valid = masks[at] & msrs.PHYSMASK_VALID
+            if kind is _MASK:
+                stored = masks[at]
+                masks[at] = value | self._high
+                changed = stored & ~self._high != value
+            else:
+                stored = bases[at]
+                bases[at] = value
+                changed = stored != value
+            # The order list is replaced, never changed in place: the undo record keeps it.
+            self._undo = (msr, stored, self.order)
+            if (was_valid or masks[at] & msrs.PHYSMASK_VALID) and self._reorder(at):
+                changed = True
+            if not changed:
+                return False
         self.version += 1
         return True
 
@@ -142,31 +157,17 @@ class MtrrState:
         state.version = -1
         return state
 
-    def _write_var(self, msr: int, pair: int, is_mask: bool, value: int) -> bool:
-        """Store a variable-range MSR of ``pair`` and put the pair where KVM's list would have
-        it; whether the registers as read back or the list order changed."""
-        masks, bases, order = self.masks, self.bases, self.order
-        was_valid = masks[pair] & msrs.PHYSMASK_VALID
-        if is_mask:
-            stored = masks[pair]
-            masks[pair] = value | self._high
-            changed = stored & ~self._high != value
-        else:
-            stored = bases[pair]
-            bases[pair] = value
-            changed = stored != value
-        # The order list is replaced, never changed in place: the undo record keeps the old.
-        self._undo = (msr, stored, order)
-        valid = masks[pair] & msrs.PHYSMASK_VALID
-        if not (was_valid or valid):
-            return changed
+    def _reorder(self, pair: int) -> bool:
+        """Put ``pair`` (valid, or valid until its last write) where KVM's list would have it
+        now; whether the order changed."""
+        bases, order = self.bases, self.order
         new = [other for other in order if other != pair]
-        if valid:
+        if self.masks[pair] & msrs.PHYSMASK_VALID:
             base = bases[pair]
             at = next((i for i, other in enumerate(new) if base >= bases[other]), len(new))
             new.insert(at, pair)
         self.order = new
-        return changed or new != order
+        return new != order
 
     def read(self, msr: int) -> int:
         """Read an MTRR MSR back as a guest would (masks without the internal high bits)."""
