@@ -529,11 +529,12 @@ class Vm:
         # ``_honours`` with the DMA count, is still read per write).
         vcpus, count, checks = self.vcpus, len(self.vcpus), self._rules.checks
         ask, track, event_filter = self._on_mtrr_write, self._track, self._filter
-        filtering = event_filter.active
+        filtering, observed = event_filter.active, self._observer.active
+        stopped = None if stop is None else stop.is_set
         outcomes: list[EventResult | MtrremuError | None] = []
         add = outcomes.append
         for op in ops:
-            if stop is not None and (stop.is_set() or self.closed):
+            if stopped is not None and (stopped() or self.closed):
                 break
             vcpu, msr, value = op.vcpu, op.msr, op.value
             if not 0 <= vcpu < count:
@@ -576,7 +577,7 @@ class Vm:
                         if decision is not NO_ZAP:  # the usual answer, checked first
                             result = EventResult(op) if result is None else result
                             self._decide(result, decision, "on_mtrr_write", defer_drain)
-            if result is None and not self._observer.active and not self._dirty:
+            if result is None and not observed and not self._dirty:
                 self.changes += 1  # what _finish does first (a snapshot may be due)
                 add(None)
             else:
