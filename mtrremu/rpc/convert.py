@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import operator
 import threading
 import typing
 from collections.abc import Callable, Iterator, Sequence
@@ -349,12 +350,17 @@ def operation_message(item: Item) -> pb.Operation:
     return message
 
 
-def batch_segments(operations: Sequence[pb.Operation]) -> tuple[int, list[tuple[str, int]]]:
+_KIND = operator.methodcaller("WhichOneof", "kind")
+
+
+def batch_segments(
+    operations: Sequence[pb.Operation],
+) -> tuple[int, list[tuple[str | None, int]]]:
     """What a server needs to know of a batch before running it: the operations it stands for
     (each entry, plus every lane operation of a burst) and its entries as segments of one
     kind, each ``(kind, end)`` (its first entry is the previous one's end; a kind is a
-    ``pb.Operation.kind`` field name, or ``""`` for an entry with none set)."""
-    kinds: list[str] = [message.WhichOneof("kind") or "" for message in operations]
+    ``pb.Operation.kind`` field name, or None for an entry with none set)."""
+    kinds: list[str | None] = list(map(_KIND, operations))
     size = len(kinds)
     if "burst" in kinds:
         size += sum(
