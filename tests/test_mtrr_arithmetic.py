@@ -382,3 +382,72 @@ def test_lookup_with_mtrrs_disabled_walks_nothing() -> None:
     seen = state.lookup(0x0, 0x1)
     assert seen.disabled
     assert seen.types == ()
+
+
+# -- a write of the value held ----------------------------------------------------------------
+
+#: Values for every kind of MTRR MSR, valid for each (types UC/WB, V set or not, 36-bit masks).
+_HELD_VALUES = {
+    0x2FF: (0, 0x806, 0xC06, 0xC00),
+    **{msr: (0, 0x0606060606060606, 0x0006000600060006) for msr in FIXED_MSR_LIST},
+    **{0x200 + 2 * pair: (0, WB, 0x8000_0000 | WB, 0x8000_0000 | UC) for pair in range(4)},
+    **{0x201 + 2 * pair: (0, V, 0xF_C000_0000 | V, 0xF_C000_0000) for pair in range(4)},
+}
+
+
+def _fields(state: MtrrState) -> tuple[object, ...]:
+    """Everything a write may change, masks as stored (not as read back)."""
+    return state.deftype, bytes(state.fixed), list(state.bases), list(state.masks), state.order
+
+
+#: Register states a rewrite must tell apart: reset; masks written 0 (stored with the high
+#: bits, unlike never-written ones); one valid pair; two valid pairs with equal bases (a
+#: rewrite of the later one moves it before its equal); fixed ranges and defType set.
+_HISTORIES: tuple[tuple[tuple[int, int], ...], ...] = (
+    (),
+    ((0x201, 0), (0x203, 0), (0x200, WB)),
+    ((0x200, 0x8000_0000 | WB), (0x201, 0xF_C000_0000 | V)),
+    (
+        (0x200, 0x8000_0000 | WB),
+        (0x201, 0xF_C000_0000 | V),
+        (0x202, 0x8000_0000 | WB),
+        (0x203, 0xF_C000_0000 | V),
+    ),
+    ((0x2FF, 0xC06), (0x250, 0x0606060606060606), (0x26F, 0x0006000600060006)),
+)
+
+
+@pytest.mark.parametrize("history", _HISTORIES)
+def test_a_rewrite_is_taken_only_when_a_write_would_change_nothing(
+    history: tuple[tuple[int, int], ...],
+) -> None:
+    """Prediction from write(), for every MTRR MSR and value: rewrite() says True only where
+    write() would leave every stored field and the list order as they are (and then
+    before_last_write is the state now); when it says False, nothing changed."""
+    taken = 0
+    for msr, values in _HELD_VALUES.items():
+        for value in values:
+            state = MtrrState(36)
+            for written, held in history:
+                state.write(written, held)
+            before, version = _fields(state), state.version
+            twin = state.copy()
+            if state.rewrite(msr, value):
+                taken += 1
+                assert not twin.write(msr, value), (msr, value)
+                assert _fields(twin) == _fields(state) == before, (msr, value)
+                assert _fields(state.before_last_write()) == before, (msr, value)
+            else:
+                assert _fields(state) == before, (msr, value)
+            assert state.version == version
+    assert taken  # every history holds some of these values
+
+
+def test_rewriting_a_valid_pair_or_a_never_written_mask_takes_the_full_path() -> None:
+    state = MtrrState(36)
+    assert not state.rewrite(0x201, 0)  # stored 0, a written 0 is stored with the high bits
+    state.write(0x200, 0x8000_0000 | WB)
+    state.write(0x201, 0xF_C000_0000 | V)
+    assert not state.rewrite(0x200, 0x8000_0000 | WB)  # valid: back into the list
+    assert not state.rewrite(0x10, 0)  # not an MTRR MSR
+    assert state.rewrite(0x203, 0) is False and state.rewrite(0x202, 0)

@@ -135,6 +135,32 @@ class MtrrState:
         self.version += 1
         return True
 
+    def rewrite(self, msr: int, value: int) -> bool:
+        """The fast path of a write of the value a register already holds (a VMM's full
+        register push does many): if ``msr`` holds exactly ``value`` as stored and writing it
+        again could not move a pair in the variable list (its pair is not valid), record it
+        as the last write, which changed nothing, and return True. Else change nothing and
+        return False: the caller validates ``value`` and calls :meth:`write`. (A held value
+        needs no validation: it was validated when it was written, or is the reset value.)
+        ``value`` must be a u64."""
+        where = _WHERE.get(msr)
+        if where is None:
+            return False
+        kind, at = where
+        if kind is _FIXED:
+            held = self.fixed[at : at + 8] == value.to_bytes(8, "little")
+        elif kind is _DEFTYPE:
+            held = self.deftype == value
+        elif self.masks[at] & msrs.PHYSMASK_VALID:
+            return False  # a valid pair's rewrite goes back into the list: it may move
+        elif kind is _MASK:
+            held = self.masks[at] == value | self._high  # (a never-written mask is 0)
+        else:
+            held = self.bases[at] == value
+        if held:
+            self._undo = None
+        return held
+
     def before_last_write(self) -> MtrrState:
         """A copy of these registers as they were before the last accepted write (an
         unchanged copy if none was made yet), the variable list order included."""

@@ -546,8 +546,13 @@ class Vm:
             vc = vcpus[vcpu]
             result: EventResult | None = None
             with vc.lock:
-                check = checks.get(msr)
-                why = msrs.not_emulated(msr) if check is None else check(value)
+                # A write of the value a register holds needs no check and changes nothing.
+                rewrite = msr != _PAT and not filtering and vc.mtrr.rewrite(msr, value)
+                if rewrite:
+                    why = None
+                else:
+                    check = checks.get(msr)
+                    why = msrs.not_emulated(msr) if check is None else check(value)
                 if why is not None:
                     if op.host:
                         add(RejectedHostWrite(msrs.msr_name(msr), value, why))
@@ -560,7 +565,7 @@ class Vm:
                     honours = self._honours
                     dropped = filtering and event_filter.drops(vc.mtrr, vc.cd, msr, value)
                     # A write leaving the registers as they were changes no type: no check.
-                    if vc.mtrr.write(msr, value) and track:
+                    if not rewrite and vc.mtrr.write(msr, value) and track:
                         if honours:
                             result = EventResult(op)
                             self._expect_write(vc, op, result)
