@@ -105,8 +105,9 @@ def replay(vm: Vm, items: Iterable[Item]) -> Iterator[ItemResult]:
 
     In-process runs use it; the gRPC batch stream runs each message with
     :func:`mtrremu.rpc.convert.execute`, which calls the same handlers without building the
-    item twice, so the same trace gives the same counts either way (a test compares them
-    result by result).
+    item twice, and consecutive single-MSR writes through :meth:`Vm.write_msr_run`, which is
+    what :meth:`Vm.write_msr` runs too; so the same trace gives the same counts either way (a
+    test compares them result by result).
     """
     for item in items:
         yield execute_one(vm, item)
