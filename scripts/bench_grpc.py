@@ -35,6 +35,7 @@ from mtrremu.core.memtypes import MemType
 from mtrremu.server.app import EmulatorServer, ServerSettings
 from mtrremu.v1 import emulator_pb2 as pb
 from mtrremu.v1 import emulator_pb2_grpc as pb_grpc
+from mtrremu.workloads.building import WB_BYTES
 
 
 class NoOp(pb_grpc.EmulatorServiceServicer):
@@ -70,7 +71,7 @@ def writes(vcpus: int, count: int, *, changing: bool = False) -> list[Item]:
         if msr == msrs.DEFTYPE:
             value = 0xC00 if other else 0xC06
         elif msrs.is_fixed_msr(msr):
-            value = 0x0606060606060606 if other else 0
+            value = WB_BYTES if other else 0
         elif msrs.var_pair(msr)[1]:  # a mask, V never set: no pair becomes valid
             value = 0xF_C000_0000 if other else 0
         else:

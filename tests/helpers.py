@@ -19,7 +19,7 @@ import pytest
 from google.protobuf.descriptor import MethodDescriptor
 
 from mtrremu.core import events
-from mtrremu.core.config import Memslot, MemslotKind, VmConfig
+from mtrremu.core.config import MemslotKind, VmConfig
 from mtrremu.core.memtypes import MemType
 from mtrremu.core.units import GIB, KIB, MIB, Level
 from mtrremu.core.vm import Vm
@@ -28,6 +28,7 @@ from mtrremu.server.app import EmulatorServer, ServerSettings
 from mtrremu.server.interceptor import RateLimit
 from mtrremu.testing.cases import CD0 as CD0  # noqa: PLC0414 (re-export)
 from mtrremu.testing.cases import CD1 as CD1  # noqa: PLC0414 (re-export)
+from mtrremu.testing.cases import q35_slots as q35_slots  # noqa: PLC0414 (re-export)
 from mtrremu.testing.cases import set_deftype as set_deftype  # noqa: PLC0414 (re-export)
 from mtrremu.testing.cases import set_fixed_all as set_fixed_all  # noqa: PLC0414 (re-export)
 from mtrremu.testing.cases import set_var as set_var  # noqa: PLC0414 (re-export)
@@ -67,15 +68,6 @@ def make_vm(strategy: str = "fine-grained", **config: object) -> Vm:
     """A VM with one non-coherent DMA device attached at creation unless told otherwise."""
     config.setdefault("noncoherent_dma", 1)
     return create_vm(VmConfig(**config), strategy)  # type: ignore[arg-type]
-
-
-def q35_slots(ram_gib: int = 4) -> tuple[Memslot, ...]:
-    """QEMU q35-like layout: RAM below 640 KiB, [1 MiB, 2 GiB), the rest above 4 GiB."""
-    low = min(ram_gib, 2) * GIB
-    slots = [Memslot.from_bytes(0, 640 * KIB, name="low"), Memslot.from_bytes(MIB, low - MIB)]
-    if ram_gib > 2:
-        slots.append(Memslot.from_bytes(4 * GIB, (ram_gib - 2) * GIB, name="high"))
-    return tuple(slots)
 
 
 def programmed(strategy: str, vcpus: int, fixed: MemType = MemType.WB) -> Vm:

@@ -13,10 +13,9 @@ import pytest
 from mtrremu.core import msrs
 from mtrremu.core.errors import InvalidArgument, RejectedHostWrite
 from mtrremu.core.vm import Vm
+from mtrremu.testing.cases import ILLEGAL_MTRR_TYPES, LEGAL_MTRR_TYPES
 from tests.helpers import ALL_STRATEGIES, GIB, make_vm, var_mask
 
-LEGAL_MTRR_TYPES = (0, 1, 4, 5, 6)
-ILLEGAL_MTRR_TYPES = (2, 3, 7, 8, 0xFF)
 ILLEGAL_PAT_TYPES = (2, 3, 8, 0xFF)
 MAXPHYADDRS = (36, 40, 46)
 

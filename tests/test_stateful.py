@@ -48,12 +48,12 @@ from hypothesis.stateful import (
 )
 
 from mtrremu.core import msrs
-from mtrremu.core.config import Memslot, MemslotKind
 from mtrremu.core.errors import FailedPrecondition, RejectedHostWrite
 from mtrremu.core.events import EventResult
 from mtrremu.core.oracle import leaf_key_ranges
 from mtrremu.core.units import GfnRange
 from mtrremu.core.vm import Vm
+from mtrremu.testing.cases import LEGAL_MTRR_TYPES, MIXED_SLOTS
 from tests.helpers import (
     ALL_STRATEGIES,
     CD0,
@@ -69,13 +69,8 @@ from tests.helpers import (
     var_mask,
 )
 
-SLOTS = (
-    Memslot.from_bytes(0, 640 * KIB),
-    Memslot.from_bytes(MIB, 2 * GIB - MIB),
-    Memslot.from_bytes(0xE0000000, 16 * MIB, MemslotKind.DEVICE),
-    Memslot.from_bytes(4 * GIB, 4 * GIB),
-)
-TYPES = st.sampled_from([0, 1, 4, 5, 6])
+SLOTS = MIXED_SLOTS
+TYPES = st.sampled_from(LEGAL_MTRR_TYPES)
 DEFTYPES = st.one_of(
     st.sampled_from([0xC06, 0x806, 0xC00, 0x006, 0x000]),  # what firmware and Linux write
     st.builds(lambda e, fe, t: (e << 11) | (fe << 10) | t, st.booleans(), st.booleans(), TYPES),

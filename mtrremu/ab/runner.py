@@ -99,7 +99,7 @@ def trace_for(spec: RunSpec) -> Trace:
         path = Path(spec.trace_file)
         stat = path.stat() if path.is_file() else None
         if stat is None:
-            trace = load(path) if spec.recording is None else load_recording(path, spec.recording)
+            trace = _read(path, spec.recording)
         else:
             trace = _loaded(str(path), stat.st_mtime_ns, stat.st_size, spec.recording)
     else:
@@ -119,9 +119,12 @@ def _loaded(path: str, mtime_ns: int, size: int, recording: RecordingOptions | N
     """A trace file (or a recording, imported with ``recording``) parsed once for all the runs
     of a job that replay it (the same file as long as its time stamp and size are); traces
     are immutable."""
-    if recording is not None:
-        return load_recording(Path(path), recording)
-    return load(Path(path))
+    return _read(Path(path), recording)
+
+
+def _read(path: Path, recording: RecordingOptions | None) -> Trace:
+    """A trace file, or a recording imported with ``recording``."""
+    return load(path) if recording is None else load_recording(path, recording)
 
 
 def merged(slots: Sequence[Memslot]) -> tuple[Memslot, ...]:
@@ -215,8 +218,7 @@ class _Fold:
 
     def guest_msr_write(self, vcpu: int, msr: int, value: int, faulted: bool) -> None:
         """A guest MSR write's outcome, compared with the host's (recordings only)."""
-        if self.host_faults is None:
-            return
+        assert self.host_faults is not None
         index = self.msr_writes[vcpu]
         self.msr_writes[vcpu] += 1
         host_faulted = (vcpu, index) in self.host_faults
@@ -384,12 +386,9 @@ class Plan:
                 overrides += list(self.params.items())
             elif name == "recording":
                 recording = self.recording
-                ram = dict(overrides).pop("ram", None)
-                if (
-                    self.params
-                    or len(overrides) > (ram is not None)
-                    or (ram is not None and recording.memslots_file)
-                ):
+                ram = dict(overrides).get("ram")
+                others = {key for key, _ in overrides} - {"ram"}
+                if self.params or others or (ram is not None and recording.memslots_file):
                     raise InvalidArgument(
                         "only --memory applies to --recording files, and not with --memslots"
                     )

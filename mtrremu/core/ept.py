@@ -742,11 +742,7 @@ class EptStore:
                 continue
             every = pool.live_ids()
             for first in range(0, len(every), _SCAN_TABLES):
-                ids = every[first : first + _SCAN_TABLES]
-                entries = pool.ent[ids]
-                leaves = entries >= LEAF
-                entries[leaves] = ZAPPED
-                pool.ent[ids] = entries
+                self._zap_entries(pool, every[first : first + _SCAN_TABLES], slice(None))
             outcome.removed[level] += self._leaves[level]
             self._leaves[level] = 0
 
@@ -760,7 +756,6 @@ class EptStore:
         stale type. Only tables straddling the range are descended.
         """
         outcome = ZapOutcome(shared=True)
-        self.generation += 1
 
         def step(
             level: Level,
@@ -802,6 +797,7 @@ class EptStore:
             return [children[inside & ~covered & (children >= 0)].astype(np.int32)]
 
         self._walk(rng.start, rng.end, step)
+        self.generation += outcome.entries_zapped > 0  # entries zapped: the only change
         return outcome
 
     def _drop_subtrees(self, level: Level, ids: npt.NDArray[np.int32]) -> list[tuple[Level, int]]:
@@ -846,9 +842,9 @@ class EptStore:
         assert root.child is not None
         entries = root.ent[0, lo:hi]
         present = root.child[0, lo:hi] >= 0
-        self.generation += 1
         entries[present] |= RECALC
         marked = int(np.count_nonzero(present))
+        self.generation += marked > 0
         self.marked |= marked > 0
         return MarkOutcome(hi - lo, marked)
 

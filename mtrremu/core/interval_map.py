@@ -48,11 +48,8 @@ class IntervalMap:
     def value_at(self, gfn: int) -> int:
         return int(self.values[int(np.searchsorted(self.starts, gfn, side="right")) - 1])
 
-    def uniform(
-        self, starts: Int64Array, pages: int | Int64Array
-    ) -> tuple[npt.NDArray[np.bool_], UInt8Array]:
-        """For ranges ``[s, s + pages)`` (``pages`` one count or one per range): whether each
-        is uniform, and its value at ``s``."""
+    def uniform(self, starts: Int64Array, pages: int) -> tuple[npt.NDArray[np.bool_], UInt8Array]:
+        """For ranges ``[s, s + pages)``: whether each is uniform, and its value at ``s``."""
         first = self.segment_of(starts)
         last = self.segment_of(starts + (pages - 1))
         return first == last, self.values[first]

@@ -206,8 +206,15 @@ def _keys(
     parts = [_no_keys()]
     ranges = None if within is None else (within[0], within[1])
     for level, gfns, have, _, _ in store.mismatches(expected, ranges):
-        parts.append((gfns << 16) | (int(level) << 8) | have.astype(np.int64))
+        parts.append(_packed(level, gfns, have))
     return np.concatenate(parts)
+
+
+def _packed(
+    level: Level, gfns: npt.NDArray[np.int64], have: npt.NDArray[np.uint8]
+) -> npt.NDArray[np.int64]:
+    """Keys of leaves of ``level`` at ``gfns`` holding ``have`` (as :class:`StaleReport`)."""
+    return (gfns << 16) | (int(level) << 8) | have.astype(np.int64)
 
 
 def newly_stale(store: EptStore, before: IntervalMap, after: IntervalMap) -> npt.NDArray[np.int64]:
@@ -220,9 +227,10 @@ def newly_stale(store: EptStore, before: IntervalMap, after: IntervalMap) -> npt
     within = before.differences(after)
     if not len(within[0]):
         return _no_keys()
-    # One scan: the leaves disagreeing with ``after``, then those of them ``before`` agreed with.
-    keys = np.sort(_keys(store, after, within))
-    gfns, pages = leaf_key_ranges(keys)
-    uniform, want = before.uniform(gfns, pages)
-    stale: npt.NDArray[np.int64] = keys[uniform & (want == (keys & 0xFF))]
-    return stale
+    # One scan: the leaves disagreeing with ``after``, and of them those ``before`` agreed with.
+    parts = [_no_keys()]
+    for level, gfns, have, _, _ in store.mismatches(after, within):
+        uniform, want = before.uniform(gfns, level.pages)
+        agreed = uniform & (want == have)
+        parts.append(_packed(level, gfns[agreed], have[agreed]))
+    return np.sort(np.concatenate(parts))

@@ -193,7 +193,7 @@ def rounds_of(results: Iterable[ItemResult]) -> Iterator[tuple[ZapCall, ...]]:
                 calls = _calls(e for e in events if isinstance(e, EventResult))
                 if calls:
                     yield calls
-        elif isinstance(item, EventResult) and item.counted:
+        elif isinstance(item, EventResult):
             calls = _calls([item])
             if calls:
                 yield calls

@@ -256,10 +256,10 @@ class PluginManager:
     def _add(self, name: str, plugin: object, origin: tuple[str, str]) -> None:
         """Register ``plugin`` as ``name`` if its hookspec version, its name and its hook
         implementations are acceptable; otherwise record the fault."""
-        where = f"{origin[0]} {origin[1]}".strip()
+        where = _where(origin)
         if name in self._origin or self._pm.get_plugin(name) is not None:
-            other = self._origin.get(name, ("(unpackaged)", ""))
-            why = f"plugin name {name!r} of {where} is already taken by {' '.join(other).strip()}"
+            other = _where(self._origin.get(name, ("(unpackaged)", "")))
+            why = f"plugin name {name!r} of {where} is already taken by {other}"
             self._fault(name, origin, PluginConflict(why))
             return
         wanted = getattr(plugin, "MTRREMU_HOOKSPEC_VERSION", 1)
@@ -295,9 +295,8 @@ class PluginManager:
             try:
                 plugin = ep.load()
             except Exception as error:  # any import-time failure is the plugin's fault
-                where = f"{origin[0]} {origin[1]}".strip()
                 why = f"cannot import {ep.value}: {_described(error)}"
-                self._fault(ep.name, origin, BrokenPlugin(ep.name, where, why))
+                self._fault(ep.name, origin, BrokenPlugin(ep.name, _where(origin), why))
                 continue
             self._add(ep.name, plugin, origin)
 
@@ -314,24 +313,22 @@ class PluginManager:
         found: dict[str, RegisteredStrategy] = {}
         for impl in impls:
             name = impl.plugin_name
-            distribution, version = self._origin[name]
-            where = f"{distribution} {version}".strip()
+            origin = self._origin[name]
+            where = _where(origin)
             others = [i.plugin for i in impls if i is not impl]
             try:
                 results = self._pm.subset_hook_caller(_STRATEGIES_HOOK, others)()
                 specs = [_checked(spec) for result in results for spec in _records(result)]
             except Exception as error:
                 why = f"mtrremu_strategies: {_described(error)}"
-                self._fault(
-                    name, (distribution, version), BrokenPlugin(name, where, why), impl.plugin
-                )
+                self._fault(name, origin, BrokenPlugin(name, where, why), impl.plugin)
                 continue
             conflict = _conflict(specs, found, name, where)
             if conflict is not None:
-                self._fault(name, (distribution, version), conflict, impl.plugin)
+                self._fault(name, origin, conflict, impl.plugin)
                 continue
             for spec in specs:
-                found[spec.name] = RegisteredStrategy(spec, name, distribution, version)
+                found[spec.name] = RegisteredStrategy(spec, name, *origin)
         return found
 
     @property
@@ -415,7 +412,7 @@ def build_strategy(registered: RegisteredStrategy, options: Mapping[str, str]) -
     :class:`ZapStrategy` method, is the plugin's bug: :class:`BrokenStrategy` names the
     strategy, its distribution and the cause.
     """
-    origin = f"{registered.distribution} {registered.version}".strip()
+    origin = _where((registered.distribution, registered.version))
     origin += f", plugin {registered.plugin}"
     try:
         strategy = registered.spec.factory(options)
@@ -480,6 +477,11 @@ def _enable_tracing(pm: pluggy.PluginManager) -> None:
             _trace.info("  %s returned %r", hook, outcome.get_result())
 
     pm.add_hookcall_monitoring(before, after)
+
+
+def _where(origin: tuple[str, str]) -> str:
+    """A plugin's ``(distribution, version)`` as text: ``"name 1.0"``."""
+    return " ".join(origin).strip()
 
 
 def _described(error: BaseException) -> str:

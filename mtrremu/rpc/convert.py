@@ -285,14 +285,14 @@ def operation(message: pb.Operation, *, in_burst: bool = False) -> Item:
     return convert(getattr(message, name or ""))
 
 
-def execute(vm: Vm, message: pb.Operation) -> ItemResult:
-    """Run one batch operation on ``vm``: what :func:`~mtrremu.core.burst.execute_one` does
-    with :func:`operation`'s item, without the layers between (this runs for every operation
-    of a batch). A malformed operation or one the emulator refuses raises."""
-    name = message.WhichOneof("kind")
-    run = _RUNNERS.get(name) if name is not None else None
+def execute(vm: Vm, message: pb.Operation, kind: str | None) -> ItemResult:
+    """Run one batch operation on ``vm``, whose ``kind`` field is set (as
+    :func:`batch_segments` found): what :func:`~mtrremu.core.burst.execute_one` does with
+    :func:`operation`'s item, without the layers between (this runs for every operation of a
+    batch). A malformed operation or one the emulator refuses raises."""
+    run = _RUNNERS.get(kind) if kind is not None else None
     if run is not None:
-        return run(vm, getattr(message, name or ""))
+        return run(vm, getattr(message, kind or ""))
     burst = operation(message)  # a burst, or nothing set (which raises)
     assert isinstance(burst, Burst)
     return run_burst(vm, burst)
@@ -506,9 +506,9 @@ def fill_result(
 
 
 def _bare_test() -> Callable[[object], bool]:
-    """``is_bare``, compiled from :class:`EventResult`'s fields (as :func:`_converter` is from
-    the operation table): every field but ``op`` at its default. It runs for every result of
-    a batch, so it reads each field directly."""
+    """``is_bare``, compiled from :class:`EventResult`'s fields (as :func:`_compiled` compiles
+    conversions from the operation table): every field but ``op`` at its default. It runs for
+    every result of a batch, so it reads each field directly."""
     tests = ["type(r) is EventResult"]
     for spec in dataclasses.fields(EventResult):
         if spec.name != "op":
@@ -530,8 +530,8 @@ class BareResults:
     """Ready-made messages for runs of bare results (:data:`is_bare`), the most common result
     of a batch: per batch entry, an ``ExecuteResponse`` holding that entry's result as
     :func:`fill_result` fills it, serialized. Serialized messages concatenated parse as their
-    merge, and merging appends repeated fields, so a run's pieces joined and merged into a
-    response append the run's results in order, with no message built per result.
+    merge, and merging appends repeated fields, so a run's pieces joined into a serialized
+    response add the run's results in order, with no message built per result.
 
     Pieces are made on first use, up to the largest entry asked for (the server's batch limit
     bounds it: about 40 bytes an entry)."""

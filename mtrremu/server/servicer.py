@@ -257,7 +257,7 @@ class Servicer:
                     else:
                         result: ItemResult | MtrremuError
                         try:
-                            result = convert.execute(vm, operations[entry])
+                            result = convert.execute(vm, operations[entry], kind)
                         except MtrremuError as error:  # a malformed operation: nothing ran
                             result = error
                         replies.add(entry, (result,))

@@ -9,14 +9,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mtrremu.core import cr0, msrs
+from mtrremu.core.config import Memslot, MemslotKind
 from mtrremu.core.memtypes import MemType
-from mtrremu.core.units import GIB, MIB, PAGE_SHIFT, ZAP_ALL, GfnRange
+from mtrremu.core.units import GIB, KIB, MIB, PAGE_SHIFT, ZAP_ALL, GfnRange
 from mtrremu.core.vm import Vm
+from mtrremu.workloads import building
 
 CD0 = cr0.ET | cr0.PE
 CD1 = cr0.ET | cr0.PE | cr0.CD
 
-FIXED_AREA = GfnRange(0, MIB >> PAGE_SHIFT)
+FIXED_AREA = GfnRange(0, msrs.FIXED_AREA_END_GPA >> PAGE_SHIFT)
 UC_HOLE = GfnRange((3 * GIB) >> PAGE_SHIFT, (4 * GIB) >> PAGE_SHIFT)
 WT_RANGE = GfnRange((5 * GIB) >> PAGE_SHIFT, (5 * GIB + 512 * MIB) >> PAGE_SHIFT)
 NOTHING: tuple[GfnRange, ...] = ()
@@ -24,8 +26,27 @@ EVERYTHING = (ZAP_ALL,)
 
 
 def var_mask(size: int, maxphyaddr: int = 40) -> int:
-    """A valid PhysMask value for a power-of-two ``size``."""
-    return (~(size - 1) & ((1 << maxphyaddr) - 1) & ~0xFFF) | msrs.PHYSMASK_VALID
+    """A valid PhysMask value for a power-of-two ``size`` (MAXPHYADDR 40, the default VM's)."""
+    return building.var_mask(size, maxphyaddr)
+
+
+def q35_slots(ram_gib: int = 4) -> tuple[Memslot, ...]:
+    """QEMU q35-like layout: RAM below 640 KiB, [1 MiB, 2 GiB), the rest above 4 GiB."""
+    low = min(ram_gib, 2) * GIB
+    slots = [Memslot.from_bytes(0, 640 * KIB, name="low"), Memslot.from_bytes(MIB, low - MIB)]
+    if ram_gib > 2:
+        slots.append(Memslot.from_bytes(4 * GIB, (ram_gib - 2) * GIB, name="high"))
+    return tuple(slots)
+
+
+#: RAM in three slots around a device BAR: low RAM, RAM to 2 GiB, a 16 MiB device slot at
+#: 0xE0000000, 4 GiB above 4 GiB (random operation sequences run on it).
+MIXED_SLOTS = (
+    Memslot.from_bytes(0, 640 * KIB),
+    Memslot.from_bytes(MIB, 2 * GIB - MIB),
+    Memslot.from_bytes(0xE0000000, 16 * MIB, MemslotKind.DEVICE),
+    Memslot.from_bytes(4 * GIB, 4 * GIB),
+)
 
 
 def set_var(  # noqa: PLR0917 (reads like the MSR pair it programs)
@@ -41,7 +62,7 @@ def set_var(  # noqa: PLR0917 (reads like the MSR pair it programs)
 
 
 def set_fixed_all(vm: Vm, vcpu: int, mtype: int, host: bool = True) -> None:
-    value = int.from_bytes(bytes([mtype] * 8), "little")
+    value = building.fixed_value(mtype)
     for msr in msrs.FIXED_MSRS:
         assert vm.write_msr(vcpu, msr, value, host=host).gp is None
 
@@ -145,6 +166,6 @@ INVALID_WRITES = (
     InvalidWrite("physbase-beyond-maxphyaddr", msrs.PHYSBASE0, (1 << 40) | 6),
     InvalidWrite("physmask-reserved-bits", msrs.PHYSBASE0 + 1, var_mask(GIB) | 1),
     InvalidWrite("physmask-beyond-maxphyaddr", msrs.PHYSBASE0 + 1, var_mask(GIB) | 1 << 41),
-    InvalidWrite("mtrrcap-read-only", 0xFE, 0),
+    InvalidWrite("mtrrcap-read-only", msrs.MTRRCAP, 0),
     InvalidWrite("unknown-msr-0x2f8", 0x2F8, 0),
 )

@@ -167,7 +167,6 @@ class _Recorder:
 
     def __init__(self) -> None:
         self.counts: dict[tuple[str, str], dict[str, int]] = defaultdict(lambda: defaultdict(int))
-        self.skips: dict[tuple[str, str], set[str]] = defaultdict(set)
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         props = dict(report.user_properties)
@@ -176,8 +175,6 @@ class _Recorder:
         if report.when == "call" or (report.when == "setup" and not report.passed):
             key = (str(props["mtrremu_strategy"]), str(props["mtrremu_guarantee"]))
             self.counts[key][report.outcome] += 1
-            if report.skipped and isinstance(report.longrepr, tuple):
-                self.skips[key].add(str(report.longrepr[2]).removeprefix("Skipped: "))
 
     def lines(self, names: list[str]) -> Iterator[str]:
         for name in names:

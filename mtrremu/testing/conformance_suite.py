@@ -11,7 +11,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from mtrremu.core import msrs
-from mtrremu.core.config import Memslot, MemslotKind, VmConfig
+from mtrremu.core.config import VmConfig
 from mtrremu.core.errors import FailedPrecondition, RejectedHostWrite
 from mtrremu.core.events import EventResult
 from mtrremu.core.memtypes import MemType
@@ -25,14 +25,17 @@ from mtrremu.testing.cases import (
     CELLS,
     INVALID_WRITES,
     LEGAL_MTRR_TYPES,
+    MIXED_SLOTS,
     Cell,
     InvalidWrite,
     program,
+    q35_slots,
     set_deftype,
     set_fixed_all,
     set_var,
     var_mask,
 )
+from mtrremu.workloads import building
 
 #: How many stale leaves a failure message lists.
 SHOWN = 4
@@ -71,11 +74,7 @@ def check_events(strategy: str, vm: Vm, what: str) -> None:
 
 # -- cd-toggle: the seed patch's table cells ------------------------------------------------
 
-SEED_SLOTS = (
-    Memslot.from_bytes(0, 640 * KIB, name="low"),
-    Memslot.from_bytes(MIB, 2 * GIB - MIB),
-    Memslot.from_bytes(4 * GIB, 6 * GIB, name="high"),
-)
+SEED_SLOTS = q35_slots(8)
 
 
 @pytest.mark.parametrize("cell", CELLS, ids=lambda c: c.id)
@@ -126,12 +125,7 @@ def test_refused_write_changes_nothing(
 
 # -- events and quiescence: random operation sequences -------------------------------------
 
-SLOTS = (
-    Memslot.from_bytes(0, 640 * KIB),
-    Memslot.from_bytes(MIB, 2 * GIB - MIB),
-    Memslot.from_bytes(0xE0000000, 16 * MIB, MemslotKind.DEVICE),
-    Memslot.from_bytes(4 * GIB, 4 * GIB),
-)
+SLOTS = MIXED_SLOTS
 VCPUS = 2
 TYPES = st.sampled_from(LEGAL_MTRR_TYPES)
 FIXED_VALUES = st.one_of(
@@ -200,7 +194,7 @@ def play(vm: Vm, operations: Sequence[Operation]) -> None:
 def converge(vm: Vm) -> None:
     """Every vCPU reprograms the same MTRRs as firmware does: CD=1, MTRRs, defType, CD=0."""
     final = {msr: 0 for msr in msrs.VAR_MSRS}
-    final.update({msr: 0x0606060606060606 for msr in msrs.FIXED_MSRS})
+    final.update({msr: building.WB_BYTES for msr in msrs.FIXED_MSRS})
     final[msrs.PHYSBASE0] = 3 * GIB
     final[msrs.PHYSBASE0 + 1] = var_mask(GIB)
     for vcpu in range(VCPUS):

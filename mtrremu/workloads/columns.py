@@ -101,7 +101,6 @@ class _Chunk:
     """Up to CHUNK_ROWS rows, in memory or at ``offset`` in the spool, and their objects."""
 
     def __init__(self, rows: npt.NDArray[Any], objects: list[Item]) -> None:
-        self.count = len(rows)
         self.rows: npt.NDArray[Any] | None = rows
         self.objects: list[Item] | None = objects
         self.offset = -1
@@ -125,13 +124,6 @@ class TraceItems(Sequence[Item]):
         self._length = 0
         #: Operations in all, bursts counted by their lane operations.
         self.operations = 0
-
-    @classmethod
-    def of(cls, items: Iterable[Item]) -> TraceItems:
-        columns = cls()
-        columns.extend(items)
-        columns.seal()
-        return columns
 
     # -- building -------------------------------------------------------------------------
 

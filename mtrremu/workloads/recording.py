@@ -24,6 +24,7 @@ from __future__ import annotations
 import gzip
 import json
 import re
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,8 @@ DEFAULT_RAM_BYTES = 16 << 30
 #: A burst holds at most this many writes; a longer run of close writes is cut into several,
 #: so the importer's memory stays bounded whatever the recording holds.
 MAX_BURST_WRITES = 4096
+#: The MSRs whose writes are kept: the MTRRs and PAT (what decides memory types).
+_KEPT_MSRS = frozenset({msrs.PAT, *msrs.MTRR_MSRS})
 
 _FTRACE = re.compile(
     r"\s*(?P<comm>.+?)-(?P<pid>\d+)\s+(?:\(\s*[\d-]+\)\s+)?\[(?P<cpu>\d+)\]\s+(?:\S+\s+)?"
@@ -157,7 +160,7 @@ def _writes(lines: Iterable[str], source: str, text_format: str) -> Iterator[_Wr
         index, value = int(body["index"], 16), int(body["value"], 16)
         if value >= 1 << 64 or index >= 1 << 32:
             raise TraceFormatError(source, number, f"{event} value out of range")
-        if event == "kvm_msr" and not (msrs.is_mtrr_msr(index) or index == msrs.PAT):
+        if event == "kvm_msr" and index not in _KEPT_MSRS:
             continue
         if event == "kvm_cr" and index != 0:
             continue
@@ -173,7 +176,7 @@ def _writes(lines: Iterable[str], source: str, text_format: str) -> Iterator[_Wr
         op: WriteMsr | WriteCr0 = (
             WriteMsr(vcpu, index, value) if event == "kvm_msr" else WriteCr0(vcpu, value)
         )
-        yield _Write(_time_us(match["ts"]), op, body.groupdict().get("gp") is not None)
+        yield _Write(_time_us(match["ts"]), op, event == "kvm_msr" and body["gp"] is not None)
 
 
 def _grouped(writes: Iterable[_Write], window_us: int, seed: Iterator[int]) -> Iterator[Item]:
@@ -182,13 +185,12 @@ def _grouped(writes: Iterable[_Write], window_us: int, seed: Iterator[int]) -> I
     group: list[_Write] = []
 
     def flush() -> Iterator[Item]:
-        vcpus = {w.op.vcpu for w in group}
-        if len(vcpus) < 2:
+        lanes: dict[int, list[VcpuOp]] = {}
+        for w in group:
+            lanes.setdefault(w.op.vcpu, []).append(w.op)
+        if len(lanes) < 2:
             yield from (w.op for w in group)
         else:
-            lanes: dict[int, list[VcpuOp]] = {}
-            for w in group:
-                lanes.setdefault(w.op.vcpu, []).append(w.op)
             yield Burst(tuple((v, tuple(ops)) for v, ops in lanes.items()), next(seed))
         group.clear()
 
@@ -254,27 +256,25 @@ def load_recording(path: Path, options: RecordingOptions) -> Trace:
     options.check()
     source = str(path)
     try:
+        # First pass: the vCPU count (the VMM's pushes come first) and the host's faults.
+        seen = 0
+        faults: set[tuple[int, int]] = set()
+        msr_writes: Counter[int] = Counter()
         with _open_text(path) as lines:
-            seen = 1 + max((w.op.vcpu for w in _writes(lines, source, options.format)), default=-1)
+            for write in _writes(lines, source, options.format):
+                vcpu = write.op.vcpu
+                seen = max(seen, vcpu + 1)
+                if isinstance(write.op, WriteMsr):
+                    if write.faulted:
+                        faults.add((vcpu, msr_writes[vcpu]))
+                    msr_writes[vcpu] += 1
         config = _config(options, seen, source)
         items = TraceItems()
         if options.vmm == "qemu":
             items.extend(qemu_reset_pushes(config.vcpus))
-        faults: set[tuple[int, int]] = set()
-        msr_writes = [0] * config.vcpus
-        seeds = iter(range(1 << 62))
-
-        def noted(writes: Iterable[_Write]) -> Iterator[_Write]:
-            for write in writes:
-                if isinstance(write.op, WriteMsr):
-                    if write.faulted:
-                        faults.add((write.op.vcpu, msr_writes[write.op.vcpu]))
-                    msr_writes[write.op.vcpu] += 1
-                yield write
-
         with _open_text(path) as lines:
-            writes = noted(_writes(lines, source, options.format))
-            items.extend(_grouped(writes, options.burst_window_us, seeds))
+            writes = _writes(lines, source, options.format)
+            items.extend(_grouped(writes, options.burst_window_us, iter(range(1 << 62))))
     except OSError as error:
         raise InvalidArgument(f"cannot read recording {path}: {error.strerror or error}") from None
     except (EOFError, gzip.BadGzipFile) as error:
@@ -299,25 +299,21 @@ _START_US = 100_000_000
 _PID_BASE = 4000
 
 
-def _guest_writes(item: Item) -> list[list[WriteMsr | WriteCr0]]:
-    """The guest writes of ``item`` a tracepoint would show, as rounds (one round for an
-    operation; for a burst, its lock-step rounds)."""
+def _guest_writes(item: Item) -> list[WriteMsr | WriteCr0]:
+    """The guest writes of ``item`` a tracepoint would show, in the order they ran (a burst's
+    round by round)."""
     if isinstance(item, Burst):
         lanes = [[op for op in ops if _visible(op)] for _, ops in item.lanes]
         depth = max((len(lane) for lane in lanes), default=0)
-        return [[lane[i] for lane in lanes if i < len(lane)] for i in range(depth)]
-    return [[item]] if _visible(item) else []
+        return [lane[i] for i in range(depth) for lane in lanes if i < len(lane)]
+    return [item] if _visible(item) else []
 
 
 def _visible(op: object) -> TypeGuard[WriteMsr | WriteCr0]:
     """A guest write of a kept register (host writes and everything else leave no line)."""
     if isinstance(op, WriteCr0):
         return not op.host
-    return (
-        isinstance(op, WriteMsr)
-        and not op.host
-        and (msrs.is_mtrr_msr(op.msr) or op.msr == msrs.PAT)
-    )
+    return isinstance(op, WriteMsr) and not op.host and op.msr in _KEPT_MSRS
 
 
 def export_lines(trace: Trace, text_format: str) -> Iterator[str]:
@@ -331,12 +327,11 @@ def export_lines(trace: Trace, text_format: str) -> Iterator[str]:
         yield "#"
     time_us = _START_US
     for item in trace.items:
-        rounds = _guest_writes(item)
-        for writes in rounds:
-            for op in writes:
-                yield _line(op, time_us, text_format)
-                time_us += _BURST_STEP_US
-        if rounds:
+        writes = _guest_writes(item)
+        for op in writes:
+            yield _line(op, time_us, text_format)
+            time_us += _BURST_STEP_US
+        if writes:
             time_us += _ITEM_GAP_US
 
 

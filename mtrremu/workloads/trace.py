@@ -50,10 +50,10 @@ import dataclasses
 import functools
 import json
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from mtrremu.core.config import Memslot, MemslotKind, VmConfig
 from mtrremu.core.errors import InvalidArgument, MtrremuError
@@ -191,6 +191,9 @@ def save(trace: Trace, path: Path) -> None:
 # -- reading ------------------------------------------------------------------------------
 
 
+_T = TypeVar("_T")
+
+
 class _Reader:
     def __init__(self, source: str) -> None:
         self.source = source
@@ -198,6 +201,15 @@ class _Reader:
 
     def fail(self, why: str) -> TraceFormatError:
         return TraceFormatError(self.source, self.line, why)
+
+    def checked(self, read: Callable[[Any], _T], value: Any) -> _T:
+        """``read(value)``, a domain error it raises made this line's format error."""
+        try:
+            return read(value)
+        except TraceFormatError:
+            raise
+        except MtrremuError as error:
+            raise self.fail(str(error)) from None
 
     def number(self, record: Mapping[str, Any], key: str, *, bits: int = 64) -> int:
         if key not in record:
@@ -332,12 +344,7 @@ def vm_config(vm: Any, source: str) -> VmConfig:
     malformed one raises :class:`TraceFormatError` on line 1 of ``source``."""
     reader = _Reader(source)
     reader.line = 1
-    try:
-        return reader.config(vm)
-    except TraceFormatError:
-        raise
-    except MtrremuError as error:
-        raise reader.fail(str(error)) from None
+    return reader.checked(reader.config, vm)
 
 
 def parse(text_lines: Iterable[str], source: str = "<trace>") -> Trace:
@@ -371,20 +378,10 @@ def parse(text_lines: Iterable[str], source: str = "<trace>") -> Trace:
             version = record.get("version")
             if type(version) is not int or version != VERSION:
                 raise reader.fail(f"unsupported version {version!r} (want {VERSION})")
-            try:
-                config = reader.config(record.get("vm"))
-            except TraceFormatError:
-                raise
-            except MtrremuError as error:
-                raise reader.fail(str(error)) from None
+            config = reader.checked(reader.config, record.get("vm"))
             header, vcpus = record, config.vcpus
             continue
-        try:
-            item = reader.item(record)
-        except TraceFormatError:
-            raise
-        except MtrremuError as error:
-            raise reader.fail(str(error)) from None
+        item = reader.checked(reader.item, record)
         _check_vcpus(reader, item, vcpus)
         items.append(item)
     if header is None or config is None:

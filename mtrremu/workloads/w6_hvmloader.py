@@ -50,8 +50,6 @@ from mtrremu.workloads.trace import Trace
 
 #: ``pci_mem_end``'s value: ``RESERVED_MEMBASE``, where hvmloader's reserved area starts.
 RESERVED_MEMBASE = 0xFC000000
-#: 64-bit BARs larger than this are always relocated above RAM (``BAR_RELOC_THRESH``).
-BAR_RELOC_THRESH = GIB
 
 
 @dataclass(frozen=True)
